@@ -1,0 +1,96 @@
+"""What every solver shares: the registry, the counted velocity wrapper and the result type.
+
+A solver is a function ``solver(f, x, ts, *, callback=None, **options) -> x`` that integrates
+``dx/dt = v(x, t)`` along the grid ``ts`` (increasing for sampling, decreasing for inversion).
+It calls ``f(x, t, i)`` for the velocity at time ``t`` during step ``i``; ``f`` counts the
+evaluations (NFE) and checks them for NaN/Inf. ``callback(i, t, x)`` sees the state at every
+grid time (it builds the trajectory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+
+
+class NonFiniteError(FloatingPointError):
+    """The velocity (or the state) became NaN/Inf during a solve."""
+
+
+@dataclass
+class SolverSpec:
+    """A registered solver: the function and what the benchmarks and the CLI need to know."""
+
+    name: str
+    fn: Callable
+    order: int
+    evals_per_step: int
+    stochastic: bool = False
+    doc: str = ""
+
+    def nfe(self, steps: int) -> int:
+        """Velocity evaluations for ``steps`` steps (multistep methods: one per step)."""
+        return self.evals_per_step * steps
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """Largest step count whose cost does not exceed ``nfe`` (at least 1)."""
+        return max(1, nfe // self.evals_per_step)
+
+
+SOLVERS: Registry = Registry("solver")
+
+
+def register_solver(name: str, order: int, evals_per_step: int, aliases=(), stochastic: bool = False):
+    """Decorator: register ``fn`` under ``name`` with its order and cost per step."""
+
+    def deco(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        SOLVERS.register(name, aliases=aliases)(SolverSpec(name, fn, order, evals_per_step, stochastic, doc))
+        return fn
+
+    return deco
+
+
+class CountedVelocity:
+    """``f(x, t, i)``: evaluates ``model(x, t_batch, **cond)``, counts NFE, checks finiteness.
+
+    ``nfe`` counts evaluations of the whole batch; a model that really computes several rows per
+    sample (classifier-free guidance batches conditional and unconditional rows) declares
+    ``evals_per_call`` and is charged that many. ``check_finite`` costs one host sync per call;
+    turn it off for compiled/CUDA-graph loops.
+    """
+
+    def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None, check_finite: bool = True) -> None:
+        self.model = model
+        self.cond = dict(cond or {})
+        self.check_finite = check_finite
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor | float, i: int = -1) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+        v = self.model(x, tb, **self.cond)
+        self.nfe += int(getattr(self.model, "evals_per_call", 1))
+        if v.shape != x.shape:
+            raise ValueError(f"velocity model returned shape {tuple(v.shape)} for input {tuple(x.shape)}")
+        if self.check_finite and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(
+                f"velocity became NaN/Inf at step {i} (t = {float(t.reshape(-1)[0]):.6g}); "
+                "check the model, the input noise, and the conditioning"
+            )
+        return v
+
+
+@dataclass
+class SampleResult:
+    """Output of :func:`straightflow.sample` / :func:`straightflow.invert`."""
+
+    x: Tensor
+    nfe: int
+    times: Tensor
+    trajectory: Optional[Tensor] = None
+    info: Dict[str, Any] = field(default_factory=dict)
