@@ -79,11 +79,16 @@ class MinibatchOT(Coupling):
             perm = np.empty(n, dtype=np.int64)
             perm[cols] = rows
             return x0[torch.as_tensor(perm, device=x0.device)], x1, torch.arange(n, device=x1.device)
+        import warnings
+
         import ot
 
-        w = np.full(n, 1.0 / n)
-        plan = ot.sinkhorn(w, w, cost / cost.mean(), self.reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-7)
-        p = torch.as_tensor(plan.reshape(-1), dtype=torch.float64)
+        c = torch.as_tensor(cost)
+        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        with warnings.catch_warnings():  # a not-fully-converged plan is still a valid soft coupling
+            warnings.simplefilter("ignore", UserWarning)
+            plan = ot.sinkhorn(w, w, c / c.mean(), self.reg, numItermax=1000, stopThr=1e-6)
+        p = plan.reshape(-1).clamp_min(0)
         p = p / p.sum()
         flat = torch.multinomial(p, n, replacement=True, generator=generator)
         i, j = flat // n, flat % n
