@@ -12,19 +12,31 @@ from straightflow.paths import convert_velocity, get_path
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests are many small tensor ops: one thread avoids oversubscription on busy CI."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _rk4(model, x, n_steps=200, t0=0.0, t1=1.0):
-    """Fixed-step classical RK4 for dx/dt = model(x, t)."""
-    h = (t1 - t0) / n_steps
+def _rk4(model, x, n_steps=200, t0=0.0, t1=1.0, warp=False):
+    """Fixed-step classical RK4 for dx/dt = model(x, t). ``warp`` uses t = 1 - (1 - u)^2 on a
+    uniform u grid (steps shrink near t = 1, where the VP path's sigma' has a sqrt singularity)."""
+    u = torch.linspace(t0, t1, n_steps + 1, dtype=torch.float64)
+    ts = (1 - (1 - u) ** 2) if warp else u
+    ones = torch.ones(x.shape[0], dtype=x.dtype)
     for i in range(n_steps):
-        t = t0 + i * h
-        k1 = model(x, torch.full((x.shape[0],), t, dtype=x.dtype))
-        k2 = model(x + 0.5 * h * k1, torch.full((x.shape[0],), t + 0.5 * h, dtype=x.dtype))
-        k3 = model(x + 0.5 * h * k2, torch.full((x.shape[0],), t + 0.5 * h, dtype=x.dtype))
-        k4 = model(x + h * k3, torch.full((x.shape[0],), t + h, dtype=x.dtype))
+        t, h = float(ts[i]), float(ts[i + 1] - ts[i])
+        k1 = model(x, t * ones)
+        k2 = model(x + 0.5 * h * k1, (t + 0.5 * h) * ones)
+        k3 = model(x + 0.5 * h * k2, (t + 0.5 * h) * ones)
+        k4 = model(x + h * k3, (t + h) * ones)
         x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
     return x
 
@@ -110,7 +122,7 @@ def test_velocity_is_conditional_expectation_monte_carlo():
     """E[v(x_t, t) f(x_t)] = E[u_t f(x_t)] with u_t = alpha' x1 + sigma' x0, for several f."""
     gm = GaussianMixtureFlow.eight_gaussians()
     wrong = GaussianMixtureFlow(gm.means * 1.08, stds=0.2)  # a slightly wrong oracle must fail
-    n = 400_000
+    n = 200_000
     g = _gen(8)
     x1 = gm.sample(n, g, dtype=F64)
     x0 = gm.sample_source(n, g, dtype=F64)
@@ -141,11 +153,11 @@ def test_velocity_is_conditional_expectation_monte_carlo():
 @pytest.mark.parametrize("path", ["linear", "cosine"])
 def test_ode_transports_source_to_target(path):
     gm = GaussianMixtureFlow.random(3, n_components=5, seed=5, path=path)
-    n = 40_000
+    n = 8_000
     x0 = gm.sample_source(n, _gen(9), dtype=F64)
     gm.reset_nfe()
-    x1 = _rk4(gm, x0, n_steps=100)
-    assert gm.nfe == 400
+    x1 = _rk4(gm, x0, n_steps=50)
+    assert gm.nfe == 200
     se_m, se_c = _moment_tolerances(x1)
     assert ((x1.mean(0) - gm.mean()).abs() < se_m).all()
     assert ((torch.cov(x1.T) - gm.covariance()).abs() < se_c).all()
@@ -153,6 +165,27 @@ def test_ode_transports_source_to_target(path):
     ref = gm.sample(n, _gen(10), dtype=F64)
     lp, lr = gm.log_prob(x1), gm.log_prob(ref)
     assert abs(float(lp.mean() - lr.mean())) < 5 * math.sqrt((lp.var() + lr.var()) / n)
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine", "vp"])
+def test_ode_flow_is_the_quantile_map_in_1d(path):
+    """In 1D the ODE flow is monotone, so it is the quantile map: F_1(T(z)) = Phi(z), exactly."""
+    gm = GaussianMixtureFlow.random(1, n_components=4, seed=11, path=path)
+    z = torch.linspace(-3, 3, 257, dtype=F64)[:, None]
+    if path == "vp":  # alpha(0) > 0: start from the exact marginal at t = 0 (std ~ 1), not N(0, 1)
+        z = z * gm.covariance(0.0).sqrt()[0] + gm.mean(0.0)
+    x1 = _rk4(gm, z, n_steps=100, warp=path == "vp")
+    w, mu, sd = gm.weights, gm.means[:, 0], gm.covs[:, 0, 0].sqrt()
+    cdf1 = (w * torch.special.ndtr((x1 - mu) / sd)).sum(1)
+    if path == "vp":
+        mu0, sd0 = mu * gm.path.alpha(torch.tensor(0.0, dtype=F64)), (
+            gm.path.alpha(torch.tensor(0.0, dtype=F64)) ** 2 * sd**2 + gm.path.sigma(torch.tensor(0.0, dtype=F64)) ** 2
+        ).sqrt()
+        cdf0 = (w * torch.special.ndtr((z - mu0) / sd0)).sum(1)
+    else:
+        cdf0 = torch.special.ndtr(z[:, 0])
+    assert float((cdf1 - cdf0).abs().max()) < 1e-6
+    assert (x1[1:] > x1[:-1]).all()
 
 
 def test_marginal_moments_along_the_path():
@@ -286,3 +319,16 @@ def test_inference_mode_and_no_grad():
         torch.testing.assert_close(gm(x, 0.3), ref)
     with torch.no_grad():
         torch.testing.assert_close(gm(x, torch.full((8,), 0.3)), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    gm = GaussianMixtureFlow.random(3, seed=0, path="cosine")
+    x = torch.randn(32, 3, dtype=F64)
+    t = torch.rand(32, dtype=F64)
+    v = gm(x.cuda(), t.cuda())
+    assert v.device.type == "cuda"
+    torch.testing.assert_close(v.cpu(), gm.velocity(x, t))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    assert gm.sample(10, g).device.type == "cuda"
+    assert gm.sample_marginal(0.5, 10, g).device.type == "cuda"

@@ -14,13 +14,12 @@ deterministic. Nothing here downloads anything and nothing loads a pickle.
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -91,8 +90,12 @@ class Dataset:
         if x.shape[0] == 0 or x.numel() == 0:
             raise DataError(f"{self.name}: the data set is empty (x has shape {tuple(x.shape)})")
         x = x.detach().to(torch.float32).contiguous()
-        n_nan = int(torch.isnan(x).sum())
-        n_inf = int(torch.isinf(x).sum())
+        # Fast path: a finite sum means every value is finite (bool reductions are slow on CPU).
+        if not bool(torch.isfinite(x.sum())):
+            n_nan = int(torch.isnan(x).sum())
+            n_inf = int(torch.isinf(x).sum())
+        else:
+            n_nan = n_inf = 0
         if n_nan or n_inf:
             raise DataError(
                 f"{self.name}: x contains {n_nan} NaN and {n_inf} Inf values (of {x.numel()}); "
@@ -215,10 +218,10 @@ TOYS: Registry[ToyFn] = Registry("2D toy data set")
 
 @TOYS.register("checkerboard")
 def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
-    # 4x4 board of unit cells on [-2, 2]^2; the 8 "dark" cells are filled uniformly.
+    # 4x4 board of 1.5-wide cells on [-3, 3]^2; the 8 "dark" cells are filled uniformly.
     cells = np.array([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=np.float64)
     c = cells[rng.integers(0, len(cells), n)]
-    return c + rng.random((n, 2)) - 2.0
+    return 1.5 * (c + rng.random((n, 2))) - 3.0
 
 
 @TOYS.register("moons", aliases=("two_moons", "2moons"))
@@ -338,6 +341,17 @@ def _shape_masks(kind: int, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, g: np
     raise AssertionError(kind)
 
 
+def _block_sum(u: np.ndarray, ss: int) -> np.ndarray:
+    """Sum ``ss x ss`` blocks of a uint8 ``(m, S, S)`` array (strided adds; ss*ss <= 255)."""
+    a = u[:, :, 0::ss].copy()
+    for i in range(1, ss):
+        a += u[:, :, i::ss]
+    b = a[:, 0::ss].copy()
+    for i in range(1, ss):
+        b += a[:, i::ss]
+    return b
+
+
 def shapes(n: int, resolution: int = 16, channels: int = 1, seed: int = 0,
            generator: Optional[torch.Generator] = None) -> Dataset:
     """Procedural labelled shapes (``SHAPE_CLASSES``) with random position, size and colour on a
@@ -373,9 +387,12 @@ def shapes(n: int, resolution: int = 16, channels: int = 1, seed: int = 0,
         for i in range(0, len(idx), chunk):
             j = idx[i: i + chunk]
             m = _shape_masks(k, cx[j], cy[j], r[j], g)
-            cov[j] = m.reshape(len(j), R, ss, R, ss).sum(axis=(2, 4), dtype=np.float32) / (ss * ss)
-    img = bg[:, :, None, None] + cov[:, None] * (fg - bg)[:, :, None, None]
-    x = torch.from_numpy((img * 2.0 - 1.0).astype(np.float32))
+            cov[j] = _block_sum(m.view(np.uint8), ss) * np.float32(1.0 / (ss * ss))
+    bg2 = (2.0 * bg - 1.0).astype(np.float32)[:, :, None, None]
+    amp = (2.0 * (fg - bg)).astype(np.float32)[:, :, None, None]
+    img = cov[:, None] * amp
+    img += bg2
+    x = torch.from_numpy(img)
     return Dataset(x, torch.from_numpy(labels.astype(np.int64)), K,
                    f"shapes{R}" + ("rgb" if channels == 3 else ""), list(SHAPE_CLASSES))
 
@@ -419,7 +436,7 @@ def _to_layout(arr: np.ndarray, where: str) -> np.ndarray:
 
 def _labels(arr: np.ndarray, n: int, where: str) -> np.ndarray:
     if arr.ndim != 1 or arr.shape[0] != n:
-        raise DataError(f"{where}: labels have shape {arr.shape}; expected ({n},), one per sample")
+        raise DataError(f"{where}: labels have shape {arr.shape}; expected ({n},), one label per sample")
     if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.int64)
     if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
@@ -427,11 +444,12 @@ def _labels(arr: np.ndarray, n: int, where: str) -> np.ndarray:
     raise DataError(f"{where}: labels have dtype {arr.dtype}; expected integer class indices")
 
 
-def _make(arr: np.ndarray, labels: Optional[np.ndarray], name: str, where: str) -> Dataset:
+def _make(arr: np.ndarray, labels: Optional[np.ndarray], name: str, where: str,
+          label_where: Optional[str] = None) -> Dataset:
     if arr.ndim == 0 or arr.shape[0] == 0 or arr.size == 0:
         raise DataError(f"{where}: the array is empty (shape {arr.shape})")
     x = _to_layout(_to_float(arr, where), where)
-    y = None if labels is None else torch.from_numpy(_labels(labels, x.shape[0], where))
+    y = None if labels is None else torch.from_numpy(_labels(labels, x.shape[0], label_where or where))
     return Dataset(torch.from_numpy(np.ascontiguousarray(x)), y, None, name)
 
 
@@ -558,7 +576,7 @@ def load_idx(path: PathLike, labels_path: Optional[PathLike] = None) -> Dataset:
         arr = arr.astype(np.float32)  # int8/int16/int32 payloads are kept as numbers
     lab = None if labels_path is None else _read_idx(Path(labels_path))
     name = path.name.split(".")[0]
-    return _make(arr, lab, name, str(path))
+    return _make(arr, lab, name, str(path), None if labels_path is None else str(labels_path))
 
 
 # ----------------------------------------------------------------------------- image folders

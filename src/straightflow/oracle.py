@@ -366,7 +366,12 @@ class GaussianMixtureFlow:
         dtype, device = self._where(generator, dtype, device)
         P = self._params(torch.float64, device)
         w = self._w.to(device)
-        k = torch.multinomial(w, int(n), replacement=True, generator=generator)
+        if int(n) < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if int(n) == 0:
+            k = torch.zeros(0, dtype=torch.long, device=device)
+        else:
+            k = torch.multinomial(w, int(n), replacement=True, generator=generator)
         eps = torch.randn(int(n), self.dim, generator=generator, dtype=torch.float64, device=device)
         out = torch.empty_like(eps)
         for j in range(self.n_components):

@@ -319,7 +319,7 @@ class CustomPath(AffinePath):
 
     @staticmethod
     def _grad(f, t):
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             tt = t.detach().clone().requires_grad_(True)
             (g,) = torch.autograd.grad(f(tt).sum(), tt)
         return g
@@ -346,6 +346,8 @@ def get_path(path: PathLike = "linear", **kwargs) -> AffinePath:
         return path
     if isinstance(path, dict):
         cfg = dict(path)
+        if "name" not in cfg:
+            raise ValueError(f"a path config needs a 'name' key; valid names: {', '.join(PATHS.names())}")
         name = cfg.pop("name")
         if name == "custom":
             raise ValueError("a custom path cannot be rebuilt from its config; pass the CustomPath object")
@@ -381,8 +383,8 @@ class PathConvertedVelocity:
 
     def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         tau, c = self.map_time(t)
-        tau_x = tau.to(x.dtype)
-        cb = _bcast(c.to(x.dtype), x)
+        tau_x = tau.to(device=x.device, dtype=x.dtype)
+        cb = _bcast(c.to(device=x.device, dtype=x.dtype), x)
         xs = x / cb
         v_src = self.model(xs, tau_x, **cond)
         x1 = self.src.velocity_to_x1(v_src, xs, tau_x)
