@@ -51,6 +51,9 @@ __all__ = [
     "train_classifier",
     "feature_extractor",
     "load_digits_images",
+    "classifier_features",
+    "classifier_cache_path",
+    "MetricSpec",
     "MetricReport",
     "evaluate",
     "available",
@@ -108,18 +111,20 @@ def w2(x: ArrayLike, y: ArrayLike, max_n: Optional[int] = 2000, seed: int = 0) -
 
     Both sets are flattened to ``(N, D)`` and, if larger than ``max_n``, subsampled
     deterministically (seeded). The optimal plan is computed with POT's network-simplex
-    solver ``ot.emd2`` on the squared Euclidean cost in float64; the result is
+    solver ``ot.emd2`` on the squared Euclidean cost in float64 (computed from direct
+    differences, so ``w2(x, x) == 0`` and ``w2(x, x + c) == |c|`` up to round-off); the result is
     ``sqrt(min_P <P, C>)``. Cost ``O(n^3)``-ish in time and ``O(n m)`` in memory: 2000 points
     take seconds. Raises ``RuntimeError`` if the solver does not reach the optimum.
     """
     import ot
+    from scipy.spatial.distance import cdist
 
     xs = _subsample(_to_numpy64(x, "x"), max_n, seed)
     ys = _subsample(_to_numpy64(y, "y"), max_n, seed)
     _check_pair(xs, ys)
     n, m = xs.shape[0], ys.shape[0]
-    cost = ot.dist(xs, ys, metric="sqeuclidean")
-    np.maximum(cost, 0.0, out=cost)  # the |x|^2 + |y|^2 - 2xy expansion can dip below 0
+    # direct differences (not the |x|^2 + |y|^2 - 2xy expansion): identical points cost exactly 0
+    cost = cdist(xs, ys, metric="sqeuclidean")
     a = np.full(n, 1.0 / n)
     b = np.full(m, 1.0 / m)
     val, log = ot.emd2(a, b, cost, numItermax=int(max(1_000_000, 100 * n * m)), log=True)
@@ -326,10 +331,12 @@ def frechet_distance(feat_a: ArrayLike, feat_b: ArrayLike, eps: float = 1e-6) ->
     mu_a, mu_b = a.mean(0), b.mean(0)
     ca = np.atleast_2d(np.cov(a, rowvar=False))
     cb = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(ca @ cb)
-    if not np.all(np.isfinite(covmean)):
-        off = np.eye(ca.shape[0]) * eps
-        covmean = linalg.sqrtm((ca + off) @ (cb + off))
+    with warnings.catch_warnings():  # singular products (dead ReLU features) are routine
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(ca @ cb)
+        if not np.all(np.isfinite(covmean)):
+            off = np.eye(ca.shape[0]) * eps
+            covmean = linalg.sqrtm((ca + off) @ (cb + off))
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
@@ -348,11 +355,11 @@ RECIPE_VERSION = "v1"
 # The training recipes, by extractor name. ``image_size``: training resolution; ``shift``:
 # max random translation in pixels (at that resolution); ``zoom``: range of random scale.
 _RECIPES: Dict[str, Dict[str, Any]] = {
-    "digits": dict(image_size=8, steps=600, batch_size=128, lr=3e-3, weight_decay=1e-4,
+    "digits": dict(image_size=8, steps=600, batch_size=64, lr=3e-3, weight_decay=1e-4,
                    shift=1.0, zoom=(1.0, 1.0)),
-    "mnist": dict(image_size=28, steps=700, batch_size=128, lr=3e-3, weight_decay=1e-4,
+    "mnist": dict(image_size=28, steps=800, batch_size=64, lr=3e-3, weight_decay=1e-4,
                   shift=3.0, zoom=(0.7, 1.05)),
-    "custom": dict(image_size=None, steps=600, batch_size=128, lr=3e-3, weight_decay=1e-4,
+    "custom": dict(image_size=None, steps=600, batch_size=64, lr=3e-3, weight_decay=1e-4,
                    shift=1.0, zoom=(1.0, 1.0)),
 }
 
@@ -361,7 +368,7 @@ class DigitClassifier(nn.Module):
     """Small CNN for 1-channel images in ``[-1, 1]`` of any size >= 8.
 
     ``conv3x3(1->32)`` at the input resolution, adaptive average pooling to 8x8,
-    ``conv3x3(32->64)``, average pooling to 4x4, ``conv3x3(64->64)``, flatten (1024),
+    ``conv3x3(32->32)``, average pooling to 4x4, ``conv3x3(32->64)``, flatten (1024),
     ``linear(1024->128)`` = the features, ``linear(128->n_classes)`` = the logits. All
     activations are ReLU. 8x8 digits and 28x28 MNIST go through the same network.
     """
@@ -373,15 +380,15 @@ class DigitClassifier(nn.Module):
         self.n_classes = n_classes
         self.in_channels = in_channels
         self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.conv3 = nn.Conv2d(64, 64, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1)
         self.fc = nn.Linear(64 * 4 * 4, self.feature_dim)
         self.head = nn.Linear(self.feature_dim, n_classes)
 
     def features(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < 8:
             raise ValueError(
-                f"DigitClassifier expects ({'N'}, {self.in_channels}, H, W) images with H, W >= 8, "
+                f"DigitClassifier expects (N, {self.in_channels}, H, W) images with H, W >= 8, "
                 f"got shape {tuple(x.shape)}"
             )
         h = F.relu(self.conv1(x))
@@ -435,7 +442,7 @@ def train_classifier(
     y: Tensor,
     steps: int = 600,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int = 64,
     lr: float = 3e-3,
     weight_decay: float = 1e-4,
     shift: float = 1.0,
@@ -520,6 +527,22 @@ def _fingerprint(x: Tensor, y: Tensor, recipe: Dict[str, Any], seed: int) -> str
 _MEMO: Dict[Tuple[str, str], DigitClassifier] = {}
 
 
+def _load_cached(path: Path, expect_fingerprint: Optional[str]) -> Optional[DigitClassifier]:
+    """Weights from the cache; ``None`` if their fingerprint differs from the expected one."""
+    from safetensors import safe_open
+
+    tensors = io.load_tensors(path)  # clear errors for missing/truncated/pickle files
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if expect_fingerprint is not None and meta.get("fingerprint") != expect_fingerprint:
+        return None
+    model = DigitClassifier(n_classes=int(meta["n_classes"]))
+    model.load_state_dict(tensors, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def feature_extractor(
     name: str = "digits",
     x: Optional[ArrayLike] = None,
@@ -536,7 +559,8 @@ def feature_extractor(
       shifts (±3 px) and zooms (0.7-1.05, MNIST digits fill ~20 of 28 pixels). Its features
       are meaningful for 28x28 handwritten digits, but it is not an MNIST-trained network.
     - any other name with ``x`` (N, 1, H, W) in [-1, 1] and integer labels ``y``: your data,
-      same recipe as digits (80/20 split).
+      same recipe as digits (80/20 split). Later, ``feature_extractor(name)`` alone loads
+      that cached classifier.
 
     Weights go to ``$STRAIGHTFLOW_CACHE/classifiers/<name>-<RECIPE_VERSION>.safetensors``
     (atomic write; default cache ``~/.cache/straightflow``) with ``<...>.json`` holding the
@@ -549,13 +573,21 @@ def feature_extractor(
         raise ValueError("give both x and y (images and labels) or neither")
     if x is None:
         if name not in ("digits", "mnist"):
+            path = classifier_cache_path(name)
+            if path.is_file():  # a custom extractor trained earlier: load it as it is
+                key = (str(path), "as-cached")
+                if key not in _MEMO:
+                    _MEMO[key] = _load_cached(path, expect_fingerprint=None)
+                return _MEMO[key]
             raise ValueError(
                 f"unknown built-in extractor {name!r}; built-ins: 'digits', 'mnist' "
-                "(or pass x=images, y=labels to train one on your data)"
+                f"(or pass x=images, y=labels to train one on your data; no cache at {path})"
             )
         recipe = dict(_RECIPES[name])
         xt, yt = load_digits_images(recipe["image_size"])
     else:
+        if name in ("digits", "mnist"):
+            raise ValueError(f"{name!r} is a built-in extractor; give your data set another name")
         recipe = dict(_RECIPES["custom"])
         xt = torch.as_tensor(x).detach().to("cpu", torch.float32)
         if xt.ndim == 3:
@@ -573,15 +605,7 @@ def feature_extractor(
     model: Optional[DigitClassifier] = None
     if path.is_file():
         try:
-            tensors = io.load_tensors(path)
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("fingerprint") == fp:
-                m = DigitClassifier(n_classes=int(meta.get("n_classes", n_classes)))
-                m.load_state_dict(tensors, strict=True)
-                model = m.eval()
+            model = _load_cached(path, expect_fingerprint=fp)
         except Exception as e:  # corrupt/incompatible cache: retrain and overwrite
             warnings.warn(f"ignoring unusable classifier cache {path}: {e}")
     if model is None:
@@ -697,9 +721,7 @@ def available(kind: Optional[str] = None) -> list:
 def _fmt(v: float) -> str:
     if not math.isfinite(v):
         return str(v)
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
-        return f"{v:.3e}"
-    return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.3g}"  # 0.123, 0.045, 12.3, 1536.2, 0.000201
 
 
 @dataclass

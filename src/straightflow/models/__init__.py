@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Mapping
 
 from torch import nn
 
-from ..registry import Registry, UnknownNameError
+from ..registry import Registry
 from .embed import ClassEmbedding, SinusoidalTimeEmbedding, drop_labels, timestep_features
 from .mlp import MLP
 from .unet import UNet

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .embed import ClassEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable, make_activation

@@ -1,0 +1,176 @@
+"""Run directories: ``model.safetensors`` + ``config.json``, written atomically, loaded safely.
+
+Layout of a run directory::
+
+    run_dir/
+      model.safetensors   the weights to sample with (the EMA weights when training used EMA)
+      config.json         {"model": model.config, "straightflow_version": ..., + caller's keys
+                           such as "flow", "train", "data"}
+
+``load`` rebuilds the architecture from ``config["model"]`` with ``build_model`` and loads the
+weights with ``strict=True``; anything wrong (missing or corrupt config, missing / truncated /
+corrupt / pickled weights, keys or shapes that do not match the config) raises
+``CheckpointError`` with a message saying what and where. Pickles are never loaded.
+"""
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .io import CheckpointError, PathLike, load_json, load_tensors, save_json, save_tensors
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+__all__ = [
+    "MODEL_FILE", "CONFIG_FILE", "CheckpointError", "save_model", "save_weights", "load", "load_config",
+    "load_weights", "straightflow_version", "unwrap",
+]
+
+
+def straightflow_version() -> str:
+    try:
+        return metadata.version("straightflow")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip ``torch.compile`` (``_orig_mod``) and DataParallel/DDP (``module``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        return model
+
+
+def _model_config(model: nn.Module) -> Dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise TypeError(
+            f"{type(model).__name__} has no model.config dict with a 'name'; only models built by "
+            "straightflow.models (or that set model.config = {'name': ..., **kwargs}) can be saved"
+        )
+    cfg = dict(cfg)
+    try:
+        json.dumps(cfg)
+    except TypeError as e:
+        raise TypeError(f"model.config is not JSON-serialisable: {e}") from e
+    return cfg
+
+
+def save_weights(path: PathLike, model: nn.Module) -> None:
+    """Write ``model``'s state dict as safetensors, atomically."""
+    model = unwrap(model)
+    meta = {"format": "pt", "straightflow_version": straightflow_version()}
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, Mapping):
+        meta["model_config"] = json.dumps(cfg, sort_keys=True)
+    save_tensors(path, model.state_dict(), metadata=meta)
+
+
+def save_model(
+    run_dir: PathLike, model: nn.Module, config: Optional[Mapping[str, Any]] = None, weights: str = MODEL_FILE
+) -> Path:
+    """Save ``model`` into ``run_dir`` as ``weights`` (default model.safetensors) + config.json.
+
+    ``config`` is the caller's run config ("flow", "train", "data", ...); its ``"model"`` and
+    ``"straightflow_version"`` entries are filled in here. Both files are written atomically,
+    weights first, so config.json never points at weights that were not written. Returns
+    ``run_dir`` as a Path.
+    """
+    model = unwrap(model)
+    run_dir = Path(run_dir)
+    cfg: Dict[str, Any] = dict(config or {})
+    cfg["model"] = _model_config(model)
+    cfg["straightflow_version"] = straightflow_version()
+    try:
+        json.dumps(cfg)
+    except TypeError as e:
+        raise TypeError(f"run config is not JSON-serialisable: {e}") from e
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(run_dir / weights, model)
+    save_json(run_dir / CONFIG_FILE, cfg)
+    return run_dir
+
+
+def load_config(run_dir: PathLike) -> Dict[str, Any]:
+    """Read and check ``run_dir/config.json`` (a dict with a ``"model"`` dict naming a model)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found; {run_dir} is not a straightflow run directory")
+    cfg = load_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    model_cfg = cfg.get("model")
+    if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("name"), str):
+        raise CheckpointError(f"{path}: no valid 'model' entry (expected {{\"name\": ..., **kwargs}})")
+    return cfg
+
+
+def _describe(keys: List[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a safetensors state dict into ``model`` with ``strict=True`` and clear errors."""
+    path = Path(path)
+    state = load_tensors(path)  # CheckpointError for missing / truncated / corrupt / pickle
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_describe(shapes)}")
+        raise CheckpointError(
+            f"{path}: weights do not match the model architecture in the config ({'; '.join(parts)})"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # pragma: no cover - caught above in practice
+        raise CheckpointError(f"{path}: {e}") from e
+    return model.to(device)
+
+
+def load(run_dir: PathLike, device: str | torch.device = "cpu", weights: str = MODEL_FILE) -> nn.Module:
+    """Rebuild the model of a run directory and load its weights; returns it in eval mode.
+
+    ``weights`` is a file name inside ``run_dir`` (or an absolute path). Parameters keep
+    ``requires_grad`` as built, so a loaded model can be fine-tuned (reflow). The run config is
+    attached as ``model.run_config``.
+    """
+    from .models import build_model  # local import: models imports nothing from here
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    try:
+        model = build_model(cfg["model"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot build the model: {e}") from e
+    load_weights(model, run_dir / weights, device=device)
+    model.eval()
+    model.run_config = cfg
+    return model
