@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..grids import GridLike, make_grid, validate_grid
+from ..paths import PathLike, get_path
 from .base import SOLVERS, CountedVelocity, NonFiniteError, SampleResult, SolverSpec, register_solver
 from . import ode  # noqa: F401  (registers euler, midpoint, heun, rk4)
 from .guidance import ClassifierFreeGuidance
@@ -48,9 +49,14 @@ def solve(
     return_trajectory: bool = False,
     check_finite: bool = True,
     generator: Optional[torch.Generator] = None,
+    path: PathLike = "linear",
     **options,
 ) -> SampleResult:
-    """Integrate ``dx/dt = model(x, t, **cond)`` along a validated grid (either direction)."""
+    """Integrate ``dx/dt = model(x, t, **cond)`` along a validated grid (either direction).
+
+    ``path`` is the affine path the model was trained on; solvers that need it (DPM-Solver++,
+    UniPC, SDE samplers) convert the velocity to data/noise predictions with it.
+    """
     spec = SOLVERS.get(solver)
     g = validate_grid(grid)
     f = CountedVelocity(model, cond, check_finite=check_finite)
@@ -59,6 +65,8 @@ def solve(
     cb = (lambda i, t, xi: traj.append(xi)) if return_trajectory else None
     if spec.stochastic:
         options.setdefault("generator", generator)
+    if spec.needs_path:
+        options.setdefault("path", get_path(path))
     out = spec.fn(f, x, ts, callback=cb, **options)
     if check_finite and not bool(torch.isfinite(out).all()):
         raise NonFiniteError(f"solver {spec.name!r} produced NaN/Inf in its final state")
@@ -84,13 +92,14 @@ def sample(
     t1: float = 1.0,
     grid_options: Optional[Dict[str, Any]] = None,
     check_finite: bool = True,
+    path: PathLike = "linear",
     **solver_options,
 ) -> SampleResult:
     """Generate data from noise: integrate from ``t0`` (noise) to ``t1`` (data).
 
     ``noise`` is a tensor ``(B, ...)`` or a shape (drawn with ``seed``/``generator``). ``grid`` is a
     grid name (``straightflow.grids.available()``) with ``steps``, or an explicit increasing tensor
-    of times. ``guidance`` (a float scale or a :class:`ClassifierFreeGuidance`) needs ``cond={"y": ...}``
+    of times. ``path`` is the path the model was trained on (used by solvers that need it). ``guidance`` (a float scale or a :class:`ClassifierFreeGuidance`) needs ``cond={"y": ...}``
     and a model with a null class. Returns a :class:`SampleResult` with ``.x``, ``.nfe`` (velocity
     evaluations per sample, guided rows included) and ``.trajectory`` when asked.
     """
@@ -105,7 +114,7 @@ def sample(
     if guidance is not None:
         velocity = guidance if isinstance(guidance, ClassifierFreeGuidance) else ClassifierFreeGuidance(model, float(guidance))
     return solve(velocity, x, g, solver, cond=cond, return_trajectory=return_trajectory,
-                 check_finite=check_finite, generator=generator, **solver_options)
+                 check_finite=check_finite, generator=generator, path=path, **solver_options)
 
 
 def _is_explicit(grid) -> bool:
@@ -122,6 +131,7 @@ def invert(
     return_trajectory: bool = False,
     grid_options: Optional[Dict[str, Any]] = None,
     check_finite: bool = True,
+    path: PathLike = "linear",
     **solver_options,
 ) -> SampleResult:
     """Map data back to noise: integrate the same ODE from t = 1 to t = 0 on the reversed grid.
@@ -138,4 +148,4 @@ def invert(
     if float(g[0]) < float(g[-1]):
         g = g.flip(0)
     return solve(model, x1, g, solver, cond=cond, return_trajectory=return_trajectory,
-                 check_finite=check_finite, **solver_options)
+                 check_finite=check_finite, path=path, **solver_options)

@@ -30,6 +30,7 @@ class SolverSpec:
     order: int
     evals_per_step: int
     stochastic: bool = False
+    needs_path: bool = False
     doc: str = ""
 
     def nfe(self, steps: int) -> int:
@@ -44,12 +45,18 @@ class SolverSpec:
 SOLVERS: Registry = Registry("solver")
 
 
-def register_solver(name: str, order: int, evals_per_step: int, aliases=(), stochastic: bool = False):
-    """Decorator: register ``fn`` under ``name`` with its order and cost per step."""
+def register_solver(name: str, order: int, evals_per_step: int, aliases=(), stochastic: bool = False,
+                    needs_path: bool = False):
+    """Decorator: register ``fn`` under ``name`` with its order and cost per step.
+
+    ``stochastic`` solvers receive ``generator=``; ``needs_path`` solvers (those working in log-SNR
+    or with data/noise predictions) receive ``path=`` (an :class:`~straightflow.paths.AffinePath`).
+    """
 
     def deco(fn):
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        SOLVERS.register(name, aliases=aliases)(SolverSpec(name, fn, order, evals_per_step, stochastic, doc))
+        SOLVERS.register(name, aliases=aliases)(
+            SolverSpec(name, fn, order, evals_per_step, stochastic, needs_path, doc))
         return fn
 
     return deco
