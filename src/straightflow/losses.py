@@ -51,7 +51,8 @@ class Loss(ABC):
     def __call__(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:
         if pred.shape != target.shape:
             raise ValueError(f"model output shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-        return self.per_sample(pred, target) * self.weight(t.to(pred.dtype))
+        per = self.per_sample(pred, target)
+        return per if self.weight is no_weight else per * self.weight(t.to(pred.dtype))
 
     def config(self) -> Dict:
         return {"name": self.name, "weighting": self.weighting_name}

@@ -1,0 +1,1 @@
+"""Benchmarks: straightflow against a bare PyTorch loop and peer libraries."""

@@ -1,0 +1,675 @@
+"""Training loop: AdamW + warm-up/cosine, gradient clipping, EMA, atomic checkpoints, exact resume, DDP.
+
+``train(flow, data, steps, out)`` (or ``Trainer(...).fit()``) minimises ``flow.loss`` on
+minibatches of ``data`` and returns a :class:`TrainResult` whose ``model`` is the EMA model.
+
+Data. ``data`` is a :class:`~straightflow.data.Dataset`-like object (``.x``, optional ``.y`` and
+``.num_classes``), a :class:`~straightflow.coupling.PairDataset` (its stored noise ``x0`` is
+passed to ``flow.loss``), or a plain tensor ``(N, ...)``. Minibatches are drawn without
+replacement from a fresh random permutation every epoch (a CPU ``torch.Generator``); labels go
+to the model as ``cond={"y": ...}``. The flow's noise/time draws use a second generator on the
+training device, so a run is a pure function of ``seed``.
+
+Files in ``out/`` (all written atomically: temp file + fsync + rename; never pickle):
+
+- ``train_state.safetensors``: the source of truth for resuming, written FIRST at every
+  checkpoint. Tensors: ``model/<name>`` (raw weights and buffers), ``ema/<name>`` (EMA),
+  ``optim/<param index>/<key>`` (AdamW state, ``step`` included), ``rng/data/<rank>``,
+  ``rng/noise/<rank>``, ``rng/torch/<rank>`` (and ``rng/cuda/<rank>``) generator states as
+  uint8, ``sampler/perm/<rank>`` (the epoch permutation). The safetensors metadata key
+  ``"straightflow.train_state"`` holds JSON: step, settings, optimizer param groups and scalar
+  state, sampler positions, loss history, model/flow/data signatures.
+- ``model.safetensors`` + ``config.json`` (EMA weights; config sections ``flow``, ``train``,
+  ``data``, ``model`` plus ``extra_config``) via :func:`straightflow.checkpoint.save_model`,
+  written after the state file, so a kill between the two files is harmless.
+
+Resume. If ``out/train_state.safetensors`` exists, training continues from it up to ``steps``
+and reproduces the uninterrupted run bit for bit on CPU (same thread count): weights, EMA,
+optimizer state, every generator state and the sampler position are restored. Settings that
+change the trajectory's meaning (batch size, seed, world size, model architecture, flow
+objective, data shape) must match, else :class:`ResumeError`. With ``lr_schedule="cosine"`` the
+decay horizon is ``lr_decay_steps`` (default: ``steps``); fix it when you plan to extend a run.
+
+Multi-process. Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer initialises the process group
+(gloo on CPU, nccl on CUDA, one GPU per ``LOCAL_RANK``), wraps the model in
+``DistributedDataParallel`` and seeds rank ``r``'s generators with ``seed + r``: every rank draws
+its own ``batch_size`` samples, so the effective batch is ``world_size * batch_size``. Only rank 0
+shows progress and writes files (barriers around writes); the logged loss is the mean over ranks.
+Every rank's generator states are gathered into the state file (``rng/*/<rank>``), so a DDP run
+resumes exactly too, with the same world size. All ranks read the state file, so ``out`` must be
+on a file system they share. A trainer that initialised the group destroys it when ``fit`` ends;
+a script that trains several times in one ``torchrun`` launch should call
+``dist.init_process_group`` itself (the trainer then reuses the group and leaves it alone), since
+re-initialising a destroyed group against torchrun's store is unreliable.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .io import CheckpointError, load_tensors, save_tensors
+
+__all__ = ["Trainer", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE", "read_train_state"]
+
+STATE_FILE = "train_state.safetensors"
+STATE_FORMAT = 1
+_META_KEY = "straightflow.train_state"
+_NOISE_SEED_OFFSET = 1_000_003  # noise generator of rank r: seed + r + this (data generator: seed + r)
+
+PathLike = Union[str, os.PathLike]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN/Inf; raised before the optimizer step."""
+
+    def __init__(self, message: str, step: int, loss: float, grad_norm: float) -> None:
+        super().__init__(message)
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+class ResumeError(ValueError):
+    """The saved training state does not fit the current run (different model, batch size...)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Optional[Path]
+    model: nn.Module  # EMA model (the raw model's copy when EMA is off), eval mode
+    raw_model: nn.Module
+    steps: int
+    final_loss: float
+    history: List[Tuple[int, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from e
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but CUDA is not available "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif d.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device {str(device)!r} requested but MPS is not available; use device='cpu'")
+    elif d.type != "cpu":
+        try:
+            torch.empty(1, device=d)
+        except Exception as e:
+            raise ValueError(f"device {str(device)!r} is not usable: {e}") from e
+    return d
+
+
+def _all_finite(x: Tensor) -> bool:
+    # A finite sum means every value is finite (cheaper than a bool reduction on CPU).
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _resolve_data(data: Any):
+    """-> (x, y, x0, num_classes, name)."""
+    x0 = y = num_classes = None
+    if isinstance(data, Tensor):
+        x, name = data, "tensor"
+    elif hasattr(data, "x0") and hasattr(data, "x1"):  # PairDataset
+        x, x0 = data.x1, data.x0
+        y, num_classes = getattr(data, "y", None), getattr(data, "num_classes", None)
+        name = getattr(data, "name", "pairs")
+    elif hasattr(data, "x"):
+        x, y = data.x, getattr(data, "y", None)
+        num_classes, name = getattr(data, "num_classes", None), getattr(data, "name", "data")
+    else:
+        raise TypeError(f"data must be a Dataset (with .x), a PairDataset or a Tensor, got {type(data).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"data.x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"data has shape {tuple(x.shape)}; expected (N, D) vectors or (N, C, H, W) images")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"data {name!r} is empty (shape {tuple(x.shape)}); nothing to train on")
+    if not x.is_floating_point():
+        raise ValueError(f"data {name!r} has dtype {x.dtype}; expected floating point (scale images to [-1, 1])")
+    for what, v in (("x", x), ("x0", x0)):
+        if v is not None and not _all_finite(v):
+            n_bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"data {name!r}: {what} contains {n_bad} NaN/Inf values; clean the data before training")
+    if x0 is not None and x0.shape != x.shape:
+        raise ValueError(f"stored noise x0 shape {tuple(x0.shape)} != data shape {tuple(x.shape)}")
+    if y is not None:
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+            raise ValueError(f"labels y must be an integer tensor, got {getattr(y, 'dtype', type(y).__name__)}")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"labels y have shape {tuple(y.shape)}; expected ({x.shape[0]},)")
+        y = y.long()
+        if num_classes is None:
+            num_classes = int(y.max()) + 1
+    return x.detach(), y, (None if x0 is None else x0.detach()), num_classes, str(name)
+
+
+def _total_norm(params: Sequence[Tensor]) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class _Sampler:
+    """Minibatch indices without replacement: a fresh ``randperm`` per epoch from ``generator``."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator) -> None:
+        self.n, self.batch, self.g = n, batch, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> Tensor:
+        end = self.pos + self.batch
+        if end <= self.n:
+            idx = self.perm[self.pos:end]
+            self.pos = end
+            return idx
+        parts = [self.perm[self.pos:]]
+        need = end - self.n
+        while need > 0:
+            self.perm = torch.randperm(self.n, generator=self.g)
+            take = min(need, self.n)
+            parts.append(self.perm[:take])
+            self.pos, need = take, need - take
+        return torch.cat(parts)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(u) for u in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(u) for k, u in v.items()}
+    if isinstance(v, torch.device):
+        return str(v)
+    if isinstance(v, Tensor) and v.numel() == 1:
+        return v.item()
+    return v
+
+
+def _param_signature(model: nn.Module) -> Dict[str, List]:
+    return {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()}
+
+
+def read_train_state(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    """Load ``train_state.safetensors`` -> ``(tensors, meta)`` (refuses pickles, checks truncation)."""
+    path = Path(path)
+    tensors = load_tensors(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    if raw is None:
+        raise CheckpointError(f"{path}: not a straightflow training state (no {_META_KEY!r} metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt training-state metadata ({e})") from e
+    if meta.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: training-state format {meta.get('format')!r}, expected {STATE_FORMAT}")
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Flow-matching trainer; see the module docstring for files, resume and DDP.
+
+    ``ckpt_every=0``: checkpoint only at the end. ``out=None``: no files at all (in-memory).
+    ``ema_decay=0`` (or None): no EMA; the saved/returned model is then the raw model.
+    ``grad_clip=0`` (or None): no clipping (the gradient norm is still checked for NaN/Inf).
+    """
+
+    def __init__(
+        self,
+        flow,
+        data,
+        out: Optional[PathLike],
+        steps: int,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        warmup: int = 0,
+        lr_schedule: str = "constant",
+        ema_decay: Optional[float] = 0.999,
+        ema_start: int = 0,
+        grad_clip: Optional[float] = 1.0,
+        ckpt_every: int = 1000,
+        log_every: int = 50,
+        seed: int = 0,
+        device: Union[str, torch.device] = "cpu",
+        progress: bool = True,
+        extra_config: Optional[Dict[str, Any]] = None,
+        lr_decay_steps: Optional[int] = None,
+    ) -> None:
+        def _int(name, v, low):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            return int(v)
+
+        self.steps = _int("steps", steps, 1)
+        self.batch_size = _int("batch_size", batch_size, 1)
+        self.warmup = _int("warmup", warmup, 0)
+        self.ema_start = _int("ema_start", ema_start, 0)
+        self.ckpt_every = _int("ckpt_every", ckpt_every, 0)
+        self.log_every = _int("log_every", log_every, 1)
+        self.seed = _int("seed", seed, 0)
+        self.lr_decay_steps = None if lr_decay_steps is None else _int("lr_decay_steps", lr_decay_steps, 1)
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        betas = tuple(float(b) for b in betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        ema_decay = 0.0 if ema_decay is None else float(ema_decay)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {ema_decay}")
+        grad_clip = 0.0 if grad_clip is None else float(grad_clip)
+        if not (math.isfinite(grad_clip) and grad_clip >= 0):
+            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {grad_clip}")
+        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
+        self.lr_schedule, self.ema_decay, self.grad_clip = lr_schedule, ema_decay, grad_clip
+        self.progress = bool(progress)
+        self.device = _check_device(device)
+        if extra_config is not None:
+            if not isinstance(extra_config, dict):
+                raise TypeError(f"extra_config must be a dict, got {type(extra_config).__name__}")
+            clash = sorted(set(extra_config) & {"flow", "train", "data", "model"})
+            if clash:
+                raise ValueError(f"extra_config must not override the config sections {clash}")
+            try:
+                json.dumps(extra_config)
+            except TypeError as e:
+                raise ValueError(f"extra_config must be JSON-serialisable: {e}") from e
+        self.extra_config = copy.deepcopy(extra_config) if extra_config else {}
+
+        self.flow = flow
+        model = getattr(flow, "model", None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"flow.model must be a torch.nn.Module, got {type(model).__name__}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("flow.model has no trainable parameters")
+        self.model = model
+        self.x, self.y, self.x0, self.num_classes, self.data_name = _resolve_data(data)
+        if getattr(flow.coupling, "needs_pairs", False) and self.x0 is None:
+            raise ValueError(f"coupling {flow.coupling.name!r} needs stored noise: pass a PairDataset as data")
+        if self.y is not None and hasattr(model, "num_classes") and model.num_classes is None:
+            raise ValueError(f"data {self.data_name!r} has labels but the model is unconditional "
+                             "(num_classes=None); build the model with num_classes or drop the labels")
+        self.out = None if out is None else Path(out)
+        cfg = getattr(model, "config", None)
+        if self.out is not None and not (isinstance(cfg, dict) and "name" in cfg):
+            raise TypeError(f"{type(model).__name__} has no model.config dict with a 'name', so its checkpoint "
+                            "could not be reloaded; use a straightflow.models model or pass out=None")
+        self.world_size, self.rank, self.is_main, self._owns_pg = 1, 0, True, False
+        self._built = False
+
+    # ------------------------------------------------------------------ settings
+    def settings(self) -> Dict[str, Any]:
+        return {
+            "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
+            "betas": list(self.betas), "warmup": self.warmup, "lr_schedule": self.lr_schedule,
+            "lr_decay_steps": self.lr_decay_steps, "ema_decay": self.ema_decay, "ema_start": self.ema_start,
+            "grad_clip": self.grad_clip, "ckpt_every": self.ckpt_every, "log_every": self.log_every,
+            "seed": self.seed, "device": str(self.device), "world_size": self.world_size,
+        }
+
+    def data_info(self) -> Dict[str, Any]:
+        return {"name": self.data_name, "shape": list(self.x.shape[1:]), "size": int(self.x.shape[0]),
+                "num_classes": self.num_classes, "labels": self.y is not None, "pairs": self.x0 is not None}
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used for step ``step`` (1-based)."""
+        f = 1.0
+        if self.warmup and step <= self.warmup:
+            f = step / self.warmup
+        if self.lr_schedule == "cosine" and step > self.warmup:
+            horizon = self.lr_decay_steps or self.steps
+            p = min(1.0, (step - self.warmup) / max(1, horizon - self.warmup))
+            f *= 0.5 * (1.0 + math.cos(math.pi * p))
+        return self.lr * f
+
+    # ------------------------------------------------------------------ setup
+    def _setup_dist(self) -> None:
+        self.world_size, self.rank, self._owns_pg = 1, 0, False
+        env_ws = int(os.environ.get("WORLD_SIZE", "1"))
+        if env_ws > 1 or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            if not dist.is_available():
+                raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
+            if self.device.type == "cuda":
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                self.device = torch.device("cuda", local)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+                self._owns_pg = True
+            self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.is_main = self.rank == 0
+
+    def _build(self) -> None:
+        self._setup_dist()
+        dev = self.device
+        self.model.to(dev)
+        self.model.train()
+        self.data_gen = torch.Generator().manual_seed(self.seed + self.rank)
+        self.noise_gen = torch.Generator(device=dev).manual_seed(self.seed + self.rank + _NOISE_SEED_OFFSET)
+        self.sampler = _Sampler(int(self.x.shape[0]), self.batch_size, self.data_gen)
+        self.step, self.history, self.loss_acc = 0, [], [0.0, 0]
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        self.ema: Optional[nn.Module] = None
+        if self.ema_decay > 0:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        state_path = None if self.out is None else self.out / STATE_FILE
+        if state_path is not None and state_path.exists():
+            self._restore(state_path)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        else:
+            self.train_model = self.model
+        # EMA bookkeeping: flat lists so an update is one foreach call, no per-parameter loop.
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._raw_float = [p.detach() for p in self.model.parameters()]
+        self._raw_bufs = [b for b in self.model.buffers()]
+        if self.ema is not None:
+            self._ema_float = [p for p in self.ema.parameters()]
+            self._ema_bufs = [b for b in self.ema.buffers()]
+        self._built = True
+
+    # ------------------------------------------------------------------ state I/O
+    def _gather(self, t: Tensor) -> List[Tensor]:
+        if self.world_size == 1:
+            return [t]
+        comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tt = t.to(comm)
+        out = [torch.empty_like(tt) for _ in range(self.world_size)]
+        dist.all_gather(out, tt)
+        return [o.cpu() for o in out]
+
+    def _rng_tensors(self) -> Dict[str, Tensor]:
+        mine = {
+            "rng/data": self.data_gen.get_state(),
+            "rng/noise": self.noise_gen.get_state(),
+            "rng/torch": torch.get_rng_state(),
+            "sampler/perm": self.sampler.perm,
+            "sampler/pos": torch.tensor([self.sampler.pos], dtype=torch.int64),
+        }
+        if self.device.type == "cuda":
+            mine["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        out = {}
+        for k, v in mine.items():
+            for r, t in enumerate(self._gather(v)):
+                out[f"{k}/{r}"] = t
+        return out
+
+    def _write_state(self) -> None:
+        """Collective under DDP (gathers generator states); rank 0 writes."""
+        rng = self._rng_tensors()
+        if not self.is_main:
+            return
+        tensors: Dict[str, Tensor] = {}
+        seen = set()
+
+        def put(key: str, t: Tensor) -> None:
+            t = t.detach()
+            ptr = (t.untyped_storage().data_ptr(), t.device) if t.numel() else None
+            if ptr is not None and ptr in seen:  # tied/shared storage: safetensors refuses aliases
+                t = t.clone()
+            elif ptr is not None:
+                seen.add(ptr)
+            tensors[key] = t
+
+        for k, v in self.model.state_dict().items():
+            put(f"model/{k}", v)
+        if self.ema is not None:
+            for k, v in self.ema.state_dict().items():
+                put(f"ema/{k}", v)
+        osd = self.optimizer.state_dict()
+        scalar_state: Dict[str, Dict[str, Any]] = {}
+        for idx, st in osd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    put(f"optim/{idx}/{k}", v)
+                else:
+                    scalar_state.setdefault(str(idx), {})[k] = _jsonable(v)
+        pos = [int(rng.pop(f"sampler/pos/{r}")[0]) for r in range(self.world_size)]
+        tensors.update(rng)
+        meta = {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "settings": self.settings(),
+            "world_size": self.world_size,
+            "history": [[s, l] for s, l in self.history],
+            "loss_acc": list(self.loss_acc),
+            "sampler_pos": pos,
+            "optimizer": {"param_groups": _jsonable(osd["param_groups"]), "scalar_state": scalar_state},
+            "ema": self.ema is not None,
+            "model_config": _jsonable(getattr(self.model, "config", None)),
+            "params": _param_signature(self.model),
+            "flow": _jsonable(self.flow.config()),
+            "data": self.data_info(),
+        }
+        save_tensors(self.out / STATE_FILE, tensors, metadata={_META_KEY: json.dumps(meta)})
+
+    def _restore(self, path: Path) -> None:
+        tensors, meta = read_train_state(path)
+        s = meta["settings"]
+        problems = []
+        for key in ("batch_size", "seed", "world_size"):
+            if s.get(key) != getattr(self, key):
+                problems.append(f"{key}: saved {s.get(key)!r}, now {getattr(self, key)!r}")
+        if meta.get("model_config") != _jsonable(getattr(self.model, "config", None)):
+            problems.append(f"model config: saved {meta.get('model_config')}, now {getattr(self.model, 'config', None)}")
+        elif meta.get("params") != _param_signature(self.model):
+            problems.append("model parameters (names/shapes/dtypes) differ from the saved ones")
+        if meta.get("flow") != _jsonable(self.flow.config()):
+            problems.append(f"flow: saved {meta.get('flow')}, now {self.flow.config()}")
+        d, now = meta.get("data", {}), self.data_info()
+        for key in ("shape", "size", "labels", "pairs"):
+            if d.get(key) != now[key]:
+                problems.append(f"data {key}: saved {d.get(key)!r}, now {now[key]!r}")
+        if bool(meta.get("ema")) != (self.ema is not None):
+            problems.append(f"EMA: saved {'on' if meta.get('ema') else 'off'}, now {'on' if self.ema is not None else 'off'}")
+        if problems:
+            raise ResumeError(
+                f"{path}: cannot resume, the saved run differs: " + "; ".join(problems)
+                + f". Use another output directory or delete {path.name} to start over.")
+        if (self.lr_schedule == "cosine" and s.get("lr_schedule") == "cosine"
+                and (s.get("lr_decay_steps") or s.get("steps")) != (self.lr_decay_steps or self.steps)):
+            warnings.warn("resuming a cosine schedule with a different decay horizon (steps / lr_decay_steps); "
+                          "pass lr_decay_steps to keep it fixed across extensions", stacklevel=3)
+        dev = self.device
+
+        def sub(prefix: str) -> Dict[str, Tensor]:
+            n = len(prefix)
+            return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.model.load_state_dict(sub("model/"))
+        if self.ema is not None:
+            self.ema.load_state_dict(sub("ema/"))
+        groups = meta["optimizer"]["param_groups"]
+        for g in groups:
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+        state: Dict[int, Dict[str, Any]] = {}
+        for k, v in sub("optim/").items():
+            idx, name = k.split("/", 1)
+            state.setdefault(int(idx), {})[name] = v
+        for idx, st in meta["optimizer"]["scalar_state"].items():
+            state.setdefault(int(idx), {}).update(st)
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        for g in self.optimizer.param_groups:  # the current call's hyper-parameters win
+            g["betas"], g["weight_decay"] = self.betas, self.weight_decay
+        r = self.rank
+        self.data_gen.set_state(tensors[f"rng/data/{r}"])
+        self.noise_gen.set_state(tensors[f"rng/noise/{r}"])
+        torch.set_rng_state(tensors[f"rng/torch/{r}"])
+        if dev.type == "cuda" and f"rng/cuda/{r}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng/cuda/{r}"], dev)
+        self.sampler.perm = tensors[f"sampler/perm/{r}"].clone()
+        self.sampler.pos = int(meta["sampler_pos"][r])
+        self.step = int(meta["step"])
+        self.history = [(int(a), float(b)) for a, b in meta["history"]]
+        self.loss_acc = [float(meta["loss_acc"][0]), int(meta["loss_acc"][1])]
+        if self.step > self.steps:
+            warnings.warn(f"{path} is at step {self.step} > steps={self.steps}; nothing to train, "
+                          "returning the saved state", stacklevel=3)
+
+    def _export_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    def _checkpoint(self) -> None:
+        if self.out is None:
+            return
+        if self.world_size > 1:
+            dist.barrier()
+        self._write_state()  # first: the source of truth for resume
+        if self.is_main:
+            from .checkpoint import save_model
+
+            config = {"flow": _jsonable(self.flow.config()), "train": self.settings(), "data": self.data_info()}
+            config.update(copy.deepcopy(self.extra_config))
+            save_model(self.out, self._export_model(), config)
+        if self.world_size > 1:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ loop
+    def _check(self, loss: Tensor, gn: Tensor) -> Tuple[float, float]:
+        """One host sync per step: the loss and gradient norm as floats (mean over ranks)."""
+        if self.world_size > 1:
+            v = torch.stack((loss.detach().float(), gn.float()))
+            dist.all_reduce(v)
+            lv, gv = (v / self.world_size).tolist()
+            return lv, gv
+        if self.device.type == "cpu":
+            return loss.item(), gn.item()
+        return tuple(torch.stack((loss.detach().float(), gn.float())).tolist())
+
+    def _nonfinite(self, step: int, lv: float, gv: float, lr: float) -> NonFiniteLossError:
+        what = "loss" if not math.isfinite(lv) else "gradient norm"
+        last = "no checkpoint has been written yet"
+        if self.out is not None and (self.out / STATE_FILE).exists():
+            last = f"the last good checkpoint in {self.out} is left untouched"
+        msg = (f"non-finite {what} at step {step}: loss={lv}, grad_norm={gv} (lr={lr:.3g}). Training stopped "
+               f"before the optimizer step; {last}. Try a lower learning rate (e.g. lr={lr / 3:.2g}), a longer "
+               "warmup or grad_clip, and check the data for NaN/Inf or extreme values.")
+        return NonFiniteLossError(msg, step, lv, gv)
+
+    def fit(self) -> TrainResult:
+        try:
+            if not self._built:
+                self._build()
+            if self.step < self.steps:
+                self._loop()
+        finally:
+            if self._owns_pg and dist.is_initialized():
+                dist.destroy_process_group()
+                self._owns_pg = False
+        return self._result()
+
+    def _loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        x, y, x0 = self.x, self.y, self.x0
+        dev = self.device
+        host = dev.type == "cpu"
+        flow, model, opt, sampler = self.flow, self.train_model, self.optimizer, self.sampler
+        params, clip = self._params, self.grad_clip
+        groups = opt.param_groups
+        use_ema = self.ema is not None
+        if use_ema:
+            ema_p, raw_p, ema_b, raw_b = self._ema_float, self._raw_float, self._ema_bufs, self._raw_bufs
+            w = 1.0 - self.ema_decay
+        log_every, ckpt_every, steps = self.log_every, self.ckpt_every, self.steps
+        acc = self.loss_acc
+        smooth = None
+        bar = tqdm(total=steps, initial=self.step, disable=not (self.progress and self.is_main),
+                   unit="step", dynamic_ncols=True, desc="train")
+        cur_lr = None
+        try:
+            for step in range(self.step + 1, steps + 1):
+                lr = self.lr_at(step)
+                if lr != cur_lr:
+                    for g in groups:
+                        g["lr"] = lr
+                    cur_lr = lr
+                idx = sampler.next()
+                xb = x.index_select(0, idx)
+                cond = None if y is None else {"y": y.index_select(0, idx)}
+                x0b = None if x0 is None else x0.index_select(0, idx)
+                if not host:
+                    xb = xb.to(dev, non_blocking=True)
+                    if cond is not None:
+                        cond["y"] = cond["y"].to(dev, non_blocking=True)
+                    if x0b is not None:
+                        x0b = x0b.to(dev, non_blocking=True)
+                loss = flow.loss(xb, cond=cond, x0=x0b, generator=self.noise_gen, model=model)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip > 0:
+                    gn = torch.nn.utils.clip_grad_norm_(params, clip)
+                else:
+                    gn = _total_norm(params)
+                lv, gv = self._check(loss, gn)
+                if not (math.isfinite(lv) and math.isfinite(gv)):
+                    raise self._nonfinite(step, lv, gv, lr)
+                opt.step()
+                if use_ema:
+                    with torch.no_grad():
+                        if step > self.ema_start:
+                            torch._foreach_lerp_(ema_p, raw_p, w)
+                        else:
+                            torch._foreach_copy_(ema_p, raw_p)
+                        if raw_b:
+                            torch._foreach_copy_(ema_b, raw_b)
+                self.step = step
+                acc[0] += lv
+                acc[1] += 1
+                smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+                if step % log_every == 0:
+                    self.history.append((step, acc[0] / acc[1]))
+                    acc[0], acc[1] = 0.0, 0
+                    bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if ckpt_every and step % ckpt_every == 0 and step != steps:
+                    self._checkpoint()
+            self._checkpoint()
+        finally:
+            bar.close()
+
+    def _result(self) -> TrainResult:
+        history = list(self.history)
+        if self.loss_acc[1] > 0:
+            history.append((self.step, self.loss_acc[0] / self.loss_acc[1]))
+        final = history[-1][1] if history else float("nan")
+        model = self.ema if self.ema is not None else copy.deepcopy(self.model)
+        return TrainResult(run_dir=self.out, model=model.eval(), raw_model=self.model, steps=self.step,
+                           final_loss=final, history=history)
+
+
+def train(flow, data, steps: int, out: Optional[PathLike] = None, **kw: Any) -> TrainResult:
+    """Train ``flow`` on ``data`` for ``steps`` steps (resuming from ``out`` if it holds a state)."""
+    return Trainer(flow, data, out, steps, **kw).fit()
