@@ -57,7 +57,7 @@ def test_errors_name_valid_choices(tmp_path, capsys):
     assert main(["train", "--data", "moons", "--path", "zigzag", "--out", str(tmp_path / "r2"), "--steps", "1"]) == 2
     assert "linear" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing")]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert "not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow

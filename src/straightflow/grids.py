@@ -95,19 +95,23 @@ def logsnr_grid(
     steps: int, t0: float = 0.0, t1: float = 1.0, path: Union[str, AffinePath] = "linear",
     t_min: float = 1e-3, **_
 ) -> Tensor:
-    """Uniform in ``lambda = log(alpha^2 / sigma^2)`` (DPM-Solver's choice), endpoints kept.
+    """Uniform in ``lambda = log(alpha^2 / sigma^2)`` (DPM-Solver's choice).
 
-    ``lambda`` is infinite at t = 0 and t = 1 on most paths, so the interior is spaced between
-    ``lambda(max(t0, t_min))`` and ``lambda(min(t1, 1 - t_min))`` and the true endpoints appended.
+    ``lambda`` is infinite at t = 0 and t = 1 on most paths, so the spacing runs between
+    ``lambda(max(t0, t_min))`` and ``lambda(min(t1, 1 - t_min))``; an endpoint outside that range
+    (t0 < t_min or t1 > 1 - t_min) is added as one extra step.
     """
     p = get_path(path)
     _check_steps(steps)
     a, b = max(t0, t_min), min(t1, 1 - t_min)
-    if steps == 1:
-        return torch.tensor([t0, t1], dtype=torch.float64)
-    lam = torch.linspace(float(p.log_snr(torch.tensor(a))), float(p.log_snr(torch.tensor(b))), steps - 1, dtype=torch.float64)
+    head, tail = ([t0] if t0 < a else []), ([t1] if t1 > b else [])
+    n_inner = steps + 1 - len(head) - len(tail)
+    if n_inner < 2:
+        return torch.tensor([t0, t1], dtype=torch.float64) if steps == 1 else uniform_grid(steps, t0, t1)
+    lam = torch.linspace(float(p.log_snr(torch.tensor(a))), float(p.log_snr(torch.tensor(b))), n_inner, dtype=torch.float64)
     inner = p.t_from_log_snr(lam)
-    return torch.cat([torch.tensor([t0], dtype=torch.float64), inner, torch.tensor([t1], dtype=torch.float64)])
+    inner[0], inner[-1] = a, b
+    return torch.cat([torch.tensor(head, dtype=torch.float64), inner, torch.tensor(tail, dtype=torch.float64)])
 
 
 @GRIDS.register("karras", aliases=("edm",))

@@ -14,6 +14,8 @@ from ..grids import GridLike, make_grid, validate_grid
 from ..paths import PathLike, get_path
 from .base import SOLVERS, CountedVelocity, NonFiniteError, SampleResult, SolverSpec, register_solver
 from . import ode  # noqa: F401  (registers euler, midpoint, heun, rk4)
+from . import dpm  # noqa: F401  (registers dpm++1/2s/3s/2m/3m)
+from . import unipc  # noqa: F401  (registers unipc, unipc-bh1, unipc-bh2)
 from .guidance import ClassifierFreeGuidance
 
 __all__ = ["sample", "invert", "available", "get_solver", "SampleResult", "NonFiniteError",

@@ -1,0 +1,243 @@
+"""DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+Probabilistic Models") for any affine path, with the data prediction ``x1_hat``.
+
+On a path ``x_t = alpha(t) x1 + sigma(t) x0`` let ``lam = log(alpha / sigma)`` (half the path's
+``log_snr``) and ``m(lam) = x1_hat = path.velocity_to_x1(v, x, t)``. The probability-flow ODE
+solved exactly from ``s`` to ``t`` (``h = lam_t - lam_s``) is
+
+    x_t = (sigma_t / sigma_s) x_s + alpha_t * int_0^h e^{u - h} m(lam_s + u) du
+        = (sigma_t / sigma_s) x_s + alpha_t * sum_k H_{k+1}(h) m^{(k)}(lam_s),
+
+with ``H_k(h) = h^k phi_k(-h)``: ``H_1 = 1 - e^{-h}``, ``H_2 = h - H_1``, ``H_3 = h^2/2 - H_2``.
+Each method truncates the sum and estimates the ``lam``-derivatives of ``m`` from earlier
+evaluations (multistep) or from intermediate ones (singlestep).
+
+Endpoints. On the linear path ``alpha(0) = 0`` (``lam = -inf``) and ``sigma(1) = 0`` (``lam =
++inf``). The first-order term is evaluated with ratios only,
+``(sigma_t / sigma_s) x_s + (alpha_t - alpha_s sigma_t / sigma_s) m_s`` (because
+``alpha_t (1 - e^{-h}) = alpha_t - alpha_s sigma_t / sigma_s``), which is finite whenever
+``sigma_s > 0``; a step that starts at ``sigma_s = 0`` (inversion from t = 1) uses the equal DDIM
+form ``alpha_t m_s + sigma_t x0_hat_s``. A step that starts or ends at an infinite ``lam`` has an
+infinite ``h``, so it is always first order, and an evaluation at an infinite ``lam`` is never
+used as history (the multistep methods warm up again after it). Values of alpha, sigma below
+1e-12 count as 0 (``cos(pi / 2)`` is 6e-17 in floating point, not 0).
+
+Inversion (decreasing ``ts``, ``h < 0``) uses the same formulas and is supported by every method
+here.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+
+from ..paths import AffinePath, get_path
+from .base import register_solver
+
+_ZERO = 1e-12
+
+
+# ---------------------------------------------------------------------- shared helpers
+def _ab(path: AffinePath, t: float) -> Tuple[float, float, float]:
+    """``alpha, sigma, lam`` at ``t`` as Python floats (float64), tiny values snapped to 0."""
+    tt = torch.tensor(float(t), dtype=torch.float64)
+    a, s = float(path.alpha(tt)), float(path.sigma(tt))
+    a = 0.0 if abs(a) < _ZERO else a
+    s = 0.0 if abs(s) < _ZERO else s
+    if a <= 0.0:
+        lam = -math.inf
+    elif s <= 0.0:
+        lam = math.inf
+    else:
+        lam = math.log(a) - math.log(s)
+    return a, s, lam
+
+
+def _t_of_lam(path: AffinePath, lam: float) -> float:
+    """Time with ``log(alpha / sigma) = lam`` (the path's ``t_from_log_snr`` of ``2 lam``)."""
+    return float(path.t_from_log_snr(torch.tensor(2.0 * lam, dtype=torch.float64)))
+
+
+def _hphi(k: int, h: float) -> float:
+    """``H_k(h) = h^k phi_k(-h) = int_0^h e^{u - h} u^{k-1} / (k-1)! du`` (series for |h| < 1)."""
+    if abs(h) < 1.0:
+        term, total = h**k / math.factorial(k), 0.0
+        for j in range(40):
+            total += term
+            term *= -h / (k + j + 1)
+        return total
+    val = -math.expm1(-h)  # H_1
+    for j in range(1, k):
+        val = h**j / math.factorial(j) - val  # H_{j+1} = h^j / j! - H_j
+    return val
+
+
+def _x1(path: AffinePath, v, x, t: float):
+    return path.velocity_to_x1(v, x, torch.as_tensor(t, dtype=x.dtype, device=x.device))
+
+
+def _first_order(path, x, m, v, t_s, ab_s, ab_t):
+    """``x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) m_s`` in its finite ratio form."""
+    a_s, s_s, _ = ab_s
+    a_t, s_t, _ = ab_t
+    if s_s > 0.0:
+        r = s_t / s_s
+        return r * x + (a_t - a_s * r) * m
+    # sigma_s = 0 (lam_s = +inf, inversion starting at the data): DDIM with both predictions
+    x0 = path.velocity_to_x0(v, x, torch.as_tensor(t_s, dtype=x.dtype, device=x.device))
+    return a_t * m + s_t * x0
+
+
+def _derivatives(hist: List[Tuple[float, object]]):
+    """``lam``-derivatives of the interpolating polynomial through ``hist`` (newest last) at the
+    newest point: ``[m', m'']`` (as many as ``len(hist) - 1``, at most 2)."""
+    (l0, m0) = hist[-1]
+    if len(hist) == 1:
+        return []
+    (l1, m1) = hist[-2]
+    f01 = (m0 - m1) / (l0 - l1)
+    if len(hist) == 2:
+        return [f01]
+    (l2, m2) = hist[-3]
+    f12 = (m1 - m2) / (l1 - l2)
+    f012 = (f01 - f12) / (l0 - l2)
+    return [f01 + (l0 - l1) * f012, 2.0 * f012]
+
+
+def _order_now(order: int, n_hist: int, i: int, n: int, lower_order_final: bool, lam_s: float, lam_t: float) -> int:
+    """Order of step ``i`` of ``n``: history-limited (warm-up), lower on the last steps when
+    ``lower_order_final`` and ``n < 15`` (as the reference implementations do), 1 at infinite lam."""
+    k = min(order, max(n_hist, 1))
+    if lower_order_final and n < 15:
+        k = min(k, n - i)
+    if not (math.isfinite(lam_s) and math.isfinite(lam_t)):
+        k = 1
+    return k
+
+
+def _path(path) -> AffinePath:
+    return get_path("linear" if path is None else path)
+
+
+# ---------------------------------------------------------------------- multistep
+def _multistep(f, x, ts, path, order, lower_order_final, callback):
+    path = _path(path)
+    n = len(ts) - 1
+    ab = [_ab(path, t) for t in ts]
+    hist: list = []  # (lam, x1_hat) at finite lam, newest last
+    for i in range(n):
+        v = f(x, ts[i], i)
+        m = _x1(path, v, x, ts[i])
+        lam_s, lam_t = ab[i][2], ab[i + 1][2]
+        if math.isfinite(lam_s):
+            hist = (hist + [(lam_s, m)])[-order:]
+        else:
+            hist = []
+        k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
+        x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
+        if k >= 2:
+            h = lam_t - lam_s
+            d = _derivatives(hist[-k:])
+            corr = _hphi(2, h) * d[0]
+            if k >= 3:
+                corr = corr + _hphi(3, h) * d[1]
+            x_new = x_new + ab[i + 1][0] * corr
+        x = x_new
+        if callback is not None:
+            callback(i + 1, ts[i + 1], x)
+    return x
+
+
+@register_solver("dpm++1", order=1, evals_per_step=1, needs_path=True, aliases=("dpmpp_1", "dpmpp1", "dpm++1s"))
+def dpmpp_1(f, x, ts, callback=None, path=None):
+    """DPM-Solver++ order 1 (DDIM in data prediction): ``x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) x1_hat_s``.
+
+    Equal to ``alpha_t x1_hat_s + sigma_t x0_hat_s``; on the linear path this is exactly Euler,
+    ``x_s + (t - s) v``.
+    """
+    return _multistep(f, x, ts, path, 1, False, callback)
+
+
+@register_solver("dpm++2m", order=2, evals_per_step=1, needs_path=True, aliases=("dpmpp_2m", "dpmpp2m", "dpm++(2m)"))
+def dpmpp_2m(f, x, ts, callback=None, path=None, lower_order_final: bool = True):
+    """DPM-Solver++(2M): ``x_t = (sigma_t/sigma_s) x_s + alpha_t [H_1(h) m_s + H_2(h) (m_s - m_r) / (lam_s - lam_r)]``.
+
+    ``m_r`` is the previous step's data prediction (one evaluation per step; the first step, and
+    every step with an infinite lam, is first order). ``lower_order_final``: first-order last
+    step when there are fewer than 15 steps.
+    """
+    return _multistep(f, x, ts, path, 2, lower_order_final, callback)
+
+
+@register_solver("dpm++3m", order=3, evals_per_step=1, needs_path=True, aliases=("dpmpp_3m", "dpmpp3m", "dpm++(3m)"))
+def dpmpp_3m(f, x, ts, callback=None, path=None, lower_order_final: bool = True):
+    """DPM-Solver++(3M): ``x_t = (sigma_t/sigma_s) x_s + alpha_t [H_1 m_s + H_2 m'_s + H_3 m''_s]``.
+
+    ``m'``, ``m''`` are the lam-derivatives of the quadratic through the last three data
+    predictions (``H_k(h) = h^k phi_k(-h)``). Warm-up at orders 1, 2; with
+    ``lower_order_final`` and fewer than 15 steps, the last two steps are of order 1 and 2.
+    (The reference code weights ``m''`` by ``H_3 / 2``; the exact Taylor weight ``H_3`` is used here.)
+    """
+    return _multistep(f, x, ts, path, 3, lower_order_final, callback)
+
+
+# ---------------------------------------------------------------------- singlestep
+def _singlestep(f, x, ts, path, order, r1, callback):
+    path = _path(path)
+    n = len(ts) - 1
+    ab = [_ab(path, t) for t in ts]
+    for i in range(n):
+        s, t = ts[i], ts[i + 1]
+        v = f(x, s, i)
+        m = _x1(path, v, x, s)
+        x_t = _first_order(path, x, m, v, s, ab[i], ab[i + 1])
+        lam_s, lam_t = ab[i][2], ab[i + 1][2]
+        if math.isfinite(lam_s) and math.isfinite(lam_t):
+            h = lam_t - lam_s
+            if order == 2:
+                t_u = _t_of_lam(path, lam_s + r1 * h)
+                ab_u = _ab(path, t_u)
+                x_u = _first_order(path, x, m, v, s, ab[i], ab_u)
+                m_u = _x1(path, f(x_u, t_u, i), x_u, t_u)
+                x_t = x_t + ab[i + 1][0] * (_hphi(2, h) / (r1 * h)) * (m_u - m)
+            else:
+                q1, q2 = r1, 2.0 / 3.0
+                t_1, t_2 = _t_of_lam(path, lam_s + q1 * h), _t_of_lam(path, lam_s + q2 * h)
+                ab_1, ab_2 = _ab(path, t_1), _ab(path, t_2)
+                x_1 = _first_order(path, x, m, v, s, ab[i], ab_1)
+                m_1 = _x1(path, f(x_1, t_1, i), x_1, t_1)
+                x_2 = _first_order(path, x, m, v, s, ab[i], ab_2) + ab_2[0] * (_hphi(2, q2 * h) / (q1 * h)) * (m_1 - m)
+                m_2 = _x1(path, f(x_2, t_2, i), x_2, t_2)
+                x_t = x_t + ab[i + 1][0] * (_hphi(2, h) / (q2 * h)) * (m_2 - m)
+        x = x_t
+        if callback is not None:
+            callback(i + 1, ts[i + 1], x)
+    return x
+
+
+@register_solver("dpm++2s", order=2, evals_per_step=2, needs_path=True, aliases=("dpmpp_2s", "dpmpp2s", "dpm++(2s)"))
+def dpmpp_2s(f, x, ts, callback=None, path=None, r1: float = 0.5):
+    """DPM-Solver++(2S): ``u = lam_s + r1 h``, ``x_u`` = first-order step, then
+    ``x_t = (sigma_t/sigma_s) x_s + alpha_t [H_1(h) m_s + H_2(h) (m_u - m_s) / (r1 h)]``.
+
+    Two evaluations per step, except a step from/to an infinite lam (t = 0 or 1 on the linear
+    path), which is first order and costs one.
+    """
+    if not 0.0 < r1 <= 1.0:
+        raise ValueError(f"r1 must be in (0, 1], got {r1}")
+    return _singlestep(f, x, ts, path, 2, r1, callback)
+
+
+@register_solver("dpm++3s", order=3, evals_per_step=3, needs_path=True, aliases=("dpmpp_3s", "dpmpp3s", "dpm++(3s)"))
+def dpmpp_3s(f, x, ts, callback=None, path=None, r1: float = 1.0 / 3.0):
+    """DPM-Solver++(3S) (DPM-Solver-3 in data prediction), ``r1 = 1/3``, ``r2 = 2/3``:
+    ``x_u1`` first order; ``x_u2 = (sigma_u2/sigma_s) x_s + alpha_u2 [H_1(r2 h) m_s + H_2(r2 h) (m_u1 - m_s) / (r1 h)]``;
+    ``x_t = (sigma_t/sigma_s) x_s + alpha_t [H_1(h) m_s + H_2(h) (m_u2 - m_s) / (r2 h)]``.
+
+    Three evaluations per step; a step from/to an infinite lam is first order (one evaluation).
+    ``r2 = 2/3`` is what makes the last line third order.
+    """
+    if not 0.0 < r1 < 2.0 / 3.0:
+        raise ValueError(f"r1 must be in (0, 2/3), got {r1}")
+    return _singlestep(f, x, ts, path, 3, r1, callback)

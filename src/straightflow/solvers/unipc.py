@@ -1,0 +1,126 @@
+"""UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+Diffusion Models") with the data prediction ``x1_hat``, for any affine path.
+
+Notation as in :mod:`.dpm`: ``lam = log(alpha / sigma)``, ``m = x1_hat``, ``h = lam_t - lam_s``,
+``H_k(h) = h^k phi_k(-h)``. With earlier points ``r_j = (lam_j - lam_s) / h`` and
+``D_j = (m_j - m_s) / r_j``:
+
+* UniP-p (predictor, ``p - 1`` earlier points):
+  ``x~_t = (sigma_t/sigma_s) x_s + alpha_t [H_1(h) m_s + B(h) sum_j rho_j D_j]``,
+* UniC-p (corrector, the same points plus the evaluation ``m_t`` at ``x~_t``, ``r = 1``):
+  ``x_t = (sigma_t/sigma_s) x_s + alpha_t [H_1(h) m_s + B(h) (sum_j rho^c_j D_j + rho^c_p (m_t - m_s))]``,
+
+where ``rho`` solves ``sum_j rho_j r_j^{n-1} = n! H_{n+1}(h) / (h^n B(h))`` for ``n = 1..``(number
+of points), except the one-point systems, which take ``rho = 1/2`` (the ``h -> 0`` limit) as
+the paper does; that is where ``B`` matters. ``B(h)`` is ``h`` (``bh1``) or ``1 - e^{-h}``
+(``bh2``: the paper's ``e^{h'} - 1`` at the data-prediction step ``h' = -h``).
+
+``m_t`` is the evaluation the next predictor step needs anyway, so the corrector costs no
+extra NFE (one evaluation per step; no corrector after the last step). Orders: predictor ``p``,
+predictor + corrector ``p + 1``. Steps that start or end at an infinite ``lam`` (t = 0 or 1 on
+the linear path) are first order and not corrected, and history at an infinite ``lam`` is not
+used (see :mod:`.dpm`). Inversion (decreasing ``ts``) is supported.
+
+The corrected state of step ``i`` is known only after the evaluation at step ``i + 1``, so
+``callback(i + 1, t, x)`` is called then (with the corrected state), one evaluation late.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import register_solver
+from .dpm import _ab, _first_order, _hphi, _order_now, _path, _x1
+
+_VARIANTS = ("bh1", "bh2")
+
+
+def _b(h: float, variant: str) -> float:
+    return h if variant == "bh1" else -math.expm1(-h)
+
+
+def _rhos(rs, h: float, bh: float):
+    """Solve ``sum_j rho_j r_j^{n-1} = n! H_{n+1}(h) / (h^n B)``, ``n = 1..len(rs)``; 1/2 for one point."""
+    p = len(rs)
+    if p == 1:
+        return [0.5]
+    R = torch.tensor([[r ** (nn - 1) for r in rs] for nn in range(1, p + 1)], dtype=torch.float64)
+    b = torch.tensor([math.factorial(nn) * _hphi(nn + 1, h) / (h**nn * bh) for nn in range(1, p + 1)],
+                     dtype=torch.float64)
+    return torch.linalg.solve(R, b).tolist()
+
+
+def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callback):
+    if variant not in _VARIANTS:
+        raise ValueError(f"UniPC variant must be one of {_VARIANTS}, got {variant!r}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+    path = _path(path)
+    n = len(ts) - 1
+    ab = [_ab(path, t) for t in ts]
+    hist: list = []  # (lam, x1_hat) at finite lam, newest last
+    prev = None      # (x at the start of the last step, order used, its history points)
+    for i in range(n):
+        v = f(x, ts[i], i)
+        m = _x1(path, v, x, ts[i])
+        if prev is not None:
+            x_s, k, pts = prev
+            lam_s, lam_t = ab[i - 1][2], ab[i][2]
+            if corrector and math.isfinite(lam_s) and math.isfinite(lam_t):
+                h = lam_t - lam_s
+                bh = _b(h, variant)
+                m_s = pts[-1][1]
+                rs = [(l - lam_s) / h for l, _ in pts[:-1]] + [1.0]
+                ds = [(mj - m_s) / r for (_, mj), r in zip(pts[:-1], rs)] + [m - m_s]
+                rho = _rhos(rs, h, bh)
+                acc = sum(r * d for r, d in zip(rho, ds))
+                x = _first_order(path, x_s, m_s, None, ts[i - 1], ab[i - 1], ab[i]) + ab[i][0] * bh * acc
+            if callback is not None:
+                callback(i, ts[i], x)
+        lam_s, lam_t = ab[i][2], ab[i + 1][2]
+        if math.isfinite(lam_s):
+            hist = (hist + [(lam_s, m)])[-order:]
+        else:
+            hist = []
+        k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
+        pts = hist[-k:] if hist else []
+        x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
+        if k >= 2:
+            h = lam_t - lam_s
+            bh = _b(h, variant)
+            rs = [(l - lam_s) / h for l, _ in pts[:-1]]
+            ds = [(mj - m) / r for (_, mj), r in zip(pts[:-1], rs)]
+            rho = _rhos(rs, h, bh)
+            x_new = x_new + ab[i + 1][0] * bh * sum(r * d for r, d in zip(rho, ds))
+        prev = (x, k, pts)
+        x = x_new
+    if callback is not None:
+        callback(n, ts[n], x)
+    return x
+
+
+@register_solver("unipc", order=3, evals_per_step=1, needs_path=True)
+def unipc(f, x, ts, callback=None, path=None, order: int = 2, variant: str = "bh2",
+          lower_order_final: bool = True, corrector: bool = True):
+    """UniPC: UniP-``order`` predictor + UniC corrector on the evaluation the next step needs (order ``order + 1``).
+
+    ``variant`` ``"bh1"`` (``B(h) = h``) or ``"bh2"`` (``B(h) = 1 - e^{-h}``); ``corrector=False``
+    leaves the predictor alone (order ``order``). Warm-up at lower order on the first steps;
+    ``lower_order_final``: lower order on the last steps when there are fewer than 15.
+    """
+    return _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callback)
+
+
+@register_solver("unipc-bh1", order=3, evals_per_step=1, needs_path=True, aliases=("unipc_bh1",))
+def unipc_bh1(f, x, ts, callback=None, path=None, order: int = 2, lower_order_final: bool = True,
+              corrector: bool = True):
+    """UniPC with ``B(h) = h`` (UniP-2 + UniC: third order, one evaluation per step)."""
+    return _unipc(f, x, ts, path, order, "bh1", lower_order_final, corrector, callback)
+
+
+@register_solver("unipc-bh2", order=3, evals_per_step=1, needs_path=True, aliases=("unipc_bh2",))
+def unipc_bh2(f, x, ts, callback=None, path=None, order: int = 2, lower_order_final: bool = True,
+              corrector: bool = True):
+    """UniPC with ``B(h) = 1 - e^{-h}`` (UniP-2 + UniC: third order, one evaluation per step)."""
+    return _unipc(f, x, ts, path, order, "bh2", lower_order_final, corrector, callback)
