@@ -16,10 +16,14 @@ def test_list_prints_every_family(capsys):
         assert word in out
 
 
-def test_help_everywhere():
+def test_help_everywhere(capsys):
     for cmd in ([], ["train"], ["sample"], ["eval"], ["demo"], ["bench"], ["list"]):
-        r = subprocess.run([sys.executable, "-m", "straightflow.cli", *cmd, "--help"], capture_output=True, text=True)
-        assert r.returncode == 0 and "usage" in r.stdout
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0 and "usage" in capsys.readouterr().out
+    # the installed entry point itself, once
+    r = subprocess.run([sys.executable, "-m", "straightflow.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage" in r.stdout
 
 
 def test_train_sample_eval_round_trip(tmp_path, capsys):
