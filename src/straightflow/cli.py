@@ -168,7 +168,7 @@ def run_demo(out: str = "out", quick: bool = False, seed: int = 0, progress: boo
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    steps_2d, steps_img = (150, 40) if quick else (8000, 6000)
+    steps_2d, steps_img = (150, 40) if quick else (6000, 2500)
     n_eval = 300 if quick else 4000
     lines = [f"# straightflow demo report", "",
              f"Date {date.today().isoformat()}; machine: {machine_line()}; "
@@ -180,7 +180,7 @@ def run_demo(out: str = "out", quick: bool = False, seed: int = 0, progress: boo
     # -- 2D
     print("[demo] 1/2 training a rectified flow on checkerboard (MLP)", flush=True)
     t0 = time.perf_counter()
-    res = train_run("checkerboard", str(out_dir / "run-checkerboard"), steps_2d, n=100_000, batch_size=512,
+    res = train_run("checkerboard", str(out_dir / "run-checkerboard"), steps_2d, n=100_000, hidden=128, batch_size=512,
                     lr=2e-3, warmup=200, lr_schedule="cosine", time_dist="uniform", ema=0.999, seed=seed,
                     ckpt_every=2000, progress=progress)
     train_2d = time.perf_counter() - t0
