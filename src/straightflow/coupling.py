@@ -137,12 +137,8 @@ class StoredPairs(Coupling):
 
 
 def get_coupling(spec: Union[str, Dict, Coupling] = "independent", **kwargs) -> Coupling:
-    if isinstance(spec, Coupling):
-        return spec
-    if isinstance(spec, dict):
-        cfg = dict(spec)
-        return COUPLINGS.get(cfg.pop("name"))(**cfg, **kwargs)
-    return COUPLINGS.get(spec)(**kwargs)
+    """Build from a name, a config dict or pass an object through."""
+    return COUPLINGS.build(spec, Coupling, **kwargs)
 
 
 def available() -> list:

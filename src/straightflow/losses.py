@@ -94,12 +94,8 @@ class PseudoHuber(Loss):
 
 
 def get_loss(spec: Union[str, Dict, Loss] = "mse", **kwargs) -> Loss:
-    if isinstance(spec, Loss):
-        return spec
-    if isinstance(spec, dict):
-        cfg = dict(spec)
-        return LOSSES.get(cfg.pop("name"))(**cfg, **kwargs)
-    return LOSSES.get(spec)(**kwargs)
+    """Build from a name, a config dict or pass an object through."""
+    return LOSSES.build(spec, Loss, **kwargs)
 
 
 def available() -> list:

@@ -48,6 +48,18 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         return self._items[self.canonical(name)]
 
+    def build(self, spec: Any, base: type, **kwargs: Any) -> Any:
+        """Build an object from a name or a config dict ``{"name": ..., **params}``; pass an
+        instance of ``base`` through unchanged (so every ``path=``/``loss=`` argument takes all three)."""
+        if isinstance(spec, base):
+            return spec
+        if isinstance(spec, dict):
+            cfg = dict(spec)
+            if "name" not in cfg:
+                raise ValueError(f"a {self.family} config needs a 'name' key; valid names: {', '.join(self.names())}")
+            return self.get(cfg.pop("name"))(**cfg, **kwargs)
+        return self.get(spec)(**kwargs)
+
     def names(self) -> List[str]:
         return sorted(self._items)
 

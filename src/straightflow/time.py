@@ -195,12 +195,7 @@ class Shifted(TimeDistribution):
 
 def get_time_dist(spec: Union[str, Dict, TimeDistribution] = "uniform", **kwargs) -> TimeDistribution:
     """Build from a name, a config dict or pass an object through."""
-    if isinstance(spec, TimeDistribution):
-        return spec
-    if isinstance(spec, dict):
-        cfg = dict(spec)
-        return TIME_DISTS.get(cfg.pop("name"))(**cfg, **kwargs)
-    return TIME_DISTS.get(spec)(**kwargs)
+    return TIME_DISTS.build(spec, TimeDistribution, **kwargs)
 
 
 def available() -> list:

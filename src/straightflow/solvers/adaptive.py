@@ -36,7 +36,7 @@ _ALPHA = 0.2 - 0.75 * _BETA
 
 def _err_norm(e, x0, x1, rtol, atol):
     """Per-sample RMS of ``e / (atol + rtol max(|x0|, |x1|))``, max over the batch."""
-    sc = atol + rtol * torch.maximum(x0.abs(), x1.abs())
+    sc = (atol + rtol * torch.maximum(x0.abs(), x1.abs())).clamp_min(torch.finfo(x0.dtype).tiny)
     r = (e / sc).reshape(e.shape[0], -1) if e.ndim > 1 else (e / sc).reshape(1, -1)
     return float(r.pow(2).mean(dim=1).sqrt().max())
 
@@ -45,7 +45,7 @@ def _rms(x):
     return float(x.reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt().max()) if x.ndim > 1 else float(x.pow(2).mean().sqrt())
 
 
-@register_solver("dopri5", order=5, evals_per_step=6, aliases=("dormand_prince", "rk45", "adaptive"))
+@register_solver("dopri5", order=5, evals_per_step=6, aliases=("dormand_prince", "rk45"))
 def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
            max_steps: int = 100_000, hit_grid: bool = True):
     """Adaptive Dormand-Prince 5(4) (Dormand & Prince 1980) with FSAL and a PI step-size controller.
@@ -72,13 +72,14 @@ def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: 
     direction = 1.0 if t_end > t else -1.0
     k1 = f(x, t, 0)
     if h0 is None:  # Hairer's starting step
-        d0, d1 = _rms(x / (atol + rtol * x.abs())), _rms(k1 / (atol + rtol * x.abs()))
+        sc = (atol + rtol * x.abs()).clamp_min(torch.finfo(x.dtype).tiny)
+        d0, d1 = _rms(x / sc), _rms(k1 / sc)
         h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h = min(h, abs(t_end - t))
         k_probe = f(x + direction * h * k1, t + direction * h, 0)
-        d2 = _rms((k_probe - k1) / (atol + rtol * x.abs())) / h
+        d2 = _rms((k_probe - k1) / sc) / h
         h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
-        h = min(100 * h, h1)
+        h = max(min(100 * h, h1), 1e-6 * abs(t_end - t))  # floor: pure rtol at x = 0 has no scale
     else:
         h = abs(float(h0))
     err_old, rejected, n_steps = 1e-4, False, 0

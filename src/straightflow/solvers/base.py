@@ -32,14 +32,20 @@ class SolverSpec:
     stochastic: bool = False
     needs_path: bool = False
     doc: str = ""
+    cost: Optional[Callable[..., int]] = None  # exact NFE for (steps, **options) when not evals_per_step * steps
 
-    def nfe(self, steps: int) -> int:
-        """Velocity evaluations for ``steps`` steps (multistep methods: one per step)."""
+    def nfe(self, steps: int, **options) -> int:
+        """Velocity evaluations for ``steps`` steps with these solver options (warm-ups included)."""
+        if self.cost is not None:
+            return int(self.cost(steps, **options))
         return self.evals_per_step * steps
 
-    def steps_for_nfe(self, nfe: int) -> int:
-        """Largest step count whose cost does not exceed ``nfe`` (at least 1)."""
-        return max(1, nfe // self.evals_per_step)
+    def steps_for_nfe(self, nfe: int, **options) -> int:
+        """Largest step count whose exact cost does not exceed ``nfe`` (at least 1)."""
+        n = 1
+        while self.nfe(n + 1, **options) <= nfe:
+            n += 1
+        return n
 
 
 SOLVERS: Registry = Registry("solver")

@@ -5,7 +5,7 @@ Each function integrates ``dx/dt = v(x, t)`` over ``ts`` with ``h = t_{i+1} - t_
 """
 from __future__ import annotations
 
-from .base import register_solver
+from .base import SOLVERS, register_solver
 
 
 @register_solver("euler", order=1, evals_per_step=1)
@@ -53,6 +53,9 @@ def heun(f, x, ts, callback=None, final_euler: bool = False):
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return x
+
+
+SOLVERS.get("heun").cost = lambda steps, final_euler=False, **_: 2 * steps - (1 if final_euler else 0)
 
 
 @register_solver("rk4", order=4, evals_per_step=4)

@@ -57,7 +57,7 @@ def diffusion_schedule(g: Union[float, str, Callable[[float], float]], path, sca
     return lambda t: c
 
 
-@register_solver("sde", order=1, evals_per_step=1, aliases=("euler_maruyama", "em"), stochastic=True,
+@register_solver("sde", order=1, evals_per_step=1, aliases=("euler_maruyama",), stochastic=True,
                  needs_path=True)
 def euler_maruyama(f, x, ts, callback=None, generator: Optional[torch.Generator] = None, path=None,
                    g: Union[float, str, Callable[[float], float]] = "sigma", scale: float = 1.0,

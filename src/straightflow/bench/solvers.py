@@ -1,0 +1,1207 @@
+"""Solver accuracy at equal NFE: straightflow's solvers and time grids against peer libraries.
+
+Everything runs in ONE process, with pinned threads, on the SAME velocity field and the SAME
+noise for every method:
+
+* Fields. ``oracle2d`` / ``oracle64d``: the exact velocity of a Gaussian mixture
+  (:meth:`straightflow.oracle.GaussianMixtureFlow.random`, 8 components, float64).
+  ``checkerboard``: a 2D MLP flow; ``digits``: an 8x8 UNet flow (float32), both trained with
+  :func:`straightflow.cli.train_run` into ``out_dir/runs/`` (reused when present) unless
+  ``runs={"2d": dir, "digits": dir}`` names existing run directories.
+* Reference. From the same noise: straightflow's ``dopri5`` (rtol = atol = 1e-8, float64; a
+  float64 copy of a trained network) when that solver is registered, else RK4 with 2048 uniform
+  steps in float64. The Markdown says which, with its NFE.
+* Methods, at each target NFE (equal NFE, never equal steps). Every deterministic fixed-step
+  straightflow solver of the registry (solver modules not yet imported by
+  ``straightflow.solvers`` are imported first, so new solvers are picked up) on: the uniform
+  grid; every other registered grid (``shifted`` = SD3 shift 3, ``logsnr``, ``karras``) only
+  where it helps, i.e. where it beats the uniform grid for that solver at a probe NFE on the
+  calibration batch; the BOSS grid for that solver and NFE (:mod:`straightflow.optimize`:
+  the same computation as ``boss_grid``, with one cost table per solver reused across NFE);
+  and the searched schedule (``optimize.search_schedule``). BOSS and the search use a separate
+  calibration batch (other noise), never the evaluation batch. The step count for a target
+  NFE is the largest whose *counted* NFE does not exceed it (probed with a trivial field); a
+  combination whose counted NFE is not the target is skipped (``-`` in the tables).
+  Peers: diffusers ``FlowMatchEulerDiscreteScheduler``, ``FlowMatchHeunDiscreteScheduler``
+  (``2N - 1`` calls for N steps: odd NFE only), ``DPMSolverMultistepScheduler`` and
+  ``UniPCMultistepScheduler`` (``prediction_type="flow_prediction"``, ``use_flow_sigmas=True``,
+  ``flow_shift=1.0``, ``solver_order=2``); ``torchdiffeq.odeint`` (euler, midpoint, rk4 on the
+  uniform grid; dopri5 adaptive, reported with its counted NFE); ``flow_matching.solver.ODESolver``
+  (euler, midpoint, rk4); the ``rectified-flow`` package's deterministic samplers (``euler``,
+  ``curved_euler``). Diffusers convention: sigma = 1 - t, model output = -v(x, 1 - sigma), the
+  timestep argument is sigma * 1000; the velocity is evaluated at the scheduler's own float
+  sigma for the current call (its integer timesteps are only used to index). For the two
+  multistep schedulers the shipped flow sigmas start at sigma = 0.999, not 1 (the first state
+  is taken to be x at t = 0.001), which leaves an error floor of ~1e-3 on the oracle however
+  many steps; the benchmark sets their sigmas to the exact uniform grid 1 -> 0 (float32,
+  as the schedulers store them) and shows the convergence of both variants on the oracle.
+  Every peer's NFE is counted by a wrapper around the velocity.
+* Metric: endpoint RMSE to the reference over all elements (same noise). For the trained
+  models also a distribution metric at NFE 4 and 8 for the best few methods of each side:
+  exact W2 to held-out data (2D) and the classifier Frechet distance (digits), each with its
+  data-vs-data floor (:func:`straightflow.metrics.evaluate`).
+* Overhead: per velocity call with a trivial field (``v = -x``) on a 4096 x 64 float32 batch:
+  straightflow's ``sample`` against each diffusers scheduler's ``step`` and the other peers'
+  loops; medians after a warm-up, contenders interleaved, same process and thread count.
+
+Outputs ``out_dir/solvers.md``, ``out_dir/solvers.json`` and ``out_dir/solvers-<field>.png``.
+Run ``python -m straightflow.bench.solvers --out DIR`` (``--quick`` for a seconds-long check).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import importlib
+import inspect
+import json
+import math
+import os
+import pkgutil
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["bench_solvers", "DEFAULT_FIELDS", "DEFAULT_NFES", "make_peers", "discover_solvers"]
+
+DEFAULT_FIELDS = ("oracle2d", "oracle64d", "checkerboard", "digits")
+DEFAULT_NFES = (2, 3, 4, 5, 6, 8, 10, 15, 20)
+QUICK_NFES = (3, 4, 5, 8, 15, 20)
+METRIC_NFES = (4, 8)
+SEARCH_CANDIDATES = ("euler", "midpoint", "heun")
+REF_RTOL = 1e-8
+REF_RK4_STEPS = 2048
+FIELD_ALIASES = {"2d": "checkerboard", "moons": "moons", "checkerboard": "checkerboard", "image": "digits"}
+
+# per-field sizes: (eval batch, calibration batch, BOSS candidates for non-Euler solvers)
+_SIZES = {"oracle2d": (1000, 256, 32), "oracle64d": (256, 64, 32), "checkerboard": (1000, 256, 32),
+          "moons": (1000, 256, 32), "digits": (128, 32, 24)}
+_QUICK_SIZES = (192, 48, 12)
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[bench solvers] {msg}", flush=True)
+
+
+# ============================================================================ solvers & counting
+def discover_solvers() -> Tuple[List[str], Dict[str, str]]:
+    """Import every ``straightflow.solvers`` submodule not yet imported (they register solvers
+    on import), so solvers being added are benchmarked before they are wired into the package.
+    Returns (modules imported now, {module: error} for those that failed)."""
+    import straightflow.solvers as S
+
+    loaded, failed = [], {}
+    for m in pkgutil.iter_modules(S.__path__):
+        name = f"{S.__name__}.{m.name}"
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+            loaded.append(m.name)
+        except Exception as e:  # a module in the middle of an edit must not stop the benchmark
+            failed[m.name] = f"{type(e).__name__}: {e}"
+    return loaded, failed
+
+
+def _is_adaptive(spec) -> bool:
+    """A solver whose step count is chosen by a tolerance (it takes ``rtol``)."""
+    try:
+        return "rtol" in inspect.signature(spec.fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Counter:
+    """Counts calls of a velocity ``v(x, t)``; ``t`` may be a float or a tensor (cast to x's dtype, (B,))."""
+
+    def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None) -> None:
+        self.model, self.cond, self.n = model, dict(cond or {}), 0
+
+    def __call__(self, x: Tensor, t) -> Tensor:
+        self.n += 1
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
+        tb = t.expand(x.shape[0]) if t.numel() == 1 else t
+        return self.model(x, tb, **self.cond)
+
+
+_STEPS_CACHE: Dict[Tuple[str, int], Optional[int]] = {}
+
+
+def _probe_nfe(solver: str, steps: int) -> int:
+    from ..solvers import sample
+
+    r = sample(lambda x, t: -x, torch.ones(1, 2, dtype=torch.float64), solver=solver, steps=steps)
+    return int(r.nfe)
+
+
+def sf_steps_for_nfe(solver: str, nfe: int) -> Optional[int]:
+    """Largest step count whose counted NFE is <= ``nfe``; None unless it is exactly ``nfe``.
+
+    Starts from ``spec.steps_for_nfe`` and corrects it with counted probes on a trivial field
+    (multistep solvers with a warm-up cost more than ``evals_per_step * steps``)."""
+    from ..solvers import get_solver
+
+    key = (get_solver(solver).name, int(nfe))
+    if key in _STEPS_CACHE:
+        return _STEPS_CACHE[key]
+    s = max(1, get_solver(solver).steps_for_nfe(nfe))
+    while s > 1 and _probe_nfe(solver, s) > nfe:
+        s -= 1
+    while s < nfe and _probe_nfe(solver, s + 1) <= nfe:
+        s += 1
+    out = s if _probe_nfe(solver, s) == nfe else None
+    _STEPS_CACHE[key] = out
+    return out
+
+
+def _rmse(a: Tensor, b: Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+# ============================================================================ peers
+@dataclass
+class Peer:
+    """A peer method: ``run(velocity, x0, steps) -> x1`` with ``velocity(x, t)`` counted."""
+
+    name: str
+    library: str
+    nfe_of: Callable[[int], int]  # NFE of ``steps`` steps (as documented; checked by counting)
+    run: Callable[[Callable, Tensor, int], Tensor]
+    note: str = ""
+
+    def steps_for(self, nfe: int) -> Optional[int]:
+        for s in range(max(1, nfe), 0, -1):
+            if self.nfe_of(s) == nfe:
+                return s
+        return None
+
+
+def _diffusers_loop(make: Callable, exact_sigmas: bool) -> Callable[[Callable, Tensor, int], Tensor]:
+    def run(vel: Callable, x: Tensor, steps: int) -> Tensor:
+        sched = make()
+        sched.set_timesteps(steps)
+        if exact_sigmas:  # sigma 1 -> 0 uniform (the shipped flow sigmas start at 0.999)
+            sig = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+            sched.sigmas = sig.to(torch.float32)
+            sched.timesteps = (sig[:-1] * sched.config.num_train_timesteps).round().long()
+        for t in sched.timesteps:
+            i = 0 if sched.step_index is None else sched.step_index
+            sigma = float(sched.sigmas[i])
+            out = -vel(x, 1.0 - sigma)
+            x = sched.step(out, t, x, return_dict=False)[0]
+        return x
+
+    return run
+
+
+def _diffusers_peers() -> Tuple[List[Peer], Dict[str, Any]]:
+    import diffusers
+    from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                           FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler)
+
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, solver_order=2)
+    note = "flow_prediction, use_flow_sigmas, flow_shift=1, order 2; sigmas set to the exact uniform grid 1 -> 0"
+    peers = [
+        Peer("diffusers FlowMatchEuler", "diffusers", lambda s: s,
+             _diffusers_loop(FlowMatchEulerDiscreteScheduler, False), "shipped sigmas 1 ... 0.001, 0"),
+        Peer("diffusers FlowMatchHeun", "diffusers", lambda s: 2 * s - 1,
+             _diffusers_loop(FlowMatchHeunDiscreteScheduler, False), "2N-1 calls; last step Euler"),
+        Peer("diffusers DPM++2M", "diffusers", lambda s: s,
+             _diffusers_loop(lambda: DPMSolverMultistepScheduler(**flow), True), note),
+        Peer("diffusers UniPC", "diffusers", lambda s: s,
+             _diffusers_loop(lambda: UniPCMultistepScheduler(**flow), True), note),
+    ]
+    variants = {  # the shipped multistep flow sigmas, for the convergence check only
+        "diffusers DPM++2M": _diffusers_loop(lambda: DPMSolverMultistepScheduler(**flow), False),
+        "diffusers UniPC": _diffusers_loop(lambda: UniPCMultistepScheduler(**flow), False),
+    }
+    return peers, {"version": diffusers.__version__, "shipped": variants}
+
+
+def _torchdiffeq_peers() -> Tuple[List[Peer], Dict[str, Any]]:
+    import torchdiffeq
+    from torchdiffeq import odeint
+
+    def fixed(method: str):
+        def run(vel, x, steps):
+            t = torch.linspace(0.0, 1.0, steps + 1, dtype=x.dtype)
+            return odeint(lambda tt, y: vel(y, tt), x, t, method=method)[-1]
+
+        return run
+
+    peers = [Peer("torchdiffeq euler", "torchdiffeq", lambda s: s, fixed("euler")),
+             Peer("torchdiffeq midpoint", "torchdiffeq", lambda s: 2 * s, fixed("midpoint")),
+             Peer("torchdiffeq rk4", "torchdiffeq", lambda s: 4 * s, fixed("rk4"), "3/8-rule RK4")]
+
+    def dopri5(vel, x, tol):
+        t = torch.tensor([0.0, 1.0], dtype=x.dtype)
+        return odeint(lambda tt, y: vel(y, tt), x, t, method="dopri5", rtol=tol, atol=tol)[-1]
+
+    return peers, {"version": getattr(torchdiffeq, "__version__", "?"), "adaptive": dopri5}
+
+
+def _flow_matching_peers() -> Tuple[List[Peer], Dict[str, Any]]:
+    from importlib.metadata import version
+
+    from flow_matching.solver import ODESolver
+
+    def fixed(method: str):
+        def run(vel, x, steps):
+            solver = ODESolver(velocity_model=lambda x, t, **kw: vel(x, t))
+            grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x.dtype)
+            return solver.sample(x_init=x, step_size=None, method=method, time_grid=grid)
+
+        return run
+
+    note = "ODESolver (torchdiffeq inside)"
+    peers = [Peer("flow_matching euler", "flow_matching", lambda s: s, fixed("euler"), note),
+             Peer("flow_matching midpoint", "flow_matching", lambda s: 2 * s, fixed("midpoint"), note),
+             Peer("flow_matching rk4", "flow_matching", lambda s: 4 * s, fixed("rk4"), note)]
+    return peers, {"version": version("flow_matching")}
+
+
+def _import_rectified_flow() -> str:
+    """Import the ``rectified-flow`` package. Its ``utils`` module imports torchvision for an
+    image-grid helper only; when torchvision is absent a placeholder module stands in during the
+    import (the samplers never touch it). Returns a note ('' when nothing was needed)."""
+    try:
+        importlib.import_module("rectified_flow.samplers")
+        return ""
+    except ModuleNotFoundError as e:
+        if e.name != "torchvision":
+            raise
+    for k in [k for k in sys.modules if k == "rectified_flow" or k.startswith("rectified_flow.")]:
+        del sys.modules[k]
+    stub = types.ModuleType("torchvision")
+    stub.__path__ = []  # type: ignore[attr-defined]
+    sys.modules["torchvision"] = stub
+    try:
+        importlib.import_module("rectified_flow.samplers")
+    finally:
+        if sys.modules.get("torchvision") is stub:
+            del sys.modules["torchvision"]
+    return "torchvision absent: a placeholder module stood in for it at import (used only by an image-grid helper)"
+
+
+def _rectified_flow_peers() -> Tuple[List[Peer], Dict[str, Any]]:
+    from importlib.metadata import version
+
+    note = _import_rectified_flow()
+    from rectified_flow import RectifiedFlow
+    from rectified_flow.samplers import rf_samplers_dict
+
+    def make(kind: str):
+        def run(vel, x, steps):
+            rf = RectifiedFlow(data_shape=tuple(x.shape[1:]), velocity_field=lambda xt, t: vel(xt, t),
+                               interp="straight", source_distribution="normal", dtype=x.dtype)
+            sampler = rf_samplers_dict[kind](rf, num_steps=steps)
+            sampler.sample_loop(x_0=x)
+            return sampler.x_t
+
+        return run
+
+    deterministic = [k for k in ("euler", "curved_euler") if k in rf_samplers_dict]
+    skipped = [k for k in rf_samplers_dict if k not in deterministic]
+    peers = [Peer(f"rectified-flow {k}", "rectified-flow", lambda s: s, make(k),
+                  "updates in float32" + (" (= euler on the straight path)" if k == "curved_euler" else ""))
+             for k in deterministic]
+    return peers, {"version": version("rectified-flow"), "note": note,
+                   "stochastic_skipped": skipped}
+
+
+def make_peers() -> Tuple[List[Peer], Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """All importable peers; returns (peers, {library: info}, {library: why skipped})."""
+    peers: List[Peer] = []
+    info: Dict[str, Dict[str, Any]] = {}
+    skipped: Dict[str, str] = {}
+    for lib, fn in (("diffusers", _diffusers_peers), ("torchdiffeq", _torchdiffeq_peers),
+                    ("flow_matching", _flow_matching_peers), ("rectified-flow", _rectified_flow_peers)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p, i = fn()
+            peers += p
+            info[lib] = i
+        except Exception as e:
+            skipped[lib] = f"not importable: {type(e).__name__}: {e}"
+    return peers, info, skipped
+
+
+# ============================================================================ fields
+@dataclass
+class Field:
+    name: str
+    title: str
+    model: Callable  # velocity model(x, t, **cond) at run dtype
+    dtype: torch.dtype
+    noise: Tensor
+    calib: Tensor
+    model64: Optional[Callable] = None  # float64 version for the reference
+    cond: Optional[Dict[str, Any]] = None
+    calib_cond: Optional[Dict[str, Any]] = None
+    n_candidates: int = 32
+    ref: Optional[Tensor] = None
+    ref_desc: str = ""
+    data: Optional[Tensor] = None  # held-out data for the distribution metric
+    metric: Optional[str] = None
+    source: str = ""
+
+
+def _noise(shape, seed: int, dtype: torch.dtype) -> Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64).to(dtype)
+
+
+def _train_settings(kind: str, quick: bool) -> Dict[str, Any]:
+    if kind == "digits":
+        return dict(data="digits", steps=150 if quick else 1500, batch_size=128, lr=1e-3, warmup=50,
+                    base_channels=16, conditional=False, lr_schedule="cosine")
+    return dict(data=kind, steps=200 if quick else 2500, n=50_000, batch_size=256, lr=2e-3, warmup=100,
+                hidden=128, depth=3, lr_schedule="cosine")
+
+
+def _trained_model(kind: str, out: Path, runs: Optional[Dict[str, str]], quick: bool, seed: int,
+                   progress: bool) -> Tuple[torch.nn.Module, str]:
+    from .. import checkpoint
+    from ..cli import train_run
+
+    key = "digits" if kind == "digits" else "2d"
+    if runs and runs.get(key):
+        m = checkpoint.load(runs[key])
+        return m, f"given run `{runs[key]}`"
+    st = _train_settings(kind, quick)
+    run_dir = out / "runs" / (f"{kind}-quick" if quick else kind)
+    marker = run_dir / "bench-trained.json"
+    want = {**st, "seed": seed}
+    if marker.is_file() and (run_dir / "model.safetensors").is_file():
+        try:
+            if json.loads(marker.read_text()) == want:
+                return checkpoint.load(run_dir), f"cached run `{run_dir}` ({st['steps']} training steps)"
+        except (ValueError, OSError):
+            pass
+    _log(f"training a {kind} flow ({st['steps']} steps) into {run_dir}", progress)
+    t0 = time.perf_counter()
+    kw = {k: v for k, v in st.items() if k not in ("data", "steps")}
+    res = train_run(st["data"], str(run_dir), st["steps"], seed=seed, ckpt_every=10**9, progress=False, **kw)
+    marker.write_text(json.dumps(want))
+    secs = time.perf_counter() - t0
+    return checkpoint.load(run_dir), f"trained now into `{run_dir}` ({st['steps']} steps, {secs:.0f} s, final loss {res.final_loss:.3f})"
+
+
+def _make_field(name: str, out: Path, runs, quick: bool, seed: int, n: Optional[int], progress: bool) -> Field:
+    from ..oracle import GaussianMixtureFlow
+    from ..report import reference_data
+
+    sizes = _QUICK_SIZES if quick else _SIZES.get(name, (512, 64, 24))
+    n_eval = int(n) if n else sizes[0]
+    n_cal = sizes[1]
+    if name in ("oracle2d", "oracle64d"):
+        dim = 2 if name == "oracle2d" else 64
+        gm = GaussianMixtureFlow.random(dim, 8, seed=seed)
+        f64 = torch.float64
+        return Field(name, f"Gaussian-mixture oracle, {dim}D (exact velocity, float64)", gm, f64,
+                     _noise((n_eval, dim), seed, f64), _noise((n_cal, dim), seed + 1000, f64), model64=gm,
+                     n_candidates=sizes[2], source=f"GaussianMixtureFlow.random({dim}, 8, seed={seed})")
+    kind = "digits" if name == "digits" else FIELD_ALIASES.get(name, name)
+    model, source = _trained_model(kind, out, runs, quick, seed, progress)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = getattr(model, "run_config", {}) or {}
+    pname = ((cfg.get("flow") or {}).get("path") or {}).get("name", "linear")
+    if pname != "linear":
+        raise ValueError(f"{name}: the run was trained on the {pname!r} path; the peers' conventions need 'linear'")
+    shape = tuple((cfg.get("data") or {}).get("shape") or getattr(model, "sample_shape", ()))
+    data_source = cfg.get("data_source", (cfg.get("data") or {}).get("name", kind))
+    f32 = torch.float32
+    noise, calib = _noise((n_eval, *shape), seed, f32), _noise((n_cal, *shape), seed + 1000, f32)
+    cond = calib_cond = None
+    nc = getattr(model, "num_classes", None)
+    if nc:  # a class-conditional run: labels cycle through the classes
+        cond = {"y": torch.arange(n_eval) % nc}
+        calib_cond = {"y": torch.arange(n_cal) % nc}
+    model64 = copy.deepcopy(model).double()
+    if kind == "digits":
+        data, metric, title = reference_data(data_source, 0).x, "fd", "digits 8x8, UNet flow (float32)"
+    else:
+        data, metric = reference_data(data_source, 4000 if not quick else 600).x, "w2"
+        title = f"{kind} 2D, MLP flow (float32)"
+    return Field(name, title, model, f32, noise, calib, model64=model64, cond=cond, calib_cond=calib_cond,
+                 n_candidates=sizes[2], data=data, metric=metric, source=source)
+
+
+@torch.no_grad()
+def _reference(fld: Field) -> None:
+    from ..solvers import available, sample
+
+    x = fld.noise.to(torch.float64)
+    t0 = time.perf_counter()
+    if "dopri5" in available():
+        r = sample(fld.model64, x, solver="dopri5", steps=1, cond=fld.cond, rtol=REF_RTOL, atol=REF_RTOL)
+        desc = f"straightflow `dopri5` (rtol = atol = {REF_RTOL:g}, float64)"
+    else:
+        r = sample(fld.model64, x, solver="rk4", steps=REF_RK4_STEPS, cond=fld.cond)
+        desc = f"straightflow `rk4`, {REF_RK4_STEPS} uniform steps, float64"
+    fld.ref = r.x
+    fld.ref_desc = f"{desc}: {r.nfe} NFE, {time.perf_counter() - t0:.1f} s"
+
+
+# ============================================================================ straightflow methods
+@dataclass
+class Method:
+    name: str
+    library: str  # "straightflow" or the peer's library
+    kind: str  # "fixed grid", "BOSS", "search", "peer"
+    run: Callable[[Tensor, Optional[Dict[str, Any]], int], Optional[Tuple[Tensor, int, Dict[str, Any]]]]
+    solver: str = ""
+    grid: str = ""
+
+
+def _sf_fixed(fld: Field, solver: str, grid: str) -> Method:
+    from ..solvers import sample
+
+    def run(x, cond, nfe):
+        steps = sf_steps_for_nfe(solver, nfe)
+        if steps is None:
+            return None
+        r = sample(fld.model, x, solver=solver, steps=steps, grid=grid, cond=cond)
+        return r.x, r.nfe, {"steps": steps}
+
+    return Method(f"{solver} / {grid}", "straightflow", "fixed grid", run, solver, grid)
+
+
+class _Calibration:
+    """Calibration-batch reference + BOSS tables (one per solver) + searched schedules."""
+
+    def __init__(self, fld: Field, fine_steps: int) -> None:
+        from ..optimize import reference_trajectory
+
+        self.fld = fld
+        t0 = time.perf_counter()
+        self.ref = reference_trajectory(fld.model, fld.calib, fine_steps, fld.calib_cond)
+        self.ref_seconds = time.perf_counter() - t0
+        self.tables: Dict[str, Any] = {}
+        self.table_calls: Dict[str, int] = {}
+        self.grids: Dict[Tuple[str, int], Tensor] = {}
+        self.schedules: Dict[int, Any] = {}
+        self.seconds = self.ref_seconds
+
+    def boss(self, solver: str, nfe: int) -> Optional[Tensor]:
+        from ..optimize import bellman_path, boss_cost_table
+
+        steps = sf_steps_for_nfe(solver, nfe)
+        if steps is None:
+            return None
+        if (solver, steps) in self.grids:
+            return self.grids[(solver, steps)]
+        if solver not in self.tables:
+            t0 = time.perf_counter()
+            nc = None if solver == "euler" else self.fld.n_candidates
+            C, idx, calls = boss_cost_table(self.fld.model, self.ref, solver, nc, cond=self.fld.calib_cond)
+            self.tables[solver] = (C, idx)
+            self.table_calls[solver] = calls
+            self.seconds += time.perf_counter() - t0
+        C, idx = self.tables[solver]
+        if steps > len(idx) - 1:
+            return None
+        nodes, _ = bellman_path(C, steps)
+        g = self.ref.times[[idx[k] for k in nodes]].clone()
+        self.grids[(solver, steps)] = g
+        return g
+
+    def schedule(self, nfe: int, candidates: Sequence[str]):
+        from ..optimize import search_schedule
+
+        if nfe not in self.schedules:
+            t0 = time.perf_counter()
+            hold = (min(2, self.fld.calib.shape[0]), *self.fld.calib.shape[1:])
+            hcond = None
+            if self.fld.calib_cond:
+                hcond = {k: v[:hold[0]] for k, v in self.fld.calib_cond.items()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.schedules[nfe] = search_schedule(
+                    self.fld.model, self.fld.calib, nfe, candidates=candidates, grids=("uniform", "boss"),
+                    holdout=_noise(hold, 7, self.fld.dtype), holdout_cond=hcond, cond=self.fld.calib_cond,
+                    reference=self.ref)
+            self.seconds += time.perf_counter() - t0
+        return self.schedules[nfe]
+
+
+def _sf_boss(fld: Field, cal: _Calibration, solver: str) -> Method:
+    from ..solvers import sample
+
+    def run(x, cond, nfe):
+        g = cal.boss(solver, nfe)
+        if g is None:
+            return None
+        r = sample(fld.model, x, solver=solver, grid=g, cond=cond)
+        return r.x, r.nfe, {"steps": g.numel() - 1, "grid": g.tolist()}
+
+    return Method(f"{solver} / BOSS", "straightflow", "BOSS", run, solver, "boss")
+
+
+def _sf_search(fld: Field, cal: _Calibration, candidates: Sequence[str], max_nfe: int) -> Method:
+    from ..optimize import run_schedule
+
+    def run(x, cond, nfe):
+        if nfe > max_nfe:
+            return None
+        s = cal.schedule(nfe, candidates)
+        r = run_schedule(fld.model, x, s.times, s.solvers, cond=cond)
+        return r.x, r.nfe, {"steps": len(s.solvers), "schedule": _compact(s.solvers), "solvers": list(s.solvers),
+                            "search_grid": s.grid, "grid": s.times.tolist()}
+
+    return Method("searched schedule", "straightflow", "search", run, "+".join(candidates), "search")
+
+
+def _compact(names: Sequence[str]) -> str:
+    """``["heun", "heun", "euler"]`` -> ``"heun*2 euler"``."""
+    runs: List[List[Any]] = []
+    for nm in names:
+        if runs and runs[-1][0] == nm:
+            runs[-1][1] += 1
+        else:
+            runs.append([nm, 1])
+    return " ".join(nm if k == 1 else f"{nm}*{k}" for nm, k in runs)
+
+
+def _peer_method(p: Peer, fld: Field) -> Method:
+    def run(x, cond, nfe):
+        steps = p.steps_for(nfe)
+        if steps is None:
+            return None
+        c = Counter(fld.model, cond)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = p.run(c, x.clone(), steps)
+        return y, c.n, {"steps": steps}
+
+    return Method(p.name, p.library, "peer", run)
+
+
+# ============================================================================ one field
+def _bench_field(fld: Field, nfes: Sequence[int], peers: List[Peer], peer_info: Dict[str, Any], quick: bool,
+                 progress: bool, search_max_nfe: int, fine_steps: int) -> Dict[str, Any]:
+    from .. import grids as sfgrids
+    from ..solvers import available, get_solver
+
+    t_field = time.perf_counter()
+    _reference(fld)
+    _log(f"{fld.name}: reference {fld.ref_desc}", progress)
+    cal = _Calibration(fld, fine_steps)
+    specs = [get_solver(s) for s in available()]
+    fixed = [s.name for s in specs if not s.stochastic and not _is_adaptive(s)]
+    skipped_solvers = {s.name: ("stochastic" if s.stochastic else "adaptive (separate table)")
+                       for s in specs if s.stochastic or _is_adaptive(s)}
+    failures: List[str] = []
+
+    # which named grids help which solver: probe on the calibration batch against its reference
+    probe = 6 if 6 in nfes else sorted(nfes)[len(nfes) // 2]
+    extra_grids = [g for g in sfgrids.available() if g != "uniform"]
+    grid_choice: Dict[str, Dict[str, float]] = {}
+    methods: List[Method] = []
+    for s in fixed:
+        methods.append(_sf_fixed(fld, s, "uniform"))
+        steps = sf_steps_for_nfe(s, probe)
+        if steps is None:
+            continue
+        errs = {}
+        for g in ["uniform"] + extra_grids:
+            try:
+                from ..solvers import sample
+
+                r = sample(fld.model, fld.calib, solver=s, steps=steps, grid=g, cond=fld.calib_cond)
+                errs[g] = _rmse(r.x, cal.ref.end)
+            except Exception as e:
+                errs[g] = float("nan")
+                failures.append(f"{s} / {g} (grid probe): {type(e).__name__}: {e}")
+        grid_choice[s] = errs
+        for g in extra_grids:
+            if math.isfinite(errs.get(g, math.nan)) and errs[g] < errs.get("uniform", math.inf):
+                methods.append(_sf_fixed(fld, s, g))
+    for s in fixed:
+        methods.append(_sf_boss(fld, cal, s))
+    cands = [c for c in SEARCH_CANDIDATES if c in fixed]
+    if cands:
+        methods.append(_sf_search(fld, cal, cands, search_max_nfe))
+    methods += [_peer_method(p, fld) for p in peers]
+
+    results: List[Dict[str, Any]] = []
+    for m in methods:
+        t_m = time.perf_counter()
+        for nfe in nfes:
+            try:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = m.run(fld.noise, fld.cond, nfe)
+                if out is None:
+                    continue
+                x, counted, extra = out
+                secs = time.perf_counter() - t0
+            except Exception as e:
+                failures.append(f"{m.name} at NFE {nfe}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if counted > nfe or (m.kind != "search" and counted != nfe):
+                failures.append(f"{m.name} at NFE {nfe}: counted {counted} NFE, skipped")
+                continue
+            err = _rmse(x, fld.ref)
+            if not math.isfinite(err):
+                failures.append(f"{m.name} at NFE {nfe}: non-finite output")
+                continue
+            results.append({"method": m.name, "library": m.library, "kind": m.kind, "solver": m.solver,
+                            "grid": m.grid, "nfe_target": nfe, "nfe": counted, "rmse": err,
+                            "seconds": secs, **extra})
+        _log(f"{fld.name}: {m.name} ({time.perf_counter() - t_m:.1f} s)", progress)
+
+    adaptive = _adaptive_rows(fld, peer_info, quick, failures)
+    check = _diffusers_check(fld, peer_info, quick, failures) if fld.name.startswith("oracle") else []
+    return {"title": fld.title, "source": fld.source, "reference": fld.ref_desc, "n": int(fld.noise.shape[0]),
+            "calibration": {"n": int(fld.calib.shape[0]), "reference": f"rk4, {cal.ref.fine_steps} fine steps",
+                            "reference_nfe": cal.ref.nfe, "boss_table_calls": cal.table_calls,
+                            "seconds": round(cal.seconds, 2), "boss_candidates": fld.n_candidates,
+                            "search_candidates": cands, "search_max_nfe": search_max_nfe},
+            "grid_probe": {"nfe": probe, "rmse": grid_choice}, "skipped_solvers": skipped_solvers,
+            "results": results, "adaptive": adaptive, "diffusers_check": check, "failures": failures,
+            "seconds": round(time.perf_counter() - t_field, 1)}
+
+
+@torch.no_grad()
+def _adaptive_rows(fld: Field, peer_info, quick: bool, failures: List[str]) -> List[Dict[str, Any]]:
+    from ..solvers import available, get_solver, sample
+
+    rows = []
+    tols = (1e-2, 1e-3) if quick else (1e-2, 1e-3, 1e-4)
+    for s in available():
+        spec = get_solver(s)
+        if spec.stochastic or not _is_adaptive(spec):
+            continue
+        for tol in tols:
+            try:
+                r = sample(fld.model, fld.noise, solver=s, steps=1, cond=fld.cond, rtol=tol, atol=tol)
+                rows.append({"method": f"straightflow {s}", "tol": tol, "nfe": r.nfe, "rmse": _rmse(r.x, fld.ref)})
+            except Exception as e:
+                failures.append(f"{s} tol {tol}: {type(e).__name__}: {e}")
+    td = (peer_info.get("torchdiffeq") or {}).get("adaptive")
+    if td is not None:
+        for tol in tols:
+            c = Counter(fld.model, fld.cond)
+            try:
+                y = td(c, fld.noise.clone(), tol)
+                rows.append({"method": "torchdiffeq dopri5", "tol": tol, "nfe": c.n, "rmse": _rmse(y, fld.ref)})
+            except Exception as e:
+                failures.append(f"torchdiffeq dopri5 tol {tol}: {type(e).__name__}: {e}")
+    return rows
+
+
+@torch.no_grad()
+def _diffusers_check(fld: Field, peer_info, quick: bool, failures: List[str]) -> List[Dict[str, Any]]:
+    """Convergence of the diffusers multistep schedulers on the oracle: shipped flow sigmas
+    (start at 0.999) against the exact grid used in the benchmark."""
+    info = peer_info.get("diffusers")
+    if not info:
+        return []
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: F401
+
+    rows = []
+    steps_list = (4, 16, 64) if quick else (4, 16, 64, 256)
+    exact = {p.name: p for p in info.get("peers", [])}
+    for name, shipped in info["shipped"].items():
+        for label, run in (("shipped sigmas (0.999 -> 0)", shipped), ("exact sigmas (1 -> 0)", exact[name].run)):
+            errs = {}
+            for s in steps_list:
+                c = Counter(fld.model, fld.cond)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        errs[s] = _rmse(run(c, fld.noise.clone(), s), fld.ref)
+                    except Exception as e:
+                        failures.append(f"{name} check: {type(e).__name__}: {e}")
+            rows.append({"method": name, "variant": label, "rmse": errs})
+    return rows
+
+
+# ============================================================================ distribution metrics
+@torch.no_grad()
+def _distribution_metrics(fld: Field, res: Dict[str, Any], methods_by_name: Dict[str, Method], nfes: Sequence[int],
+                          n_metric: int, top: int, seed: int, failures: List[str]) -> List[Dict[str, Any]]:
+    from .. import metrics
+
+    if fld.data is None:
+        return []
+    rows = []
+    shape = tuple(fld.noise.shape[1:])
+    x = _noise((n_metric, *shape), seed + 2, fld.dtype)
+    cond = None
+    if fld.cond:
+        nc = int(max(int(v.max()) for v in fld.cond.values())) + 1
+        cond = {"y": torch.arange(n_metric) % nc}
+    for nfe in (k for k in METRIC_NFES if k in nfes):
+        at = [r for r in res["results"] if r["nfe_target"] == nfe]
+        chosen = []
+        for lib_is_sf in (True, False):
+            side = sorted((r for r in at if (r["library"] == "straightflow") == lib_is_sf), key=lambda r: r["rmse"])
+            chosen += side[:top]
+        for r in chosen:
+            m = methods_by_name.get(r["method"])
+            if m is None:
+                continue
+            try:
+                out = m.run(x, cond, nfe)
+                if out is None:
+                    continue
+                y, counted, _ = out
+                rep = metrics.evaluate(y.float(), fld.data, metric=fld.metric, seed=seed)
+                rows.append({"method": r["method"], "library": r["library"], "nfe": counted, "nfe_target": nfe,
+                             "metric": rep.name, "value": rep.value, "floor": rep.floor, "ratio": rep.ratio,
+                             "n": rep.n, "rmse_eval_batch": r["rmse"]})
+            except Exception as e:
+                failures.append(f"metric {r['method']} NFE {nfe}: {type(e).__name__}: {e}")
+    return rows
+
+
+# ============================================================================ overhead
+def _overhead(peers: List[Peer], quick: bool, seed: int) -> Dict[str, Any]:
+    from ..solvers import sample
+
+    B, D = 4096, 64
+    steps = 10 if quick else 50
+    repeats = 3 if quick else 15
+    x0 = _noise((B, D), seed, torch.float32)
+
+    def vel(x, t):
+        return -x
+
+    def sf(solver: str, **kw):
+        def go():
+            return sample(vel, x0, solver=solver, steps=steps, **kw).nfe
+
+        return go
+
+    def bare():
+        x, h = x0, 1.0 / steps
+        for i in range(steps):
+            t = torch.full((B,), i * h)
+            x = x + h * vel(x, t)
+        return steps
+
+    contenders: List[Tuple[str, Callable[[], int], str]] = [
+        ("bare loop (x += h v)", bare, ""),
+        ("straightflow sample euler", sf("euler"), ""),
+        ("straightflow sample euler, check_finite=False", sf("euler", check_finite=False), ""),
+        ("straightflow sample heun", sf("heun"), ""),
+        ("straightflow sample dpm++2m", sf("dpm++2m"), ""),
+        ("straightflow sample unipc", sf("unipc"), ""),
+    ]
+    pair = {"diffusers FlowMatchEuler": "straightflow sample euler",
+            "diffusers FlowMatchHeun": "straightflow sample heun",
+            "diffusers DPM++2M": "straightflow sample dpm++2m",
+            "diffusers UniPC": "straightflow sample unipc",
+            "torchdiffeq euler": "straightflow sample euler",
+            "flow_matching euler": "straightflow sample euler",
+            "rectified-flow euler": "straightflow sample euler"}
+    for p in peers:
+        if p.name not in pair:
+            continue
+        st = p.steps_for(steps if p.nfe_of(steps) == steps else steps - 1) or steps
+
+        def go(p=p, st=st):
+            c = Counter(lambda x, t: -x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p.run(c, x0, st)
+            return c.n
+
+        contenders.append((p.name, go, pair[p.name]))
+    times: Dict[str, List[float]] = {c[0]: [] for c in contenders}
+    nfe_of: Dict[str, int] = {}
+    with torch.no_grad():
+        for name, go, _ in contenders:  # warm-up
+            nfe_of[name] = go()
+        for r in range(repeats):
+            k = r % len(contenders)
+            for name, go, _ in contenders[k:] + contenders[:k]:
+                t0 = time.perf_counter()
+                n = go()
+                times[name].append((time.perf_counter() - t0) * 1e6 / n)
+    rows = []
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    base = med["straightflow sample euler"]
+    for name, _, partner in contenders:
+        q25, q75 = np.percentile(times[name], [25, 75])
+        rows.append({"contender": name, "us_per_call": med[name], "iqr": float(q75 - q25), "nfe_per_run": nfe_of[name],
+                     "ratio_to_sf_euler": med[name] / base, "partner": partner,
+                     "ratio_to_partner": (med[name] / med[partner]) if partner else None})
+    return {"batch": [B, D], "dtype": "float32", "steps": steps, "repeats": repeats, "rows": rows}
+
+
+# ============================================================================ output
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.2e}"
+
+
+def _ratio(v: Optional[float]) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.2f}"
+
+
+def _ordered_methods(results: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    seen: Dict[str, str] = {}
+    for r in results:
+        seen.setdefault(r["method"], r["library"])
+    return list(seen.items())
+
+
+def _best(results, nfe: int, pred) -> Optional[Dict[str, Any]]:
+    c = [r for r in results if r["nfe_target"] == nfe and pred(r)]
+    return min(c, key=lambda r: r["rmse"]) if c else None
+
+
+def _summary(fields_out: Dict[str, Any], nfes: Sequence[int]) -> List[Dict[str, Any]]:
+    rows = []
+    for fname, fo in fields_out.items():
+        res = fo["results"]
+        for nfe in (k for k in nfes if 4 <= k <= 10):
+            sf = _best(res, nfe, lambda r: r["library"] == "straightflow")
+            sf_fixed = _best(res, nfe, lambda r: r["library"] == "straightflow" and r["kind"] == "fixed grid")
+            peer = _best(res, nfe, lambda r: r["library"] != "straightflow")
+            rows.append({"field": fname, "nfe": nfe,
+                         "sf": sf and {"method": sf["method"], "rmse": sf["rmse"], "nfe": sf["nfe"]},
+                         "sf_fixed": sf_fixed and {"method": sf_fixed["method"], "rmse": sf_fixed["rmse"]},
+                         "peer": peer and {"method": peer["method"], "rmse": peer["rmse"]},
+                         "ratio": (peer["rmse"] / sf["rmse"]) if (sf and peer and sf["rmse"] > 0) else None,
+                         "ratio_fixed": (peer["rmse"] / sf_fixed["rmse"]) if (sf_fixed and peer and sf_fixed["rmse"] > 0) else None})
+    return rows
+
+
+def _best_curves(results) -> Tuple[Optional[str], Optional[str]]:
+    """Best straightflow and best peer method over NFE 4-10: the lowest mean of
+    log10(RMSE / best RMSE of any method at that NFE) over the NFE the method reaches (>= 2 of them)."""
+    span = [r for r in results if 4 <= r["nfe_target"] <= 10]
+    floor: Dict[int, float] = {}
+    for r in span:
+        floor[r["nfe_target"]] = min(floor.get(r["nfe_target"], math.inf), r["rmse"])
+
+    def score(lib_sf: bool) -> Optional[str]:
+        by: Dict[str, List[float]] = {}
+        for r in span:
+            if (r["library"] == "straightflow") == lib_sf and r["rmse"] > 0:
+                by.setdefault(r["method"], []).append(math.log10(r["rmse"] / max(floor[r["nfe_target"]], 1e-300)))
+        cand = {k: v for k, v in by.items() if len(v) >= 2} or by
+        return min(cand, key=lambda k: sum(cand[k]) / len(cand[k])) if cand else None
+
+    return score(True), score(False)
+
+
+def _plot(path: Path, fname: str, fo: Dict[str, Any]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    res = fo["results"]
+    best_sf, best_peer = _best_curves(res)
+    fig = Figure(figsize=(7.5, 5.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    for name, lib in _ordered_methods(res):
+        pts = sorted((r["nfe"], r["rmse"]) for r in res if r["method"] == name)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if name in (best_sf, best_peer):
+            continue
+        color = "#3a78c2" if lib == "straightflow" else "#d9822b"
+        ax.plot(xs, ys, color=color, lw=0.7, alpha=0.35, marker=".", ms=2)
+    for name, color, label in ((best_sf, "#0b3d91", "best straightflow"), (best_peer, "#c0392b", "best peer")):
+        if name is None:
+            continue
+        pts = sorted((r["nfe"], r["rmse"]) for r in res if r["method"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=2.4, marker="o", ms=4,
+                label=f"{label}: {name}")
+    ax.plot([], [], color="#3a78c2", lw=0.8, alpha=0.6, label="other straightflow solver/grid")
+    ax.plot([], [], color="#d9822b", lw=0.8, alpha=0.6, label="other peer methods")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    nf = sorted({r["nfe"] for r in res})
+    if nf:
+        ax.set_xticks(nf, labels=[str(v) for v in nf])
+        ax.minorticks_off()
+    ax.set_xlabel("NFE (counted velocity evaluations)")
+    ax.set_ylabel("endpoint RMSE to the reference")
+    ax.set_title(f"{fname}: {fo['title']}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _markdown(meta: Dict[str, Any], fields_out: Dict[str, Any], summary, overhead, nfes) -> str:
+    L: List[str] = ["# Solver accuracy at equal NFE: straightflow vs peers", ""]
+    L += [f"Machine: {meta['machine']}; {meta['cpus']} logical CPUs; torch.set_num_threads({meta['threads']}). "
+          f"Date: {meta['date']}.{meta['load']}", "",
+          f"Command: `{meta['command']}`" + (" (quick mode: tiny sizes, numbers not meaningful)" if meta["quick"] else ""), "",
+          "Peers: " + ", ".join(f"{k} {v}" for k, v in meta["peer_versions"].items()) + "."]
+    for lib, why in meta["peers_skipped"].items():
+        L.append(f"- **{lib} skipped**: {why}")
+    for note in meta["notes"]:
+        L.append(f"- {note}")
+    L += ["", "Metric: endpoint RMSE (all elements) to a fine reference solve of the same field from the same noise. "
+          "NFE = velocity evaluations per sample, counted by a wrapper for every method; a method appears in "
+          "an NFE column only when its counted NFE equals it (`-`: that NFE is not reachable exactly, e.g. a "
+          "2-evaluation step at an odd NFE). Searched schedules may use fewer NFE than the column (shown in "
+          "brackets). BOSS grids and searched schedules are calibrated on a separate noise batch.", ""]
+
+    L += ["## Summary: best straightflow vs best peer, NFE 4-10", "",
+          "Ratio = best peer RMSE / best straightflow RMSE (> 1: straightflow more accurate). "
+          "\"fixed grid\" = best straightflow solver on a named grid (no calibration).", "",
+          "| field | NFE | best straightflow | RMSE | best straightflow, fixed grid | RMSE | best peer | RMSE | ratio | ratio (fixed grid) |",
+          "|---|---:|---|---:|---|---:|---|---:|---:|---:|"]
+    for s in summary:
+        sf, sff, pe = s["sf"] or {}, s["sf_fixed"] or {}, s["peer"] or {}
+        L.append(f"| {s['field']} | {s['nfe']} | {sf.get('method', '-')} | {_fmt(sf.get('rmse'))} | "
+                 f"{sff.get('method', '-')} | {_fmt(sff.get('rmse'))} | {pe.get('method', '-')} | {_fmt(pe.get('rmse'))} | "
+                 f"{_ratio(s['ratio'])} | {_ratio(s['ratio_fixed'])} |")
+    L.append("")
+
+    for fname, fo in fields_out.items():
+        L += [f"## {fname}: {fo['title']}", "",
+              f"Source: {fo['source']}. Evaluation batch n = {fo['n']}. Reference: {fo['reference']}. "
+              f"Calibration (BOSS, search): n = {fo['calibration']['n']}, {fo['calibration']['reference']}, "
+              f"{fo['calibration']['seconds']} s; search over {{{', '.join(fo['calibration']['search_candidates'])}}} "
+              f"on the uniform and Euler-BOSS grids up to NFE {fo['calibration']['search_max_nfe']}. Field total {fo['seconds']} s.", ""]
+        gp = fo["grid_probe"]
+        kept = {s: [g for g, e in errs.items() if g != "uniform" and math.isfinite(e) and e < errs.get("uniform", math.inf)]
+                for s, errs in gp["rmse"].items()}
+        kept_txt = "; ".join(f"{s}: {', '.join(g)}" for s, g in kept.items() if g) or "none"
+        L += [f"Named grids other than uniform are kept where they beat uniform at NFE {gp['nfe']} on the calibration batch: {kept_txt}.", ""]
+        if fo["skipped_solvers"]:
+            L += ["Not in the fixed-NFE table: " + ", ".join(f"{k} ({v})" for k, v in fo["skipped_solvers"].items()) + ".", ""]
+        cols = list(nfes)
+        L += ["| method | library | " + " | ".join(str(c) for c in cols) + " |",
+              "|---|---|" + "---:|" * len(cols)]
+        res = fo["results"]
+        for name, lib in _ordered_methods(res):
+            cells = []
+            for c in cols:
+                r = next((r for r in res if r["method"] == name and r["nfe_target"] == c), None)
+                if r is None:
+                    cells.append("-")
+                else:
+                    cells.append(_fmt(r["rmse"]) + (f" ({r['nfe']})" if r["nfe"] != c else ""))
+            L.append(f"| {name} | {lib} | " + " | ".join(cells) + " |")
+        L += ["", f"![{fname}](solvers-{fname}.png)", ""]
+        if fo["adaptive"]:
+            L += ["Adaptive solvers (tolerance-controlled; NFE counted):", "", "| method | rtol = atol | NFE | RMSE |",
+                  "|---|---:|---:|---:|"]
+            L += [f"| {a['method']} | {a['tol']:g} | {a['nfe']} | {_fmt(a['rmse'])} |" for a in fo["adaptive"]]
+            L.append("")
+        if fo["diffusers_check"]:
+            steps = sorted({int(k) for row in fo["diffusers_check"] for k in row["rmse"]})
+            L += ["diffusers multistep schedulers, convergence on this oracle (RMSE by step count = NFE):", "",
+                  "| scheduler | sigmas | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
+            for row in fo["diffusers_check"]:
+                L.append(f"| {row['method']} | {row['variant']} | " + " | ".join(_fmt(row["rmse"].get(s, row["rmse"].get(str(s)))) for s in steps) + " |")
+            L.append("")
+        if fo.get("metrics"):
+            L += [f"Distribution metric (n = {fo['metrics'][0]['n']} samples, fresh noise; best {meta['metric_top']} of each side by RMSE):", "",
+                  "| NFE | method | library | metric | value | data-vs-data floor | ratio |", "|---:|---|---|---|---:|---:|---:|"]
+            L += [f"| {m['nfe']} | {m['method']} | {m['library']} | {m['metric']} | {m['value']:.4g} | {m['floor']:.4g} | {m['ratio']:.2f}x |"
+                  for m in fo["metrics"]]
+            L.append("")
+        if fo["failures"]:
+            L += ["Skipped or failed combinations:", ""] + [f"- {f}" for f in fo["failures"][:30]]
+            if len(fo["failures"]) > 30:
+                L.append(f"- ... {len(fo['failures']) - 30} more in solvers.json")
+            L.append("")
+
+    if overhead:
+        L += ["## Overhead per velocity call (trivial field v = -x)", "",
+              f"Batch {overhead['batch'][0]} x {overhead['batch'][1]} {overhead['dtype']}, {overhead['steps']} steps per run, "
+              f"median over {overhead['repeats']} repeats after a warm-up run, contenders interleaved (order rotated), "
+              "one process. Time per run / counted velocity calls (= per step for 1-NFE steps; = per `step()` "
+              "call for the diffusers schedulers), the trivial velocity included.", "",
+              "| contender | us per call (median) | IQR | ratio to straightflow euler | counterpart | ratio to counterpart |",
+              "|---|---:|---:|---:|---|---:|"]
+        for r in overhead["rows"]:
+            rp = "-" if r["ratio_to_partner"] is None else f"{r['ratio_to_partner']:.2f}"
+            L.append(f"| {r['contender']} | {r['us_per_call']:.1f} | {r['iqr']:.1f} | {r['ratio_to_sf_euler']:.2f} | "
+                     f"{r['partner'] or '-'} | {rp} |")
+        L.append("")
+    L.append(f"Total time {meta['seconds']:.0f} s.")
+    return "\n".join(L) + "\n"
+
+
+# ============================================================================ entry point
+def bench_solvers(
+    out_dir: Union[str, os.PathLike],
+    fields: Sequence[str] = DEFAULT_FIELDS,
+    nfes: Optional[Sequence[int]] = None,
+    n: Optional[int] = None,
+    seed: int = 0,
+    threads: int = 1,
+    runs: Optional[Dict[str, str]] = None,
+    quick: bool = False,
+    overhead: bool = True,
+    progress: bool = True,
+    search_max_nfe: Optional[int] = None,
+    metric_samples: Optional[int] = None,
+    metric_top: int = 3,
+) -> str:
+    """Benchmark every deterministic straightflow solver x grid against the peers at equal NFE.
+
+    Writes ``solvers.md``, ``solvers.json`` and ``solvers-<field>.png`` to ``out_dir`` and returns
+    the Markdown. ``fields``: ``oracle2d``, ``oracle64d``, ``checkerboard`` (or another 2D toy
+    name such as ``moons``; ``2d`` means checkerboard), ``digits``. ``n``: evaluation batch for
+    every field (default: per field, see ``_SIZES``). ``runs``: ``{"2d": run_dir, "digits":
+    run_dir}`` to use trained runs instead of training small ones into ``out_dir/runs``.
+    ``quick``: tiny sizes for tests. No timing is asserted anywhere.
+    """
+    if threads < 1:
+        raise ValueError("threads must be >= 1")
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    nfes = tuple(int(k) for k in (nfes if nfes is not None else (QUICK_NFES if quick else DEFAULT_NFES)))
+    if not nfes or min(nfes) < 1:
+        raise ValueError(f"nfes must be positive integers, got {nfes}")
+    fields = tuple(FIELD_ALIASES.get(f, f) for f in fields)
+    search_max_nfe = search_max_nfe if search_max_nfe is not None else (8 if quick else 10)
+    metric_samples = metric_samples or (200 if quick else 1000)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        from ..cli import machine_line
+
+        loaded, failed = discover_solvers()
+        peers, peer_info, peers_skipped = make_peers()
+        if "diffusers" in peer_info:
+            peer_info["diffusers"]["peers"] = [p for p in peers if p.library == "diffusers"]
+        notes = []
+        if loaded:
+            notes.append("straightflow solver modules imported by the benchmark (not yet imported by "
+                         f"`straightflow.solvers`): {', '.join(loaded)}")
+        for mod, err in failed.items():
+            notes.append(f"straightflow solver module `{mod}` failed to import: {err}")
+        rf = peer_info.get("rectified-flow") or {}
+        if rf.get("note"):
+            notes.append(f"rectified-flow: {rf['note']}")
+        if rf.get("stochastic_skipped"):
+            notes.append("rectified-flow stochastic samplers not in the RMSE tables (no deterministic endpoint): "
+                         + ", ".join(rf["stochastic_skipped"]))
+        fields_out: Dict[str, Any] = {}
+        for fname in fields:
+            _log(f"field {fname}", progress)
+            fld = _make_field(fname, out, runs, quick, seed, n, progress)
+            fo = _bench_field(fld, nfes, peers, peer_info, quick, progress, search_max_nfe,
+                              fine_steps=128 if quick else 256)
+            if fld.data is not None:
+                by_name = {}
+                cal_methods = _methods_for_metrics(fld, fo, peers)
+                by_name.update(cal_methods)
+                fo["metrics"] = _distribution_metrics(fld, fo, by_name, nfes, metric_samples, metric_top, seed,
+                                                      fo["failures"])
+            fields_out[fname] = fo
+            _plot(out / f"solvers-{fname}.png", fname, fo)
+            _log(f"{fname} done ({fo['seconds']} s)", progress)
+        ov = _overhead(peers, quick, seed) if overhead else None
+    finally:
+        torch.set_num_threads(prev_threads)
+
+    summary = _summary(fields_out, nfes)
+    load = ""
+    try:
+        load = " Load average at the end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + "."
+    except OSError:
+        pass
+    cmd = (f"python -m straightflow.bench.solvers --out {out} --fields {','.join(fields)} "
+           f"--nfes {','.join(map(str, nfes))} --seed {seed} --threads {threads}"
+           + (f" --n {n}" if n else "") + (" --quick" if quick else "")
+           + "".join(f" --run-{k} {v}" for k, v in (runs or {}).items()))
+    from ..cli import machine_line
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    ml = machine_line()
+    torch.set_num_threads(prev)
+    meta = {"machine": ml, "cpus": os.cpu_count(), "threads": threads, "date": _dt.date.today().isoformat(),
+            "load": load, "command": cmd, "quick": quick, "nfes": list(nfes), "fields": list(fields),
+            "peer_versions": {k: v.get("version", "?") for k, v in peer_info.items()},
+            "peers_skipped": peers_skipped, "notes": notes, "metric_top": metric_top,
+            "torch": torch.__version__, "seconds": time.perf_counter() - t_start}
+    md = _markdown(meta, fields_out, summary, ov, nfes)
+    (out / "solvers.md").write_text(md)
+    payload = {"meta": meta, "summary": summary, "fields": fields_out, "overhead": ov}
+    (out / "solvers.json").write_text(json.dumps(payload, indent=1, default=_json_default))
+    return md
+
+
+def _json_default(o):
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def _methods_for_metrics(fld: Field, fo: Dict[str, Any], peers: List[Peer]) -> Dict[str, Method]:
+    """Rebuild the methods by name for the metric runs (BOSS grids/schedules from the stored calibration)."""
+    from ..optimize import run_schedule
+    from ..solvers import sample
+
+    out: Dict[str, Method] = {}
+    res = fo["results"]
+    for r in res:
+        name = r["method"]
+        if name in out:
+            continue
+        if r["library"] != "straightflow":
+            p = next((p for p in peers if p.name == name), None)
+            if p is not None:
+                out[name] = _peer_method(p, fld)
+        elif r["kind"] == "fixed grid":
+            out[name] = _sf_fixed(fld, r["solver"], r["grid"])
+        else:  # BOSS / search: replay the stored grid (and schedule) of that NFE
+            table = {q["nfe_target"]: q for q in res if q["method"] == name}
+
+            def run(x, cond, nfe, table=table, kind=r["kind"], solver=r["solver"]):
+                q = table.get(nfe)
+                if q is None:
+                    return None
+                g = torch.tensor(q["grid"], dtype=torch.float64)
+                if kind == "search":
+                    rr = run_schedule(fld.model, x, g, q["solvers"], cond=cond)
+                else:
+                    rr = sample(fld.model, x, solver=solver, grid=g, cond=cond)
+                return rr.x, rr.nfe, {}
+
+            out[name] = Method(name, "straightflow", r["kind"], run, r["solver"], r["grid"])
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m straightflow.bench.solvers", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--fields", default=",".join(DEFAULT_FIELDS))
+    p.add_argument("--nfes", default=None, help="comma-separated NFE list")
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--run-2d", default=None)
+    p.add_argument("--run-digits", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-overhead", action="store_true")
+    a = p.parse_args(argv)
+    runs = {k: v for k, v in (("2d", a.run_2d), ("digits", a.run_digits)) if v}
+    nfes = [int(v) for v in a.nfes.split(",")] if a.nfes else None
+    md = bench_solvers(a.out, fields=[f for f in a.fields.split(",") if f], nfes=nfes, n=a.n, seed=a.seed,
+                       threads=a.threads, runs=runs or None, quick=a.quick, overhead=not a.no_overhead)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

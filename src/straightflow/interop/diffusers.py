@@ -1,0 +1,594 @@
+"""🤗 diffusers interop: run diffusers flow transformers with straightflow, and straightflow solvers
+inside diffusers pipelines.
+
+Conventions. straightflow: ``t`` in [0, 1], ``t = 0`` noise, ``t = 1`` data, ``x_t = t x1 + (1 - t) x0``
+and the model predicts the velocity ``v = x1 - x0``. diffusers' flow matching (SD3, FLUX): noise
+level ``sigma = 1 - t``, ``x_sigma = (1 - sigma) x_data + sigma noise``, the network predicts
+``noise - data = -v`` and is given ``timestep = sigma * num_train_timesteps``; sampling runs from
+``sigma = 1`` to ``sigma = 0``. The helpers below are the only place this translation is written.
+
+* :class:`DiffusersVelocity` wraps a diffusers transformer as a straightflow velocity model, so
+  ``straightflow.sample(DiffusersVelocity(transformer), noise, cond={...})`` works as is.
+* ``StraightflowScheduler`` is a diffusers scheduler that runs any registered straightflow solver
+  (``"euler"``, ``"heun"``, ``"midpoint"``, ``"dpm++2m"``, ``"unipc"``, ...) inside a pipeline.
+  It needs ``diffusers`` and is built when first accessed.
+
+How the scheduler works. A straightflow solver is a plain function that calls ``f(x, t, i)``
+whenever it needs a velocity. ``set_timesteps`` dry-runs the solver on the grid with a recording
+``f`` to learn which times it will ask for (one entry of ``timesteps`` per model call, so Heun has
+two per step, as FlowMatchHeunDiscreteScheduler does); the first ``step`` then starts the solver in
+a worker thread whose ``f`` hands the state it wants evaluated back to the pipeline (as
+``step``'s ``prev_sample``) and waits for the model output that the next ``step`` brings. The two
+threads never run at the same time. The last ``step`` returns the solver's final output. The
+solver math is therefore exactly the one of ``straightflow.sample`` (no duplicated update rules).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import weakref
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..grids import GRIDS, make_grid, validate_grid
+from ..paths import get_path
+from ..solvers.base import SOLVERS
+from ..time import shift_time
+
+__all__ = [
+    "sigma_from_t", "t_from_sigma", "velocity_from_diffusers", "diffusers_from_velocity",
+    "timestep_from_t", "t_from_timestep", "DiffusersVelocity", "StraightflowScheduler", "SIGMA_TIMESTEP_MODELS",
+]
+
+logger = logging.getLogger(__name__)
+
+Number = Union[float, Tensor]
+
+
+# ---------------------------------------------------------------------- the convention, in one place
+def sigma_from_t(t: Number) -> Number:
+    """diffusers' noise level ``sigma = 1 - t`` (``t = 0`` noise is ``sigma = 1``)."""
+    return 1 - t
+
+
+def t_from_sigma(sigma: Number) -> Number:
+    """straightflow time ``t = 1 - sigma``."""
+    return 1 - sigma
+
+
+def velocity_from_diffusers(out: Tensor) -> Tensor:
+    """diffusers flow models predict ``noise - data``; the straightflow velocity is ``data - noise``."""
+    return -out
+
+
+def diffusers_from_velocity(v: Tensor) -> Tensor:
+    """A straightflow velocity as a diffusers flow prediction (``noise - data``)."""
+    return -v
+
+
+def timestep_from_t(t: Number, num_train_timesteps: int = 1000) -> Number:
+    """The ``timestep`` a diffusers flow transformer expects: ``sigma * num_train_timesteps``."""
+    return sigma_from_t(t) * num_train_timesteps
+
+
+def t_from_timestep(timestep: Number, num_train_timesteps: int = 1000) -> Number:
+    """Inverse of :func:`timestep_from_t`."""
+    return t_from_sigma(timestep / num_train_timesteps)
+
+
+# ---------------------------------------------------------------------- diffusers model -> velocity
+# Transformers that take ``timestep = sigma`` itself (their pipelines pass ``t / 1000`` and the
+# model multiplies by 1000 inside); every other diffusers flow model takes ``sigma * 1000``.
+SIGMA_TIMESTEP_MODELS = ("FluxTransformer2DModel", "Flux2Transformer2DModel", "ChromaTransformer2DModel",
+                         "QwenImageTransformer2DModel")
+
+
+class DiffusersVelocity(nn.Module):
+    """A diffusers flow transformer as a straightflow velocity model ``v = self(x, t, **cond)``.
+
+    ``model`` is called as ``model(hidden_states=x, timestep=sigma * num_train_timesteps,
+    **fixed_kwargs, **cond)`` (SD3Transformer2DModel, FluxTransformer2DModel, or any module with
+    that calling convention) and may return an object with ``.sample``, a tuple/list (first item)
+    or a tensor. Conditioning (``encoder_hidden_states``, ``pooled_projections``, ...) goes in
+    ``cond`` (``straightflow.sample(..., cond={...})``) or, when it never changes, in
+    ``fixed_kwargs``. ``num_train_timesteps=None`` (default) is 1000, except for the models of
+    :data:`SIGMA_TIMESTEP_MODELS` (FLUX, FLUX.2, Chroma, Qwen-Image), which take ``sigma`` itself
+    (their pipelines divide the scheduler's timestep by 1000): give it explicitly for any other
+    such model. Timesteps are computed in at least float32 (a half-precision ``t`` would round
+    ``sigma * 1000`` visibly).
+    """
+
+    def __init__(self, model: nn.Module, num_train_timesteps: Optional[int] = None, **fixed_kwargs: Any) -> None:
+        super().__init__()
+        self.model = model
+        if num_train_timesteps is None:
+            inner = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
+            num_train_timesteps = 1 if type(inner).__name__ in SIGMA_TIMESTEP_MODELS else 1000
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.fixed_kwargs = dict(fixed_kwargs)
+
+    def forward(self, x: Tensor, t: Number, **cond: Any) -> Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
+            t = t.to(torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        kwargs = {**self.fixed_kwargs, **cond}
+        out = self.model(hidden_states=x, timestep=timestep_from_t(t, self.num_train_timesteps), **kwargs)
+        if hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return velocity_from_diffusers(out)
+
+
+# ---------------------------------------------------------------------- solver evaluation schedule
+def _solver_options(spec, options: Optional[Dict[str, Any]], generator=None) -> Dict[str, Any]:
+    opts = dict(options or {})
+    if spec.needs_path:
+        opts.setdefault("path", get_path("linear"))
+    if spec.stochastic:
+        opts.setdefault("generator", generator)
+    return opts
+
+
+def _evaluation_schedule(spec, ts: List[float], options: Optional[Dict[str, Any]]) -> List[Tuple[float, int]]:
+    """``[(t, step), ...]``: the times (and grid step) at which ``spec`` evaluates the velocity on
+    ``ts``, found by running it on a one-element state with a recording velocity. Run twice with
+    different velocities: a solver that picks its times from the state (adaptive step size)
+    cannot be a fixed-schedule diffusers scheduler."""
+
+    def record(velocity):
+        calls: List[Tuple[float, int]] = []
+
+        def f(x, t, i=-1):
+            calls.append((float(t), int(i)))
+            return velocity(x, float(t))
+
+        gen = torch.Generator().manual_seed(0)  # stochastic solvers must not touch the global RNG
+        spec.fn(f, torch.zeros(1, dtype=torch.float64), list(ts), **_solver_options(spec, options, gen))
+        return calls
+
+    a = record(lambda x, t: torch.zeros_like(x))
+    b = record(lambda x, t: 3.0 * torch.sin(13.0 * t + 5.0 * x) + x * x)
+    if [c[0] for c in a] != [c[0] for c in b]:
+        raise ValueError(
+            f"solver {spec.name!r} chooses its evaluation times from the state (adaptive steps); "
+            "a diffusers scheduler needs a fixed schedule, use a fixed-step solver")
+    if not a:
+        raise ValueError(f"solver {spec.name!r} made no velocity evaluation on the grid {ts}")
+    return a
+
+
+# ---------------------------------------------------------------------- the solver as a coroutine
+class _Cancel:
+    """Sent to the worker to unwind the solver (new ``set_timesteps``, scheduler collected)."""
+
+
+class _Cancelled(BaseException):
+    pass
+
+
+def _worker(fn, x, ts, options, to_solver: queue.Queue, from_solver: queue.Queue, ctx) -> None:
+    def f(xx, t, i=-1):
+        from_solver.put(("eval", xx, float(t), int(i)))
+        msg = to_solver.get()
+        if msg is _Cancel:
+            raise _Cancelled()
+        return msg
+
+    try:
+        with ctx():
+            out = fn(f, x, ts, **options)
+        from_solver.put(("done", out))
+    except _Cancelled:
+        pass
+    except BaseException as e:  # noqa: BLE001  (handed to the pipeline's thread and raised there)
+        from_solver.put(("error", e))
+
+
+def _stop(thread: threading.Thread, to_solver: queue.Queue) -> None:
+    if thread.is_alive():
+        to_solver.put(_Cancel)
+        thread.join(timeout=10.0)
+
+
+class _Run:
+    """One solve in progress: the worker thread, its two queues and the evaluation it waits for."""
+
+    def __init__(self, fn, x, ts, options, start: int, dtype: torch.dtype) -> None:
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
+
+        def ctx():  # grad mode, inference mode and the CUDA stream are thread-local in torch
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.inference_mode() if inference else torch.set_grad_enabled(grad))
+            if stream is not None:
+                stack.enter_context(torch.cuda.stream(stream))
+            return stack
+
+        self.to_solver: queue.Queue = queue.Queue()
+        self.from_solver: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=_worker, name="straightflow-scheduler", daemon=True,
+                                       args=(fn, x, ts, options, self.to_solver, self.from_solver, ctx))
+        self.index = start      # index into the scheduler's evaluations of the pending request
+        self.dtype = dtype      # the pipeline's dtype: what prev_sample is handed back in
+        self.handed: Optional[Tensor] = None
+        self.pending: Optional[Tuple[Tensor, float, int]] = None
+        self.done = False
+        self._finalizer = weakref.finalize(self, _stop, self.thread, self.to_solver)
+        self.thread.start()
+
+    def receive(self):
+        msg = self.from_solver.get()
+        if msg[0] == "eval":
+            self.pending = msg[1:]
+            return msg
+        self.done, self.pending = True, None
+        self.thread.join()
+        if msg[0] == "error":
+            raise msg[1]
+        return msg
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+# ---------------------------------------------------------------------- the diffusers scheduler
+def _build_scheduler_class():
+    try:
+        from diffusers.configuration_utils import ConfigMixin, register_to_config
+        from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+    except ImportError as e:  # pragma: no cover - exercised only without diffusers
+        raise ImportError(
+            "StraightflowScheduler needs diffusers (pip install diffusers); "
+            "DiffusersVelocity and the convention helpers work without it"
+        ) from e
+
+    class StraightflowScheduler(SchedulerMixin, ConfigMixin):
+        """Run a straightflow solver inside a diffusers flow-matching pipeline (SD3, FLUX, ...).
+
+        Args:
+            num_train_timesteps: diffusers' timestep scale (``timestep = sigma * num_train_timesteps``).
+            solver: any name of ``straightflow.solvers.available()`` with a fixed evaluation
+                schedule: ``"euler"``, ``"heun"``, ``"midpoint"``, ``"rk4"``, ``"dpm++2m"``,
+                ``"dpm++3m"``, ``"dpm++2s"``, ``"unipc"``, ...
+            grid: a straightflow grid name (``straightflow.grids.available()``: ``"uniform"``,
+                ``"logsnr"``, ``"karras"``; ``"shifted"`` means uniform + this scheduler's shift)
+                used for ``set_timesteps(num_inference_steps)``. Explicit ``sigmas``/``timesteps``
+                from the pipeline (the ``sigma``s at which the steps start, as FLUX passes them)
+                take precedence; ``sigma = 0`` is appended as the end.
+            shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
+            max_image_seq_len, time_shift_type: as in FlowMatchEulerDiscreteScheduler: the SD3
+                shift ``sigma' = s sigma / (1 + (s - 1) sigma)`` is applied on top of the grid, with
+                ``s = shift``, or ``s = e^mu`` (``"exponential"``) / ``s = mu`` (``"linear"``) when
+                ``use_dynamic_shifting`` and the pipeline passes ``mu``. ``shift=1`` (default) is none.
+            solver_options: keyword options of the solver (``{"order": 3}`` for UniPC, ...).
+            grid_options: keyword options of the grid (``{"t_min": 1e-3}`` for ``"logsnr"``, ...).
+
+        ``timesteps`` holds one entry per model call (``len(timesteps)`` is the NFE; multi-stage
+        solvers have several per grid step and ``order`` is the solver's evaluations per step);
+        ``sigmas`` the matching noise levels plus the final one. ``step`` returns, as
+        ``prev_sample``, the state the solver wants evaluated next (the last ``step``: its result);
+        the pipeline must pass it back unchanged as the next ``sample``. A pipeline that changes
+        the state between steps (inpainting, callbacks) may do so only where a grid step starts:
+        the solver is then restarted there from the new state (multistep history is lost).
+        Stochastic solvers take ``generator=`` from the first ``step`` call.
+
+        With the default ``grid="uniform"`` the grid is ``sigma = 1, 1 - 1/N, ..., 0``, whereas
+        FlowMatchEulerDiscreteScheduler's default spacing ends at ``sigma = 1/1000``; pass the
+        same ``sigmas`` to both to compare them step for step.
+        """
+
+        _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+        order = 1
+        init_noise_sigma = 1.0
+
+        @register_to_config
+        def __init__(
+            self,
+            num_train_timesteps: int = 1000,
+            solver: str = "euler",
+            grid: str = "uniform",
+            shift: float = 1.0,
+            use_dynamic_shifting: bool = False,
+            base_shift: Optional[float] = 0.5,
+            max_shift: Optional[float] = 1.15,
+            base_image_seq_len: int = 256,
+            max_image_seq_len: int = 4096,
+            time_shift_type: str = "exponential",
+            solver_options: Optional[Dict[str, Any]] = None,
+            grid_options: Optional[Dict[str, Any]] = None,
+        ):
+            self._spec = SOLVERS.get(solver)  # unknown names fail here, with the list of valid ones
+            GRIDS.canonical(grid)
+            if time_shift_type not in ("exponential", "linear"):
+                raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+            if shift <= 0:
+                raise ValueError(f"shift must be > 0, got {shift}")
+            self.order = self._spec.evals_per_step
+            self._shift = float(shift)
+            self.timesteps: Optional[Tensor] = None
+            self.sigmas: Optional[Tensor] = None
+            self.num_inference_steps: Optional[int] = None
+            self._grid: Optional[List[float]] = None
+            self._evals: List[Tuple[float, int]] = []
+            self._run: Optional[_Run] = None
+            self._step_index: Optional[int] = None
+            self._begin_index: Optional[int] = None
+
+        # ------------------------------------------------------------ diffusers API
+        @property
+        def shift(self) -> float:
+            return self._shift
+
+        def set_shift(self, shift: float) -> None:
+            self._shift = float(shift)
+
+        @property
+        def step_index(self) -> Optional[int]:
+            """Index into ``timesteps`` of the model output the next ``step`` expects."""
+            return self._step_index
+
+        @property
+        def begin_index(self) -> Optional[int]:
+            return self._begin_index
+
+        def set_begin_index(self, begin_index: int = 0) -> None:
+            """Start at ``timesteps[begin_index]`` (img2img); it must be the first evaluation of a grid step."""
+            self._begin_index = int(begin_index)
+
+        @property
+        def grid(self) -> Optional[List[float]]:
+            """The straightflow time grid (increasing ``t``) of the last ``set_timesteps``."""
+            return None if self._grid is None else list(self._grid)
+
+        @property
+        def evaluation_times(self) -> List[float]:
+            """straightflow time ``t`` of each model call (``timesteps`` in straightflow units)."""
+            return [t for t, _ in self._evals]
+
+        def __len__(self) -> int:
+            return self.config.num_train_timesteps
+
+        def scale_model_input(self, sample: Tensor, timestep: Optional[Number] = None) -> Tensor:
+            return sample
+
+        def set_timesteps(
+            self,
+            num_inference_steps: Optional[int] = None,
+            device: Union[str, torch.device, None] = None,
+            sigmas: Optional[Sequence[float]] = None,
+            mu: Optional[float] = None,
+            timesteps: Optional[Sequence[float]] = None,
+        ) -> None:
+            """Build the grid and the evaluation schedule; ends any solve in progress."""
+            cfg = self.config
+            self._reset()
+            if cfg.use_dynamic_shifting and mu is None:
+                raise ValueError("`mu` must be passed when `use_dynamic_shifting` is set to be `True`")
+            if sigmas is not None and timesteps is not None:
+                logger.warning("StraightflowScheduler: both sigmas and timesteps given; using sigmas (the "
+                               "timesteps the model sees are always those of the solver's evaluations)")
+            if timesteps is not None and sigmas is None:
+                sigmas = [float(s) / cfg.num_train_timesteps for s in _as_list(timesteps)]
+            if sigmas is not None:
+                s = torch.tensor(_as_list(sigmas), dtype=torch.float64)
+                if num_inference_steps is not None and len(s) != num_inference_steps:
+                    raise ValueError("`sigmas`/`timesteps` should have num_inference_steps entries")
+                if s.ndim != 1 or len(s) == 0:
+                    raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {tuple(s.shape)}")
+                if float(s[-1]) > 0.0:
+                    s = torch.cat([s, s.new_zeros(1)])
+                g = t_from_sigma(s)
+            else:
+                if num_inference_steps is None:
+                    raise ValueError("give num_inference_steps, sigmas or timesteps")
+                gopts = dict(cfg.grid_options or {})
+                if GRIDS.canonical(cfg.grid) == "shifted" and not {"shift", "mu", "resolution"} & gopts.keys():
+                    gopts["shift"] = 1.0  # the scheduler's own shift (below) does the shifting
+                g = make_grid(cfg.grid, int(num_inference_steps), **gopts)
+            if cfg.use_dynamic_shifting:
+                s_ = math.exp(mu) if cfg.time_shift_type == "exponential" else float(mu)
+            else:
+                s_ = self._shift
+            if s_ <= 0:
+                raise ValueError(f"the time shift must be > 0, got {s_}")
+            if s_ != 1.0:
+                g = shift_time(g, s_)
+            ts = validate_grid(g, direction=+1).tolist()
+            evals = _evaluation_schedule(self._spec, ts, cfg.solver_options)
+            t_eval = torch.tensor([t for t, _ in evals], dtype=torch.float32)
+            self._grid, self._evals = ts, evals
+            self.num_inference_steps = len(ts) - 1
+            self.timesteps = timestep_from_t(t_eval, cfg.num_train_timesteps).to(device)
+            sig = sigma_from_t(torch.tensor([t for t, _ in evals] + [ts[-1]], dtype=torch.float64))
+            self.sigmas = sig.to(torch.float32).to(device)
+
+        def index_for_timestep(self, timestep: Number, schedule_timesteps: Optional[Tensor] = None) -> int:
+            """First index of ``timestep`` in ``schedule_timesteps`` (default ``self.timesteps``)."""
+            sched = self.timesteps if schedule_timesteps is None else schedule_timesteps
+            if sched is None:
+                raise RuntimeError("call set_timesteps first")
+            value = float(torch.as_tensor(timestep).reshape(-1)[0])
+            d = (sched.detach().double().cpu() - value).abs()
+            j = int(torch.argmin(d))
+            if float(d[j]) > self._tol():
+                raise ValueError(f"timestep {value:.6g} is not in this scheduler's timesteps")
+            return j
+
+        def scale_noise(self, sample: Tensor, timestep: Number, noise: Optional[Tensor] = None) -> Tensor:
+            """Forward process (img2img): ``sigma noise + (1 - sigma) sample`` at ``timestep``."""
+            if self.sigmas is None:
+                raise RuntimeError("call set_timesteps first")
+            timestep = torch.as_tensor(timestep).reshape(-1)
+            if self._begin_index is None:
+                idx = [self.index_for_timestep(t) for t in timestep]
+            elif self._step_index is not None:
+                idx = [self._step_index] * len(timestep)
+            else:
+                idx = [self._begin_index] * len(timestep)
+            sigma = self.sigmas.to(device=sample.device, dtype=sample.dtype)[idx].flatten()
+            while sigma.ndim < sample.ndim:
+                sigma = sigma.unsqueeze(-1)
+            if noise is None:
+                noise = torch.randn_like(sample)
+            return sigma * noise + (1.0 - sigma) * sample
+
+        def step(
+            self,
+            model_output: Tensor,
+            timestep: Number,
+            sample: Tensor,
+            return_dict: bool = True,
+            generator: Optional[torch.Generator] = None,
+            **kwargs: Any,
+        ):
+            """Give the solver the model output at ``sample``; return the next state to evaluate
+            (or, after the last evaluation, the solver's result) as ``prev_sample``."""
+            if self.timesteps is None:
+                raise RuntimeError("call set_timesteps before step")
+            run = self._run
+            if run is not None and run.done:
+                raise RuntimeError("all timesteps are used; call set_timesteps for a new solve")
+            if run is None:
+                j = self._begin_index if self._begin_index is not None else self._start_index(timestep)
+            else:
+                j = run.index
+            value = float(torch.as_tensor(timestep).reshape(-1)[0])
+            if not 0 <= j < len(self._evals) or abs(value - float(self.timesteps[j])) > self._tol():
+                raise ValueError(
+                    f"step() got timestep {value:.6g} but the solver evaluates next at timesteps[{j}]"
+                    f"{'' if not 0 <= j < len(self._evals) else f' = {float(self.timesteps[j]):.6g}'}; "
+                    "iterate over scheduler.timesteps in order")
+            if run is None:
+                run = self._start(j, sample, generator)
+            elif not self._same(sample, run.handed):
+                run = self._restart(sample, generator)
+            x_req = run.pending[0]
+            run.to_solver.put(velocity_from_diffusers(model_output.to(device=x_req.device, dtype=x_req.dtype)))
+            try:
+                msg = run.receive()
+            except BaseException:
+                self._reset_run()
+                raise
+            if msg[0] == "eval":
+                run.index += 1
+                t_expected = self._evals[run.index][0] if run.index < len(self._evals) else None
+                if t_expected is None or abs(msg[2] - t_expected) > 1e-9:
+                    self._reset()
+                    raise RuntimeError(f"solver {self._spec.name!r} asked for t = {msg[2]:.6g}, not the "
+                                       f"recorded t = {t_expected}; its schedule is not fixed")
+                out = msg[1].to(run.dtype)
+            else:
+                if run.index != len(self._evals) - 1:
+                    raise RuntimeError("solver finished before using all timesteps")
+                run.index += 1
+                out = msg[1].to(run.dtype)
+            run.handed = out
+            self._step_index = run.index
+            if not return_dict:
+                return (out,)
+            return SchedulerOutput(prev_sample=out)
+
+        # ------------------------------------------------------------ internals
+        def _tol(self) -> float:
+            return 1e-4 * self.config.num_train_timesteps
+
+        @staticmethod
+        def _same(sample: Tensor, handed: Optional[Tensor]) -> bool:
+            if handed is None or sample is handed:
+                return True
+            return sample.shape == handed.shape and torch.equal(sample.to(handed.dtype), handed)
+
+        def _first_of_step(self, k: int) -> bool:
+            t_k, i = self._evals[k]
+            return (k == 0 or self._evals[k - 1][1] != i) and abs(t_k - self._grid[i]) < 1e-12
+
+        def _start_index(self, timestep: Number) -> int:
+            """Where a pipeline that did not call ``set_begin_index`` starts: the evaluation at
+            ``timestep`` that begins a grid step (a time can repeat: Heun ends a step where the next begins)."""
+            value = float(torch.as_tensor(timestep).reshape(-1)[0])
+            d = (self.timesteps.detach().double().cpu() - value).abs()
+            hits = [int(j) for j in torch.nonzero(d <= self._tol()).reshape(-1)]
+            if not hits:
+                raise ValueError(f"timestep {value:.6g} is not in this scheduler's timesteps")
+            return next((j for j in hits if self._first_of_step(j)), hits[0])
+
+        def _start(self, k: int, sample: Tensor, generator) -> _Run:
+            """Start the solver at evaluation ``k`` (the first evaluation of a grid step) from ``sample``."""
+            if not 0 <= k < len(self._evals):
+                raise ValueError(f"start index {k} is outside the {len(self._evals)} timesteps")
+            t_k, i = self._evals[k]
+            if not self._first_of_step(k):
+                raise ValueError(
+                    f"timesteps[{k}] is inside a step of solver {self._spec.name!r} (order {self.order}); "
+                    "a solve can only start (or the state be changed) where a grid step starts")
+            ts = self._grid[i:]
+            if k > 0:
+                tail = [t for t, _ in _evaluation_schedule(self._spec, ts, self.config.solver_options)]
+                if tail != [t for t, _ in self._evals[k:]]:
+                    raise ValueError(f"solver {self._spec.name!r} evaluates at other times when started at "
+                                     f"t = {ts[0]:.6g}; cannot start at timesteps[{k}]")
+            dtype = sample.dtype
+            state_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            x = sample.to(state_dtype)
+            opts = _solver_options(self._spec, self.config.solver_options, generator)
+            run = _Run(self._spec.fn, x, ts, opts, k, dtype)
+            self._run = run
+            msg = run.receive()
+            if msg[0] != "eval" or not self._same(msg[1], x) or abs(msg[2] - t_k) > 1e-9:
+                self._reset()
+                raise RuntimeError(f"solver {self._spec.name!r} did not start with an evaluation at its first state")
+            self._step_index = k
+            return run
+
+        def _restart(self, sample: Tensor, generator) -> _Run:
+            k = self._run.index
+            self._reset_run()
+            logger.info("StraightflowScheduler: the pipeline changed the state at timesteps[%d]; "
+                        "restarting solver %r there", k, self._spec.name)
+            return self._start(k, sample, generator)
+
+        def _reset_run(self) -> None:
+            if self._run is not None:
+                self._run.stop()
+                self._run = None
+
+        def _reset(self) -> None:
+            self._reset_run()
+            self._step_index = None
+            self._begin_index = None
+
+        def __getstate__(self):  # copy.deepcopy / pickle: the configuration and schedule, not a running solve
+            state = self.__dict__.copy()
+            state["_run"] = None
+            state["_step_index"] = None
+            return state
+
+    StraightflowScheduler.__module__ = __name__  # pickle finds it through this module's __getattr__
+    StraightflowScheduler.__qualname__ = "StraightflowScheduler"
+    return StraightflowScheduler
+
+
+def _as_list(values) -> List[float]:
+    if torch.is_tensor(values):
+        return [float(v) for v in values.detach().reshape(-1).cpu().tolist()]
+    return [float(v) for v in values]
+
+
+_SCHEDULER_CLASS = None
+
+
+def __getattr__(name):  # PEP 562: diffusers is imported only when the scheduler is asked for
+    global _SCHEDULER_CLASS
+    if name == "StraightflowScheduler":
+        if _SCHEDULER_CLASS is None:
+            _SCHEDULER_CLASS = _build_scheduler_class()
+        return _SCHEDULER_CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
