@@ -70,3 +70,19 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
     for f in ("report.md", "report.json", "checkerboard.png", "digits.png"):
         assert (tmp_path / "out" / f).is_file()
     assert "floor" in md and md.count("| euler |") == 10
+
+
+def test_invert_report_and_boss_grid(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "moons", "--n", "1000", "--steps", "40", "--batch-size", "64",
+                 "--hidden", "32", "--depth", "1", "--out", str(run), "--quiet"]) == 0
+    md = tmp_path / "inv.md"
+    assert main(["invert", str(run), "--solvers", "euler,midpoint,dpm++2m", "--nfe", "4,16", "--n", "64",
+                 "--out", str(md)]) == 0
+    rows = [l for l in md.read_text().splitlines() if l.startswith("| ") and "solver" not in l]
+    assert len(rows) == 6
+    err = {(r.split("|")[1].strip(), int(r.split("|")[3])): float(r.split("|")[5]) for r in rows}
+    assert err[("euler", 16)] < err[("euler", 4)] and err[("midpoint", 8)] < err[("euler", 4)]
+    png = tmp_path / "b.png"
+    assert main(["sample", str(run), "--n", "32", "--steps", "4", "--grid", "boss", "--out", str(png)]) == 0
+    assert list((run / "calibrations").glob("boss-euler-nfe4.json"))
