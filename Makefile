@@ -7,9 +7,10 @@ TORCH  ?= torch==2.13.0
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PEERS  := $(VENV)/.peers
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install peers bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +20,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Peers (diffusers, torchdiffeq, flow_matching, torchcfm, rectified-flow) for the interop tests and
+# the side-by-side benchmarks; best effort: without them those tests skip with a reason.
+$(PEERS): $(STAMP) requirements-peers.txt
+	$(BIN)/pip install -q --no-deps -r requirements-peers.txt && touch $(PEERS) || echo "peers not installed: interop tests will skip"
+
+peers: $(PEERS)
+
 demo: $(STAMP)
 	$(BIN)/straightflow demo --out out
 
-test: $(STAMP)
+test: $(STAMP) $(PEERS)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(PEERS)
 	$(BIN)/straightflow bench train --out bench_out
+	$(BIN)/straightflow bench solvers --out bench_out
 
 clean:
 	rm -rf $(VENV) out bench_out .pytest_cache
