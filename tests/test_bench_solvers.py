@@ -5,6 +5,7 @@ No timing is asserted; the run itself takes well under a minute on one thread.
 import importlib.util
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -115,7 +116,9 @@ def test_every_reported_nfe_is_the_counted_one(bench):
             if (p.name, nfe) not in by:
                 continue
             c = bs.Counter(lambda x, t: -x)
-            p.run(c, x.clone(), by[(p.name, nfe)]["steps"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p.run(c, x.clone(), by[(p.name, nfe)]["steps"])
             assert c.n == by[(p.name, nfe)]["nfe"] == nfe, (p.name, nfe)
 
 
@@ -133,9 +136,10 @@ def test_diffusers_peers_converge_on_the_oracle(bench):
         assert hi >= 15 and errs[hi] < errs[lo], (name, errs)
         if 20 in errs and 4 in errs:
             assert errs[20] < errs[4]
-    # and with many steps, on the exact sigma grid used in the benchmark, they keep converging
+    # and with many steps, on the sigma grid used in the tables, they keep converging
+    assert any(row["used"] for row in fo["diffusers_check"])
     for row in fo["diffusers_check"]:
-        if row["variant"].startswith("exact"):
+        if row["used"]:
             e = {int(k): v for k, v in row["rmse"].items()}
             ks = sorted(e)
             assert all(e[b] < e[a] for a, b in zip(ks, ks[1:])), row

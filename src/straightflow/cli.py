@@ -194,7 +194,7 @@ def run_demo(out: str = "out", quick: bool = False, seed: int = 0, progress: boo
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    steps_2d, steps_img = (150, 40) if quick else (6000, 2500)
+    steps_2d, steps_img = (150, 40) if quick else (6000, 2000)
     n_eval = 300 if quick else 4000
     lines = [f"# straightflow demo report", "",
              f"Date {date.today().isoformat()}; machine: {machine_line()}; "
@@ -228,7 +228,7 @@ def run_demo(out: str = "out", quick: bool = False, seed: int = 0, progress: boo
     print("[demo] scoring digits with the project's classifier (trained once, then cached)", flush=True)
     rows_i, samples_i = report.evaluate_model(res.model, ref, DEMO_NFES, n=n_img, seed=seed, keep_samples=True)
     plotting.save_image_panels([(f"NFE {k}", v[:100]) for k, v in samples_i.items()], out_dir / "digits.png",
-                               suptitle="digits: class-conditional rectified flow, Euler (row = noise, column = class)")
+                               suptitle="digits: class-conditional rectified flow, Euler (same noise and labels in every panel)")
     lines += [f"## Digits (8x8), class-conditional UNet, {steps_img} steps ({train_img:.0f} s)", "",
               report.rows_to_markdown(rows_i), "", "![digits](digits.png)", ""]
     total = time.perf_counter() - t_start
@@ -256,7 +256,16 @@ def cmd_bench(a) -> int:
         md = bench_train(a.out, steps=a.steps, repeats=a.repeats, threads=a.threads)
         print(md)
         return 0
-    raise SystemExit(f"error: unknown bench suite {a.suite!r}; valid: train")
+    if a.suite == "solvers":
+        from .bench.solvers import main as bench_solvers_main
+
+        argv = ["--out", a.out, "--threads", str(a.threads)]
+        argv += ["--fields", a.fields] if a.fields else []
+        argv += ["--run-2d", a.run_2d] if a.run_2d else []
+        argv += ["--run-digits", a.run_digits] if a.run_digits else []
+        argv += ["--quick"] if a.quick else []
+        return bench_solvers_main(argv)
+    raise SystemExit(f"error: unknown bench suite {a.suite!r}; valid: train, solvers")
 
 
 # ----------------------------------------------------------------------------- list
@@ -347,11 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark suites that write Markdown tables and plots")
-    b.add_argument("suite", help="train")
+    b.add_argument("suite", help="train (trainer overhead vs peers) or solvers (error vs NFE vs peers)")
     b.add_argument("--out", default="bench_out")
-    b.add_argument("--steps", type=int, default=300)
-    b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--steps", type=int, default=300, help="train: steps per timed run")
+    b.add_argument("--repeats", type=int, default=5, help="train: timed repeats (median)")
+    b.add_argument("--fields", default=None, help="solvers: oracle2d,oracle64d,checkerboard,digits")
+    b.add_argument("--run-2d", default=None, help="solvers: a trained 2D run directory (else one is trained)")
+    b.add_argument("--run-digits", default=None, help="solvers: a trained digits run directory")
+    b.add_argument("--quick", action="store_true", help="solvers: tiny settings")
     b.set_defaults(fn=cmd_bench)
 
     li = sub.add_parser("list", help="list every registered name (data, models, paths, solvers, ...)")

@@ -30,11 +30,12 @@ noise for every method:
   (euler, midpoint, rk4); the ``rectified-flow`` package's deterministic samplers (``euler``,
   ``curved_euler``). Diffusers convention: sigma = 1 - t, model output = -v(x, 1 - sigma), the
   timestep argument is sigma * 1000; the velocity is evaluated at the scheduler's own float
-  sigma for the current call (its integer timesteps are only used to index). For the two
-  multistep schedulers the shipped flow sigmas start at sigma = 0.999, not 1 (the first state
-  is taken to be x at t = 0.001), which leaves an error floor of ~1e-3 on the oracle however
-  many steps; the benchmark sets their sigmas to the exact uniform grid 1 -> 0 (float32,
-  as the schedulers store them) and shows the convergence of both variants on the oracle.
+  sigma for the current call (its integer timesteps are only used to index).
+  ``DPMSolverMultistepScheduler``'s shipped flow sigmas start at sigma = 0.999, not 1 (the
+  first state is taken to be x at t = 0.001), which leaves an error floor of ~1e-3 on the oracle
+  however many steps; the benchmark sets its sigmas to the exact uniform grid 1 -> 0 (float32,
+  as the scheduler stores them). UniPC's shipped flow sigmas start at 1 and converge: they are
+  kept. The oracle sections show the convergence of both grids for both schedulers.
   Every peer's NFE is counted by a wrapper around the velocity.
 * Metric: endpoint RMSE to the reference over all elements (same noise). For the trained
   models also a distribution metric at NFE 4 and 8 for the best few methods of each side:
@@ -62,7 +63,7 @@ import sys
 import time
 import types
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -209,22 +210,30 @@ def _diffusers_peers() -> Tuple[List[Peer], Dict[str, Any]]:
                            FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler)
 
     flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, solver_order=2)
-    note = "flow_prediction, use_flow_sigmas, flow_shift=1, order 2; sigmas set to the exact uniform grid 1 -> 0"
+    cfg = "flow_prediction, use_flow_sigmas, flow_shift=1, solver_order=2"
+
+    def dpm():
+        return DPMSolverMultistepScheduler(**flow)
+
+    def unipc():
+        return UniPCMultistepScheduler(**flow)
+
     peers = [
         Peer("diffusers FlowMatchEuler", "diffusers", lambda s: s,
-             _diffusers_loop(FlowMatchEulerDiscreteScheduler, False), "shipped sigmas 1 ... 0.001, 0"),
+             _diffusers_loop(FlowMatchEulerDiscreteScheduler, False), "shipped sigmas 1, ..., 0.001, 0"),
         Peer("diffusers FlowMatchHeun", "diffusers", lambda s: 2 * s - 1,
              _diffusers_loop(FlowMatchHeunDiscreteScheduler, False), "2N-1 calls; last step Euler"),
-        Peer("diffusers DPM++2M", "diffusers", lambda s: s,
-             _diffusers_loop(lambda: DPMSolverMultistepScheduler(**flow), True), note),
-        Peer("diffusers UniPC", "diffusers", lambda s: s,
-             _diffusers_loop(lambda: UniPCMultistepScheduler(**flow), True), note),
+        # DPM's shipped flow sigmas start at 0.999 (an O(1e-3) error floor): the exact grid is used
+        Peer("diffusers DPM++2M", "diffusers", lambda s: s, _diffusers_loop(dpm, True),
+             cfg + "; sigmas set to the exact uniform grid 1 -> 0"),
+        Peer("diffusers UniPC", "diffusers", lambda s: s, _diffusers_loop(unipc, False),
+             cfg + "; shipped sigmas (start at 1)"),
     ]
-    variants = {  # the shipped multistep flow sigmas, for the convergence check only
-        "diffusers DPM++2M": _diffusers_loop(lambda: DPMSolverMultistepScheduler(**flow), False),
-        "diffusers UniPC": _diffusers_loop(lambda: UniPCMultistepScheduler(**flow), False),
+    variants = {  # both sigma grids of the multistep schedulers, for the convergence check
+        "diffusers DPM++2M": {"shipped": _diffusers_loop(dpm, False), "exact": _diffusers_loop(dpm, True), "used": "exact"},
+        "diffusers UniPC": {"shipped": _diffusers_loop(unipc, False), "exact": _diffusers_loop(unipc, True), "used": "shipped"},
     }
-    return peers, {"version": diffusers.__version__, "shipped": variants}
+    return peers, {"version": diffusers.__version__, "variants": variants}
 
 
 def _torchdiffeq_peers() -> Tuple[List[Peer], Dict[str, Any]]:
@@ -433,7 +442,7 @@ def _make_field(name: str, out: Path, runs, quick: bool, seed: int, n: Optional[
         data, metric, title = reference_data(data_source, 0).x, "fd", "digits 8x8, UNet flow (float32)"
     else:
         data, metric = reference_data(data_source, 4000 if not quick else 600).x, "w2"
-        title = f"{kind} 2D, MLP flow (float32)"
+        title = f"{data_source} 2D, MLP flow (float32)"
     return Field(name, title, model, f32, noise, calib, model64=model64, cond=cond, calib_cond=calib_cond,
                  n_candidates=sizes[2], data=data, metric=metric, source=source)
 
@@ -592,7 +601,7 @@ def _peer_method(p: Peer, fld: Field) -> Method:
 def _bench_field(fld: Field, nfes: Sequence[int], peers: List[Peer], peer_info: Dict[str, Any], quick: bool,
                  progress: bool, search_max_nfe: int, fine_steps: int) -> Dict[str, Any]:
     from .. import grids as sfgrids
-    from ..solvers import available, get_solver
+    from ..solvers import available, get_solver, sample
 
     t_field = time.perf_counter()
     _reference(fld)
@@ -617,8 +626,6 @@ def _bench_field(fld: Field, nfes: Sequence[int], peers: List[Peer], peer_info: 
         errs = {}
         for g in ["uniform"] + extra_grids:
             try:
-                from ..solvers import sample
-
                 r = sample(fld.model, fld.calib, solver=s, steps=steps, grid=g, cond=fld.calib_cond)
                 errs[g] = _rmse(r.x, cal.ref.end)
             except Exception as e:
@@ -704,28 +711,26 @@ def _adaptive_rows(fld: Field, peer_info, quick: bool, failures: List[str]) -> L
 
 @torch.no_grad()
 def _diffusers_check(fld: Field, peer_info, quick: bool, failures: List[str]) -> List[Dict[str, Any]]:
-    """Convergence of the diffusers multistep schedulers on the oracle: shipped flow sigmas
-    (start at 0.999) against the exact grid used in the benchmark."""
+    """Convergence of the diffusers multistep schedulers on the oracle: their shipped flow sigmas
+    against the exact uniform grid 1 -> 0 (the tables use the one marked ``used``)."""
     info = peer_info.get("diffusers")
     if not info:
         return []
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: F401
-
     rows = []
     steps_list = (4, 16, 64) if quick else (4, 16, 64, 256)
-    exact = {p.name: p for p in info.get("peers", [])}
-    for name, shipped in info["shipped"].items():
-        for label, run in (("shipped sigmas (0.999 -> 0)", shipped), ("exact sigmas (1 -> 0)", exact[name].run)):
+    for name, v in info["variants"].items():
+        for key in ("shipped", "exact"):
             errs = {}
             for s in steps_list:
                 c = Counter(fld.model, fld.cond)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     try:
-                        errs[s] = _rmse(run(c, fld.noise.clone(), s), fld.ref)
+                        errs[s] = _rmse(v[key](c, fld.noise.clone(), s), fld.ref)
                     except Exception as e:
                         failures.append(f"{name} check: {type(e).__name__}: {e}")
-            rows.append({"method": name, "variant": label, "rmse": errs})
+            label = "shipped flow sigmas" if key == "shipped" else "exact uniform sigmas 1 -> 0"
+            rows.append({"method": name, "variant": label, "used": v["used"] == key, "rmse": errs})
     return rows
 
 
@@ -947,6 +952,8 @@ def _markdown(meta: Dict[str, Any], fields_out: Dict[str, Any], summary, overhea
           "Peers: " + ", ".join(f"{k} {v}" for k, v in meta["peer_versions"].items()) + "."]
     for lib, why in meta["peers_skipped"].items():
         L.append(f"- **{lib} skipped**: {why}")
+    for name, note in meta.get("peer_notes", {}).items():
+        L.append(f"- {name}: {note}")
     for note in meta["notes"]:
         L.append(f"- {note}")
     L += ["", "Metric: endpoint RMSE (all elements) to a fine reference solve of the same field from the same noise. "
@@ -1002,9 +1009,11 @@ def _markdown(meta: Dict[str, Any], fields_out: Dict[str, Any], summary, overhea
         if fo["diffusers_check"]:
             steps = sorted({int(k) for row in fo["diffusers_check"] for k in row["rmse"]})
             L += ["diffusers multistep schedulers, convergence on this oracle (RMSE by step count = NFE):", "",
-                  "| scheduler | sigmas | " + " | ".join(str(s) for s in steps) + " |", "|---|---|" + "---:|" * len(steps)]
+                  "| scheduler | sigmas | used in the tables | " + " | ".join(str(s) for s in steps) + " |",
+                  "|---|---|---|" + "---:|" * len(steps)]
             for row in fo["diffusers_check"]:
-                L.append(f"| {row['method']} | {row['variant']} | " + " | ".join(_fmt(row["rmse"].get(s, row["rmse"].get(str(s)))) for s in steps) + " |")
+                L.append(f"| {row['method']} | {row['variant']} | {'yes' if row['used'] else 'no'} | "
+                         + " | ".join(_fmt(row["rmse"].get(s, row["rmse"].get(str(s)))) for s in steps) + " |")
             L.append("")
         if fo.get("metrics"):
             L += [f"Distribution metric (n = {fo['metrics'][0]['n']} samples, fresh noise; best {meta['metric_top']} of each side by RMSE):", "",
@@ -1074,12 +1083,8 @@ def bench_solvers(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        from ..cli import machine_line
-
         loaded, failed = discover_solvers()
         peers, peer_info, peers_skipped = make_peers()
-        if "diffusers" in peer_info:
-            peer_info["diffusers"]["peers"] = [p for p in peers if p.library == "diffusers"]
         notes = []
         if loaded:
             notes.append("straightflow solver modules imported by the benchmark (not yet imported by "
@@ -1099,11 +1104,8 @@ def bench_solvers(
             fo = _bench_field(fld, nfes, peers, peer_info, quick, progress, search_max_nfe,
                               fine_steps=128 if quick else 256)
             if fld.data is not None:
-                by_name = {}
-                cal_methods = _methods_for_metrics(fld, fo, peers)
-                by_name.update(cal_methods)
-                fo["metrics"] = _distribution_metrics(fld, fo, by_name, nfes, metric_samples, metric_top, seed,
-                                                      fo["failures"])
+                fo["metrics"] = _distribution_metrics(fld, fo, _methods_for_metrics(fld, fo, peers), nfes,
+                                                      metric_samples, metric_top, seed, fo["failures"])
             fields_out[fname] = fo
             _plot(out / f"solvers-{fname}.png", fname, fo)
             _log(f"{fname} done ({fo['seconds']} s)", progress)
@@ -1130,7 +1132,7 @@ def bench_solvers(
     meta = {"machine": ml, "cpus": os.cpu_count(), "threads": threads, "date": _dt.date.today().isoformat(),
             "load": load, "command": cmd, "quick": quick, "nfes": list(nfes), "fields": list(fields),
             "peer_versions": {k: v.get("version", "?") for k, v in peer_info.items()},
-            "peers_skipped": peers_skipped, "notes": notes, "metric_top": metric_top,
+            "peers_skipped": peers_skipped, "notes": notes, "peer_notes": {p.name: p.note for p in peers if p.note}, "metric_top": metric_top,
             "torch": torch.__version__, "seconds": time.perf_counter() - t_start}
     md = _markdown(meta, fields_out, summary, ov, nfes)
     (out / "solvers.md").write_text(md)
