@@ -347,17 +347,9 @@ PathLike = Union[str, AffinePath, Dict]
 
 def get_path(path: PathLike = "linear", **kwargs) -> AffinePath:
     """Build a path from a name, a config dict (``{"name": ..., **params}``) or pass one through."""
-    if isinstance(path, AffinePath):
-        return path
-    if isinstance(path, dict):
-        cfg = dict(path)
-        if "name" not in cfg:
-            raise ValueError(f"a path config needs a 'name' key; valid names: {', '.join(PATHS.names())}")
-        name = cfg.pop("name")
-        if name == "custom":
-            raise ValueError("a custom path cannot be rebuilt from its config; pass the CustomPath object")
-        return PATHS.get(name)(**cfg, **kwargs)
-    return PATHS.get(path)(**kwargs)
+    if isinstance(path, dict) and path.get("name") == "custom":
+        raise ValueError("a custom path cannot be rebuilt from its config; pass the CustomPath object")
+    return PATHS.build(path, AffinePath, **kwargs)
 
 
 def available() -> list:
