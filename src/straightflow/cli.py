@@ -194,7 +194,7 @@ def run_demo(out: str = "out", quick: bool = False, seed: int = 0, progress: boo
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    steps_2d, steps_img = (150, 40) if quick else (6000, 2000)
+    steps_2d, steps_img = (150, 40) if quick else (6000, 2500)
     n_eval = 300 if quick else 4000
     lines = [f"# straightflow demo report", "",
              f"Date {date.today().isoformat()}; machine: {machine_line()}; "
