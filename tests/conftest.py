@@ -10,3 +10,17 @@ torch.set_num_threads(int(os.environ.get("STRAIGHTFLOW_TEST_THREADS", "1")))
 
 # Caches (the metric classifier) go to the checkout, not the user's home; shared by workers.
 os.environ.setdefault("STRAIGHTFLOW_CACHE", str(Path(__file__).resolve().parent.parent / ".sf-cache"))
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The 2D Gaussian-mixture oracle field shared by the solver tests (exact velocity, float64)."""
+    from straightflow.oracle import GaussianMixtureFlow
+
+    return GaussianMixtureFlow.random(dim=2, n_components=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def noise():
+    """256 fixed float64 source samples for the 2D oracle."""
+    return torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

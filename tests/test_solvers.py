@@ -12,16 +12,6 @@ from straightflow.grids import GridError
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    return GaussianMixtureFlow.random(dim=2, n_components=4, seed=1)
-
-
-@pytest.fixture(scope="module")
-def noise():
-    return torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
 def reference(oracle, noise):
     # RK4 at 512 steps in float64: error ~ h^4 ~ 1e-11, far below every error measured here
     return sample(oracle, noise, solver="rk4", steps=512).x

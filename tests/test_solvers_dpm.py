@@ -38,22 +38,12 @@ def rmse(a, b):
 
 
 @pytest.fixture(scope="module")
-def oracle2():
-    return GaussianMixtureFlow.random(dim=2, n_components=4, seed=1)
-
-
-@pytest.fixture(scope="module")
-def noise2():
-    return torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def setups(oracle2, noise2):
+def setups(oracle, noise):
     """Per dimension: oracle, noise and an RK4 reference on the interior interval (800 steps)."""
     o16 = GaussianMixtureFlow.random(dim=16, n_components=4, seed=1)
     n16 = torch.randn(128, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = {}
-    for dim, o, z in ((2, oracle2, noise2), (16, o16, n16)):
+    for dim, o, z in ((2, oracle, noise), (16, o16, n16)):
         out[dim] = (o, z, sample(o, z, solver="rk4", grid=lam_grid(800)).x)
     return out
 
@@ -88,24 +78,24 @@ def test_unipc_corrector_raises_the_order(setups):
 
 
 @pytest.mark.parametrize("grid", ["uniform", "logsnr", "shifted"])
-def test_dpmpp1_is_euler_on_the_linear_path(oracle2, noise2, grid):
-    a = sample(oracle2, noise2, solver="dpm++1", steps=7, grid=grid)
-    b = sample(oracle2, noise2, solver="euler", steps=7, grid=grid)
+def test_dpmpp1_is_euler_on_the_linear_path(oracle, noise, grid):
+    a = sample(oracle, noise, solver="dpm++1", steps=7, grid=grid)
+    b = sample(oracle, noise, solver="euler", steps=7, grid=grid)
     assert (a.x - b.x).abs().max().item() < 1e-12
     assert a.nfe == b.nfe == 7
     # inversion too, including the first step from t = 1 (sigma = 0)
-    ia = invert(oracle2, a.x, solver="dpm++1", steps=7, grid=grid).x
-    ib = invert(oracle2, a.x, solver="euler", steps=7, grid=grid).x
+    ia = invert(oracle, a.x, solver="dpm++1", steps=7, grid=grid).x
+    ib = invert(oracle, a.x, solver="euler", steps=7, grid=grid).x
     assert (ia - ib).abs().max().item() < 1e-12
 
 
 @pytest.mark.parametrize("solver", NEW)
-def test_nfe_counts(oracle2, noise2, solver):
+def test_nfe_counts(oracle, noise, solver):
     spec = get_solver(solver)
-    oracle2.reset_nfe()
-    interior = sample(oracle2, noise2[:16], solver=solver, grid=lam_grid(6))
-    assert interior.nfe == oracle2.nfe == spec.nfe(6)
-    full = sample(oracle2, noise2[:16], solver=solver, steps=6)
+    oracle.reset_nfe()
+    interior = sample(oracle, noise[:16], solver=solver, grid=lam_grid(6))
+    assert interior.nfe == oracle.nfe == spec.nfe(6)
+    full = sample(oracle, noise[:16], solver=solver, steps=6)
     if solver in MULTISTEP:
         assert full.nfe == 6  # one evaluation per step, the corrector included
     else:  # the first (from lam = -inf) and the last (to lam = +inf) steps are first order
@@ -139,28 +129,28 @@ def test_other_paths_finite_and_converging(path):
 
 
 @pytest.mark.parametrize("solver", ["dpm++2m", "dpm++3m", "dpm++2s", "dpm++3s", "unipc-bh2"])
-def test_inversion_round_trip(oracle2, noise2, solver):
-    x1 = sample(oracle2, noise2, solver="rk4", steps=256).x
+def test_inversion_round_trip(oracle, noise, solver):
+    x1 = sample(oracle, noise, solver="rk4", steps=256).x
     errs = []
     for steps in (8, 32):
-        zz = invert(oracle2, x1, solver=solver, steps=steps).x
+        zz = invert(oracle, x1, solver=solver, steps=steps).x
         assert torch.isfinite(zz).all()
-        errs.append(rmse(sample(oracle2, zz, solver=solver, steps=steps).x, x1))
+        errs.append(rmse(sample(oracle, zz, solver=solver, steps=steps).x, x1))
     assert errs[1] < 0.25 * errs[0], errs
 
 
-def test_unipc_trajectory_holds_the_corrected_states(oracle2, noise2):
-    res = sample(oracle2, noise2[:8], solver="unipc", steps=5, return_trajectory=True)
+def test_unipc_trajectory_holds_the_corrected_states(oracle, noise):
+    res = sample(oracle, noise[:8], solver="unipc", steps=5, return_trajectory=True)
     assert res.trajectory.shape == (6, 8, 2) and res.nfe == 5
-    assert torch.equal(res.trajectory[0], noise2[:8]) and torch.equal(res.trajectory[-1], res.x)
-    plain = sample(oracle2, noise2[:8], solver="unipc", steps=5, corrector=False)
+    assert torch.equal(res.trajectory[0], noise[:8]) and torch.equal(res.trajectory[-1], res.x)
+    plain = sample(oracle, noise[:8], solver="unipc", steps=5, corrector=False)
     assert not torch.allclose(plain.x, res.x)
 
 
-def test_bad_options(oracle2, noise2):
+def test_bad_options(oracle, noise):
     with pytest.raises(ValueError, match="order"):
-        sample(oracle2, noise2, solver="unipc", steps=4, order=4)
+        sample(oracle, noise, solver="unipc", steps=4, order=4)
     with pytest.raises(ValueError, match="variant"):
-        sample(oracle2, noise2, solver="unipc", steps=4, variant="bh3")
+        sample(oracle, noise, solver="unipc", steps=4, variant="bh3")
     with pytest.raises(ValueError, match="r1"):
-        sample(oracle2, noise2, solver="dpm++2s", steps=4, r1=0.0)
+        sample(oracle, noise, solver="dpm++2s", steps=4, r1=0.0)

@@ -29,11 +29,6 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def noise():
-    return torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
 def reference(oracle, noise):
     return sample(oracle, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12, t0=T0, t1=T1).x
 
