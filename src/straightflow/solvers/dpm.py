@@ -105,6 +105,12 @@ def _derivatives(hist: List[Tuple[float, object]]):
     return [f01 + (l0 - l1) * f012, 2.0 * f012]
 
 
+def _push_history(hist: List[Tuple[float, object]], lam: float, m, order: int) -> List[Tuple[float, object]]:
+    """Append ``(lam, m)`` keeping the newest ``order`` points; an evaluation at infinite ``lam``
+    (t = 0 or t = 1) is unusable as history, so it empties it (the multistep method warms up again)."""
+    return (hist + [(lam, m)])[-order:] if math.isfinite(lam) else []
+
+
 def _order_now(order: int, n_hist: int, i: int, n: int, lower_order_final: bool, lam_s: float, lam_t: float) -> int:
     """Order of step ``i`` of ``n``: history-limited (warm-up), lower on the last steps when
     ``lower_order_final`` and ``n < 15`` (as the reference implementations do), 1 at infinite lam."""
@@ -130,10 +136,7 @@ def _multistep(f, x, ts, path, order, lower_order_final, callback):
         v = f(x, ts[i], i)
         m = _x1(path, v, x, ts[i])
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
-        if math.isfinite(lam_s):
-            hist = (hist + [(lam_s, m)])[-order:]
-        else:
-            hist = []
+        hist = _push_history(hist, lam_s, m, order)
         k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
         x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
         if k >= 2:

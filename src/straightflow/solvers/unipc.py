@@ -31,7 +31,7 @@ import math
 import torch
 
 from .base import register_solver
-from .dpm import _ab, _first_order, _hphi, _order_now, _path, _x1
+from .dpm import _ab, _first_order, _hphi, _order_now, _path, _push_history, _x1
 
 _VARIANTS = ("bh1", "bh2")
 
@@ -79,10 +79,7 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
             if callback is not None:
                 callback(i, ts[i], x)
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
-        if math.isfinite(lam_s):
-            hist = (hist + [(lam_s, m)])[-order:]
-        else:
-            hist = []
+        hist = _push_history(hist, lam_s, m, order)
         k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
         pts = hist[-k:] if hist else []
         x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
