@@ -265,7 +265,35 @@ def cmd_bench(a) -> int:
         argv += ["--run-digits", a.run_digits] if a.run_digits else []
         argv += ["--quick"] if a.quick else []
         return bench_solvers_main(argv)
-    raise SystemExit(f"error: unknown bench suite {a.suite!r}; valid: train, solvers")
+    if a.suite in BENCH_SUITES:
+        import importlib
+
+        mod = importlib.import_module(f"straightflow.bench.{a.suite}")
+        argv = ["--out", a.out, "--threads", str(a.threads)] + (["--quick"] if a.quick else []) + list(a.extra)
+        return int(mod.main(argv) or 0)
+    raise SystemExit(f"error: unknown bench suite {a.suite!r}; valid: {', '.join(['train', 'solvers', *BENCH_SUITES])}")
+
+
+# Suites living in straightflow/bench/<name>.py with a ``main(argv) -> int`` taking --out, --threads,
+# --quick and their own options (passed through from the command line).
+BENCH_SUITES = ("straighten", "control", "stream", "images")
+
+# Sub-packages that add their own commands: each has a ``cli.py`` with ``register(subparsers)``
+# adding subcommands whose ``fn(args) -> int`` is set with ``set_defaults(fn=...)``.
+PLUGINS = ("straighten", "control", "stream", "images")
+
+
+def _register_plugins(sub) -> None:
+    import importlib
+
+    for name in PLUGINS:
+        try:
+            mod = importlib.import_module(f"straightflow.{name}.cli")
+        except ModuleNotFoundError as e:
+            if e.name in (f"straightflow.{name}", f"straightflow.{name}.cli"):
+                continue  # that part of the library is not built yet
+            raise
+        mod.register(sub)
 
 
 # ----------------------------------------------------------------------------- list
@@ -356,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark suites that write Markdown tables and plots")
-    b.add_argument("suite", help="train (trainer overhead vs peers) or solvers (error vs NFE vs peers)")
+    b.add_argument("suite", help="train (trainer overhead vs peers), solvers (error vs NFE vs peers), "
+                   "straighten, control, stream or images")
     b.add_argument("--out", default="bench_out")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--steps", type=int, default=300, help="train: steps per timed run")
@@ -364,8 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fields", default=None, help="solvers: oracle2d,oracle64d,checkerboard,digits")
     b.add_argument("--run-2d", default=None, help="solvers: a trained 2D run directory (else one is trained)")
     b.add_argument("--run-digits", default=None, help="solvers: a trained digits run directory")
-    b.add_argument("--quick", action="store_true", help="solvers: tiny settings")
+    b.add_argument("--quick", action="store_true", help="tiny settings (seconds to minutes) to check the pipeline")
+
     b.set_defaults(fn=cmd_bench)
+
+    _register_plugins(sub)
 
     li = sub.add_parser("list", help="list every registered name (data, models, paths, solvers, ...)")
     li.set_defaults(fn=cmd_list)
@@ -374,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra and not (a.cmd == "bench" and a.suite in BENCH_SUITES):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    a.extra = extra  # suite-specific options for `bench straighten|control|stream|images`
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
