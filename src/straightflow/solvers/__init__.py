@@ -16,6 +16,7 @@ from .base import SOLVERS, CountedVelocity, NonFiniteError, SampleResult, Solver
 from . import ode  # noqa: F401  (registers euler, midpoint, heun, rk4)
 from . import dpm  # noqa: F401  (registers dpm++1/2s/3s/2m/3m)
 from . import unipc  # noqa: F401  (registers unipc, unipc-bh1, unipc-bh2)
+from . import deis  # noqa: F401  (registers deis, deis-pc)
 from . import multistep  # noqa: F401  (registers ab2, ab3, ab4, plms/pndm, hb, ghvb, heun_pc/flowturbo)
 from . import adaptive  # noqa: F401  (registers dopri5)
 from . import sde  # noqa: F401  (registers sde/euler_maruyama)

@@ -9,7 +9,7 @@ grid time (it builds the trajectory).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -66,6 +66,27 @@ def register_solver(name: str, order: int, evals_per_step: int, aliases=(), stoc
         return fn
 
     return deco
+
+
+def lincomb(terms: Sequence[Tuple[float, Tensor]]) -> Tensor:
+    """``sum_k c_k x_k`` for Python-float ``c_k`` in as few full passes as possible.
+
+    A leading coefficient of 1 costs nothing extra (``torch.add(x, y, alpha=c)``); every further
+    term is one fused in-place ``add_``. Zero coefficients are skipped. The solvers build their
+    updates with this instead of ``a * x + b * y + ...`` (one temporary and one pass per operator).
+    """
+    terms = [(float(c), x) for c, x in terms if float(c) != 0.0]
+    if not terms:
+        raise ValueError("lincomb needs at least one non-zero coefficient")
+    (c0, x0), rest = terms[0], terms[1:]
+    if c0 == 1.0 and rest:
+        (c1, x1), rest = rest[0], rest[1:]
+        out = torch.add(x0, x1, alpha=c1)
+    else:
+        out = torch.mul(x0, c0)
+    for c, x in rest:
+        out.add_(x, alpha=c)
+    return out
 
 
 class CountedVelocity:
