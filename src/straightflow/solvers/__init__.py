@@ -65,7 +65,11 @@ def solve(
     """
     spec = SOLVERS.get(solver)
     g = validate_grid(grid)
-    f = CountedVelocity(model, cond, check_finite=check_finite)
+    # NaN/Inf: the loop itself runs unchecked (a per-call check is a full extra pass over the
+    # batch and a host sync per evaluation). A non-finite value persists in the state, so the
+    # final state is checked once; only then is the solve replayed, from the same generator
+    # state, with every evaluation checked, to name the step and time where it first appeared.
+    f = CountedVelocity(model, cond, check_finite=False)
     ts = g.tolist()
     traj = [x] if return_trajectory else None
     cb = (lambda i, t, xi: traj.append(xi)) if return_trajectory else None
@@ -73,8 +77,13 @@ def solve(
         options.setdefault("generator", generator)
     if spec.needs_path:
         options.setdefault("path", get_path(path))
+    gen = options.get("generator")
+    gen_state = gen.get_state() if (check_finite and gen is not None) else None
     out = spec.fn(f, x, ts, callback=cb, **options)
-    if check_finite and not bool(torch.isfinite(out).all()):
+    if check_finite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
+        if gen_state is not None:
+            gen.set_state(gen_state)
+        spec.fn(CountedVelocity(model, cond, check_finite=True), x, ts, callback=None, **options)
         raise NonFiniteError(f"solver {spec.name!r} produced NaN/Inf in its final state")
     return SampleResult(
         x=out, nfe=f.nfe, times=g,

@@ -94,8 +94,9 @@ class CountedVelocity:
 
     ``nfe`` counts evaluations of the whole batch; a model that really computes several rows per
     sample (classifier-free guidance batches conditional and unconditional rows) declares
-    ``evals_per_call`` and is charged that many. ``check_finite`` costs one host sync per call;
-    turn it off for compiled/CUDA-graph loops.
+    ``evals_per_call`` and is charged that many. ``check_finite`` costs a pass over the output
+    and one host sync per call: :func:`straightflow.solvers.solve` runs its loop unchecked and
+    replays a failed solve with the check on, to name the step.
     """
 
     def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None, check_finite: bool = True) -> None:

@@ -27,14 +27,15 @@ is first order and uncorrected (the integral diverges there).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import json
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..paths import AffinePath
 from .base import lincomb, register_solver
-from .dpm import _path
+from .dpm import _path, _x1_coefs, _x1_fast
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(24)
 _ZERO = 1e-12
@@ -74,8 +75,27 @@ def _coefs(path: AffinePath, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.where(np.abs(a) < _ZERO, 0.0, a), np.where(np.abs(s) < _ZERO, 0.0, s)
 
 
+_CACHE: Dict[tuple, Tuple[float, List[float]]] = {}
+
+
 def step_weights(path: AffinePath, s: float, t: float, nodes: Sequence[float]) -> Tuple[float, List[float]]:
-    """``(c, W)`` with ``x_t = c x_s + sum_j W_j m_j`` for the nodes ``nodes`` (``nodes[0] == s``)."""
+    """``(c, W)`` with ``x_t = c x_s + sum_j W_j m_j`` for the nodes ``nodes`` (``nodes[0] == s``).
+
+    Scalars of the grid alone, so they are cached (per path configuration): repeated sampling on
+    one grid pays for the quadrature once.
+    """
+    cfg = path.config()
+    ident = path if cfg.get("name") == "custom" else json.dumps(cfg, sort_keys=True)  # custom: by identity
+    key = (ident, float(s), float(t), tuple(float(v) for v in nodes))
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) > 20000:
+            _CACHE.clear()
+        hit = _CACHE[key] = _step_weights(path, s, t, nodes)
+    return hit[0], list(hit[1])
+
+
+def _step_weights(path: AffinePath, s: float, t: float, nodes: Sequence[float]) -> Tuple[float, List[float]]:
     (a_s, a_t), (s_s, s_t) = _coefs(path, np.array([s, t]))
     if s_s <= 0.0:
         raise ValueError("a step starting at sigma = 0 has no finite multistep form; use one node")
@@ -98,11 +118,12 @@ def _deis(f, x, ts, path, order: int, corrector: bool, lower_order_final: bool, 
     n = len(ts) - 1
     a_all, s_all = _coefs(path, np.asarray(ts, dtype=np.float64))
     tdt = dict(dtype=x.dtype, device=x.device)
+    cm = _x1_coefs(path, ts)
     hist: list = []   # (tau, m), newest first
     prev = None       # (x_s, history used as the corrector's older nodes)
     for i in range(n):
         v = f(x, ts[i], i)
-        m = path.velocity_to_x1(v, x, torch.as_tensor(ts[i], **tdt))
+        m = _x1_fast(cm[i], x, v)
         if prev is not None:
             x_s, older = prev
             if corrector:

@@ -33,7 +33,7 @@ from typing import List, Tuple
 import torch
 
 from ..paths import AffinePath, get_path
-from .base import register_solver
+from .base import lincomb, register_solver
 
 _ZERO = 1e-12
 
@@ -52,6 +52,49 @@ def _ab(path: AffinePath, t: float) -> Tuple[float, float, float]:
     else:
         lam = math.log(a) - math.log(s)
     return a, s, lam
+
+
+def _ab_grid(path: AffinePath, ts) -> List[Tuple[float, float, float]]:
+    """:func:`_ab` for every grid time in one vectorised evaluation."""
+    tt = torch.as_tensor(ts, dtype=torch.float64)
+    A, S = path.alpha(tt).tolist(), path.sigma(tt).tolist()
+    out = []
+    for a, s in zip(A, S):
+        a = 0.0 if abs(a) < _ZERO else a
+        s = 0.0 if abs(s) < _ZERO else s
+        lam = -math.inf if a <= 0.0 else (math.inf if s <= 0.0 else math.log(a) - math.log(s))
+        out.append((a, s, lam))
+    return out
+
+
+def _x1_coefs(path: AffinePath, ts) -> List[Tuple[float, float]]:
+    """``(c_x, c_v)`` with ``x1_hat = c_x x + c_v v`` at every grid time (the path's 2x2 inverse)."""
+    tt = torch.as_tensor(ts, dtype=torch.float64)
+    a, s, da, ds = path.alpha(tt), path.sigma(tt), path.d_alpha(tt), path.d_sigma(tt)
+    det = a * ds - s * da
+    det = torch.where(det.abs() < _ZERO, torch.full_like(det, _ZERO) * torch.where(det < 0, -1.0, 1.0), det)
+    return list(zip((ds / det).tolist(), (-s / det).tolist()))
+
+
+def _x1_fast(c, x, v):
+    cx, cv = c
+    return torch.add(x, v, alpha=cv) if cx == 1.0 else lincomb([(cx, x), (cv, v)])
+
+
+def _derivative_weights(lams: List[float]) -> List[List[float]]:
+    """Weights ``w[d][j]`` with ``m^{(d+1)}(lam_0) = sum_j w[d][j] m_j`` for the interpolating
+    polynomial through ``(lams[j], m_j)`` (newest first; at most 3 points): the divided
+    differences of :func:`_derivatives` as scalars, so a step is one linear combination."""
+    if len(lams) == 1:
+        return []
+    l0, l1 = lams[0], lams[1]
+    f01 = [1.0 / (l0 - l1), -1.0 / (l0 - l1), 0.0]
+    if len(lams) == 2:
+        return [f01[:2]]
+    l2 = lams[2]
+    f12 = [0.0, 1.0 / (l1 - l2), -1.0 / (l1 - l2)]
+    f012 = [(a - b) / (l0 - l2) for a, b in zip(f01, f12)]
+    return [[a + (l0 - l1) * b for a, b in zip(f01, f012)], [2.0 * b for b in f012]]
 
 
 def _t_of_lam(path: AffinePath, lam: float) -> float:
@@ -130,23 +173,28 @@ def _path(path) -> AffinePath:
 def _multistep(f, x, ts, path, order, lower_order_final, callback):
     path = _path(path)
     n = len(ts) - 1
-    ab = [_ab(path, t) for t in ts]
+    ab = _ab_grid(path, ts)
+    cm = _x1_coefs(path, ts)
     hist: list = []  # (lam, x1_hat) at finite lam, newest last
     for i in range(n):
         v = f(x, ts[i], i)
-        m = _x1(path, v, x, ts[i])
-        lam_s, lam_t = ab[i][2], ab[i + 1][2]
+        m = _x1_fast(cm[i], x, v)
+        (a_s, s_s, lam_s), (a_t, s_t, lam_t) = ab[i], ab[i + 1]
         hist = _push_history(hist, lam_s, m, order)
         k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
-        x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
-        if k >= 2:
-            h = lam_t - lam_s
-            d = _derivatives(hist[-k:])
-            corr = _hphi(2, h) * d[0]
-            if k >= 3:
-                corr = corr + _hphi(3, h) * d[1]
-            x_new = x_new + ab[i + 1][0] * corr
-        x = x_new
+        if s_s <= 0.0:  # from the data (inversion): DDIM with both predictions
+            x = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
+        else:
+            # x_t = r x_s + (a_t - a_s r) m_s + a_t [H_2 m' + H_3 m''], m^(d) = sum_j w[d][j] m_j
+            r = s_t / s_s
+            pts = hist[-k:][::-1] if k >= 2 else [(lam_s, m)]  # newest first
+            coef = [a_t - a_s * r] + [0.0] * (len(pts) - 1)
+            if k >= 2:
+                h = lam_t - lam_s
+                for d, w in enumerate(_derivative_weights([p[0] for p in pts])):
+                    hk = a_t * _hphi(d + 2, h)
+                    coef = [c + hk * wj for c, wj in zip(coef, w)]
+            x = lincomb([(r, x)] + [(c, p[1]) for c, p in zip(coef, pts)])
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return x

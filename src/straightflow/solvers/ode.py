@@ -5,6 +5,8 @@ Each function integrates ``dx/dt = v(x, t)`` over ``ts`` with ``h = t_{i+1} - t_
 """
 from __future__ import annotations
 
+import torch
+
 from .base import SOLVERS, register_solver
 
 
@@ -12,8 +14,7 @@ from .base import SOLVERS, register_solver
 def euler(f, x, ts, callback=None):
     """Euler: ``x_{i+1} = x_i + h v(x_i, t_i)`` (the rectified-flow sampler, Liu et al. 2022)."""
     for i in range(len(ts) - 1):
-        h = ts[i + 1] - ts[i]
-        x = x + h * f(x, ts[i], i)
+        x = torch.add(x, f(x, ts[i], i), alpha=ts[i + 1] - ts[i])  # one fused pass
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return x

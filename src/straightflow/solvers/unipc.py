@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
-from .base import register_solver
-from .dpm import _ab, _first_order, _hphi, _order_now, _path, _push_history, _x1
+from .base import lincomb, register_solver
+from .dpm import _ab_grid, _first_order, _hphi, _order_now, _path, _push_history, _x1_coefs, _x1_fast
 
 _VARIANTS = ("bh1", "bh2")
 
@@ -45,10 +45,29 @@ def _rhos(rs, h: float, bh: float):
     p = len(rs)
     if p == 1:
         return [0.5]
-    R = torch.tensor([[r ** (nn - 1) for r in rs] for nn in range(1, p + 1)], dtype=torch.float64)
-    b = torch.tensor([math.factorial(nn) * _hphi(nn + 1, h) / (h**nn * bh) for nn in range(1, p + 1)],
-                     dtype=torch.float64)
-    return torch.linalg.solve(R, b).tolist()
+    R = np.array([[r ** (nn - 1) for r in rs] for nn in range(1, p + 1)], dtype=np.float64)
+    b = np.array([math.factorial(nn) * _hphi(nn + 1, h) / (h**nn * bh) for nn in range(1, p + 1)])
+    return np.linalg.solve(R, b).tolist()
+
+
+def _update(x_s, m_s, ab_s, ab_t, pts, extra, rho, bh):
+    """``(sigma_t/sigma_s) x_s + alpha_t [H_1 m_s + B sum_j rho_j D_j]`` as one linear combination,
+    ``D_j = (m_j - m_s) / r_j`` for the history ``pts`` and ``D = m_t - m_s`` for ``extra`` (corrector)."""
+    (a_s, s_s, lam_s), (a_t, _, lam_t) = ab_s, ab_t
+    r = ab_t[1] / s_s
+    h = lam_t - lam_s
+    c_ms = a_t - a_s * r
+    terms = [(r, x_s)]
+    for (l, mj), rh in zip(pts, rho):
+        rj = (l - lam_s) / h
+        w = a_t * bh * rh / rj
+        terms.append((w, mj))
+        c_ms -= w
+    if extra is not None:
+        w = a_t * bh * rho[-1]
+        terms.append((w, extra))
+        c_ms -= w
+    return lincomb(terms + [(c_ms, m_s)])
 
 
 def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callback):
@@ -58,38 +77,34 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     path = _path(path)
     n = len(ts) - 1
-    ab = [_ab(path, t) for t in ts]
+    ab = _ab_grid(path, ts)
+    cm = _x1_coefs(path, ts)
     hist: list = []  # (lam, x1_hat) at finite lam, newest last
     prev = None      # (x at the start of the last step, order used, its history points)
     for i in range(n):
         v = f(x, ts[i], i)
-        m = _x1(path, v, x, ts[i])
+        m = _x1_fast(cm[i], x, v)
         if prev is not None:
             x_s, k, pts = prev
             lam_s, lam_t = ab[i - 1][2], ab[i][2]
             if corrector and math.isfinite(lam_s) and math.isfinite(lam_t):
                 h = lam_t - lam_s
                 bh = _b(h, variant)
-                m_s = pts[-1][1]
-                rs = [(l - lam_s) / h for l, _ in pts[:-1]] + [1.0]
-                ds = [(mj - m_s) / r for (_, mj), r in zip(pts[:-1], rs)] + [m - m_s]
-                rho = _rhos(rs, h, bh)
-                acc = sum(r * d for r, d in zip(rho, ds))
-                x = _first_order(path, x_s, m_s, None, ts[i - 1], ab[i - 1], ab[i]) + ab[i][0] * bh * acc
+                rho = _rhos([(l - lam_s) / h for l, _ in pts[:-1]] + [1.0], h, bh)
+                x = _update(x_s, pts[-1][1], ab[i - 1], ab[i], pts[:-1], m, rho, bh)
             if callback is not None:
                 callback(i, ts[i], x)
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
         hist = _push_history(hist, lam_s, m, order)
         k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
         pts = hist[-k:] if hist else []
-        x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
-        if k >= 2:
+        if ab[i][1] <= 0.0:  # from the data (inversion): DDIM with both predictions
+            x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
+        else:
             h = lam_t - lam_s
-            bh = _b(h, variant)
-            rs = [(l - lam_s) / h for l, _ in pts[:-1]]
-            ds = [(mj - m) / r for (_, mj), r in zip(pts[:-1], rs)]
-            rho = _rhos(rs, h, bh)
-            x_new = x_new + ab[i + 1][0] * bh * sum(r * d for r, d in zip(rho, ds))
+            bh = _b(h, variant) if k >= 2 else 0.0
+            rho = _rhos([(l - lam_s) / h for l, _ in pts[:-1]], h, bh) if k >= 2 else []
+            x_new = _update(x, m, ab[i], ab[i + 1], pts[:-1] if k >= 2 else [], None, rho, bh)
         prev = (x, k, pts)
         x = x_new
     if callback is not None:
