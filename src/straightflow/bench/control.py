@@ -1,0 +1,263 @@
+"""``straightflow bench control``: inversion, editing and inverse problems on digits (+ scaling, adjoint).
+
+Sections: (1) inversion reconstruction PSNR vs NFE for every deterministic solver on held-out
+digits; (2) class-swap editing: distance to the source and target-class accuracy vs injected
+steps; (3) per operator x method (FlowChef, DPS-style, FLAIR-like, PMRF): PSNR, SSIM,
+classifier-FD (with the clean-vs-clean floor), NFE, wall time and peak memory; (4) the
+inference-time scaling and adjoint sections of :mod:`straightflow.control.scaling` /
+:mod:`straightflow.control.adjoint` when importable.
+
+The digits model is trained once (class-conditional UNet, ``cli.train_run``) on 1597 digits and
+cached under ``<out>/runs/``; the remaining 200 digits are the held-out test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import date
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+N_TRAIN = 1597
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="straightflow bench control")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model-run", default=None, help="a trained class-conditional digits run (else one is trained and cached)")
+    p.add_argument("--train-steps", type=int, default=None, help="steps for the cached digits model (default 2500; quick 40)")
+    p.add_argument("--noise", type=float, default=0.05, help="measurement noise sigma_y")
+    p.add_argument("--n", type=int, default=None, help="test images per inverse problem (default 128; quick 8)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of FlowChef/DPS/FLAIR (default 50; quick 4)")
+    p.add_argument("--mnist", action="store_true",
+                   help="also run the inverse-problem table on MNIST 28x28 (needs ../shared/data; trains an unconditional model)")
+    p.add_argument("--pmrf-steps", default=None, help="PMRF training steps predictor,flow (default 300,600; quick 4,4)")
+    p.add_argument("--skip-others", action="store_true", help="skip the scaling/adjoint sections")
+    return p.parse_args(argv)
+
+
+def _digits_split():
+    from .. import data as sfdata
+
+    full = sfdata.digits()
+    train = sfdata.load_dataset("digits", n=N_TRAIN, seed=0)
+    seen = {bytes(r.numpy().tobytes()) for r in train.x}
+    keep = torch.tensor([bytes(r.numpy().tobytes()) not in seen for r in full.x])
+    return train, full.x[keep], full.y[keep]
+
+
+def _model(a, out: Path, quick: bool):
+    from .. import checkpoint
+    from ..cli import train_run
+
+    if a.model_run:
+        return checkpoint.load(a.model_run), a.model_run, "given run (test images may overlap its training data)"
+    steps = a.train_steps or (40 if quick else 2500)
+    d = out / "runs" / f"digits-{steps}"
+    if (d / "model.safetensors").is_file():
+        return checkpoint.load(str(d)), str(d), f"cached {d}"
+    t0 = time.perf_counter()
+    res = train_run("digits", str(d), steps, n=N_TRAIN, batch_size=128, lr=1e-3, warmup=min(200, steps // 5),
+                    lr_schedule="cosine", ema=0.999 if steps > 500 else 0.9, seed=0, ckpt_every=500, progress=not quick)
+    return res.model, str(d), f"trained {steps} steps in {time.perf_counter() - t0:.0f} s"
+
+
+def _fmt(v, nd=2):
+    return "n/a" if v is None else f"{v:.{nd}f}"
+
+
+def bench_inversion(model, x, y, quick: bool) -> tuple:
+    from ..metrics import psnr
+    from ..solvers import get_solver
+    from ..control.editing import deterministic_solvers, inversion_roundtrip
+
+    solvers = ["euler", "midpoint"] if quick else deterministic_solvers()
+    nfes = [4] if quick else [4, 8, 16, 32]
+    rows = []
+    for s in solvers:
+        spec = get_solver(s)
+        for nfe in nfes:
+            steps = spec.steps_for_nfe(nfe)
+            if spec.nfe(steps) > nfe:
+                continue
+            back, total = inversion_roundtrip(model, x, s, steps, cond={"y": y})
+            rows.append({"solver": spec.name, "nfe_each_way": total // 2, "steps": steps,
+                         "psnr": psnr(back.clamp(-1, 1), x)})
+    md = ["| solver | NFE each way | steps | reconstruction PSNR dB |", "|---|---:|---:|---:|"]
+    md += [f"| {r['solver']} | {r['nfe_each_way']} | {r['steps']} | {r['psnr']:.2f} |" for r in rows]
+    return rows, "\n".join(md)
+
+
+def bench_editing(model, x, y, quick: bool, steps: int = 20) -> tuple:
+    from ..control.editing import class_swap_edit
+    from ..metrics import feature_extractor
+
+    clf = feature_extractor("digits")
+    tgt = (y + 5) % 10
+    ks = [0, steps // 4, steps // 2, 3 * steps // 4]
+    rows, grids = [], []
+    for k in ks:
+        res = class_swap_edit(model, x, y, tgt, solver="midpoint", steps=steps, inject=k)
+        with torch.no_grad():
+            acc = (clf(res.x.float()).argmax(1) == tgt).float().mean().item()
+        rms = (res.x - x).pow(2).flatten(1).mean(1).sqrt().mean().item()
+        rows.append({"inject": k, "nfe": res.nfe, "rms_to_source": rms, "target_accuracy": acc})
+        grids.append((f"inject {k} (NFE {res.nfe})", res.x[:16]))
+    md = ["| injected steps K | NFE (inversion + generation) | RMS distance to source | classified as target |",
+          "|---:|---:|---:|---:|"]
+    md += [f"| {r['inject']} | {r['nfe']} | {r['rms_to_source']:.3f} | {100 * r['target_accuracy']:.0f}% |" for r in rows]
+    return rows, "\n".join(md), grids
+
+
+def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, steps: int, progress: bool,
+                  pmrf_steps=None) -> tuple:
+    from ..control import inverse, operators
+    from ..metrics import classifier_fd, psnr, ssim
+
+    shape = tuple(x_test.shape[1:])
+    ops = ["inpaint_box", "inpaint_random", "sr2", "sr4", "deblur"]
+    methods = ["flowchef", "dps", "flair", "pmrf"]
+    pm_steps, flow_steps = pmrf_steps or ((4, 4) if quick else (300, 600))
+    pmrf_flow_steps = 2 if quick else 10
+    floor = classifier_fd(x_ref, x_test)
+    rows, panels = [], {}
+    for opn in ops:
+        op = operators.make_operator(opn, shape)
+        y = op.measure(x_test, noise, torch.Generator().manual_seed(7))
+        panels[opn] = [("original", x_test[:16]), ("A^+ y", op.pinv(y)[:16].clamp(-1, 1))]
+        for m in methods:
+            info_extra = {}
+            if m == "pmrf":
+                t0 = time.perf_counter()
+                net = inverse.PMRF(op, sigma_y=noise).fit(x_train, pm_steps=pm_steps, flow_steps=flow_steps, seed=0,
+                                                          progress=progress)
+                info_extra["train_seconds"] = time.perf_counter() - t0
+                res = inverse.restore("pmrf", net, op, y, steps=pmrf_flow_steps)
+            elif m == "flair":
+                res = inverse.restore(m, model, op, y, steps=steps, sigma_y=noise)
+            else:
+                res = inverse.restore(m, model, op, y, steps=steps, step_size=1.0)
+            xr = res.x.clamp(-1, 1)
+            row = {"operator": opn, "method": m, "psnr": psnr(xr, x_test), "ssim": ssim(xr, x_test),
+                   "fd": classifier_fd(xr, x_ref), "fd_floor": floor, "nfe": res.nfe, "seconds": res.seconds,
+                   "peak_mib": None if res.peak_bytes is None else res.peak_bytes / 2**20, **info_extra}
+            rows.append(row)
+            panels[opn].append((f"{m} {row['psnr']:.1f} dB", xr[:16]))
+            print(f"[bench control] {opn:14s} {m:8s} PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} "
+                  f"FD {row['fd']:.1f} NFE {row['nfe']} {row['seconds']:.2f} s {_fmt(row['peak_mib'])} MiB", flush=True)
+    md = [f"Noise sigma_y = {noise}; {x_test.shape[0]} held-out images; classifier-FD against "
+          f"{x_ref.shape[0]} clean training digits, clean-vs-clean floor {floor:.2f}.", "",
+          "| operator | method | PSNR dB | SSIM | FD | NFE | time s | peak MiB | time / DPS | memory / DPS |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d = next(q for q in rows if q["operator"] == r["operator"] and q["method"] == "dps")
+        tr = r["seconds"] / d["seconds"]
+        mr = (r["peak_mib"] / d["peak_mib"]) if (r["peak_mib"] is not None and d["peak_mib"]) else None
+        extra = f" (+{r['train_seconds']:.0f} s training)" if "train_seconds" in r else ""
+        md.append(f"| {r['operator']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['fd']:.2f} | {r['nfe']} | "
+                  f"{r['seconds']:.2f}{extra} | {_fmt(r['peak_mib'])} | {tr:.2f}x | {_fmt(mr)}{'x' if mr is not None else ''} |")
+    return rows, "\n".join(md), panels
+
+
+def _others(out: Path, quick: bool) -> List[str]:
+    lines = []
+    for mod_name, fn_name, title in (("scaling", "bench_scaling", "Inference-time scaling"),
+                                     ("adjoint", "bench_adjoint", "Adjoint gradients")):
+        try:
+            import importlib
+
+            mod = importlib.import_module(f"straightflow.control.{mod_name}")
+            fn = getattr(mod, fn_name)
+            lines += [fn(str(out), quick), ""]
+        except Exception as e:  # report, never hide, a failing section
+            lines += [f"## {title}", "", f"not available: {type(e).__name__}: {e}", ""]
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .. import plotting
+    from ..cli import machine_line
+
+    a = _args(argv)
+    torch.set_num_threads(a.threads)
+    quick = a.quick
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    n = a.n or (8 if quick else 128)
+    steps = a.sample_steps or (4 if quick else 50)
+
+    pmrf = tuple(int(v) for v in a.pmrf_steps.split(",")) if a.pmrf_steps else None
+    model, run_dir, how = _model(a, out, quick)
+    train, x_held, y_held = _digits_split()
+    perm = torch.randperm(x_held.shape[0], generator=torch.Generator().manual_seed(0))
+    x_test, y_test = x_held[perm[:n]], y_held[perm[:n]]
+    n_inv = 8 if quick else 64
+    x_inv, y_inv = x_held[perm[:n_inv]], y_held[perm[:n_inv]]
+    x_ref = train.x[torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1))[: max(n, 64) * 4]]
+
+    cmd = "straightflow bench control " + " ".join(argv or [])
+    lines = ["# Benchmark: control (inversion, editing, inverse problems)", "",
+             f"Command: `{cmd}`; date {date.today().isoformat()}; {machine_line()}.", "",
+             f"Model: class-conditional UNet on digits (8x8), {how} (`{run_dir}`). Test images: held-out digits "
+             f"never seen in training. {'QUICK MODE: tiny settings, numbers not meaningful.' if quick else ''}", ""]
+    results: Dict[str, object] = {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
+                                  "quick": quick, "run": run_dir}
+
+    print("[bench control] 1/4 inversion", flush=True)
+    inv_rows, inv_md = bench_inversion(model, x_inv, y_inv, quick)
+    results["inversion"] = inv_rows
+    curves = {}
+    for r in inv_rows:
+        xs, ys = curves.setdefault(r["solver"], ([], []))
+        xs.append(r["nfe_each_way"])
+        ys.append(r["psnr"])
+    plotting.save_curves(curves, out / "control-inversion.png", "NFE each way", "reconstruction PSNR (dB)", logy=False,
+                         title="inversion round trip on held-out digits")
+    lines += ["## Inversion: reconstruction PSNR vs NFE", "",
+              f"{n_inv} held-out digits inverted with their class and regenerated (`sample(invert(x))`, same solver "
+              "and steps both ways).", "", inv_md, "", "![inversion](control-inversion.png)", ""]
+
+    print("[bench control] 2/4 class-swap editing", flush=True)
+    ed_rows, ed_md, grids = bench_editing(model, x_inv, y_inv, quick, steps=4 if quick else 20)
+    results["editing"] = ed_rows
+    plotting.save_image_panels([("source", x_inv[:16])] + grids, out / "control-edit.png", nrow=4,
+                               suptitle=f"class swap c -> c+5 (mod 10), midpoint, {4 if quick else 20} steps")
+    lines += ["## Class-swap editing (c -> c + 5 mod 10), structure vs injected steps", "",
+              "Invert with the source class to t_K, regenerate with the target class (midpoint). "
+              "More injected steps keep more of the source (lower distance) at a lower edit rate.", "",
+              ed_md, "", "![edit](control-edit.png)", ""]
+
+    print("[bench control] 3/4 inverse problems", flush=True)
+    ip_rows, ip_md, panels = bench_inverse(model, x_test, train.x, x_ref, quick, a.noise, steps, progress=False,
+                                             pmrf_steps=pmrf)
+    results["inverse"] = ip_rows
+    for opn, pan in panels.items():
+        plotting.save_image_panels(pan, out / f"control-restore-{opn}.png", nrow=4, suptitle=f"{opn}, noise {a.noise}")
+    lines += ["## Inverse problems", "",
+              f"FlowChef, DPS-style and FLAIR-like: {steps} steps of the digits model run unconditionally (null "
+              f"class). PMRF: its own predictor + flow per operator, {'+'.join(map(str, pmrf or ((4, 4) if quick else (300, 600))))} training steps, "
+              f"{2 if quick else 10} Euler steps (NFE includes the predictor call). Time: one run; peak memory: a second "
+              "identical run under torch.profiler (live tensor bytes allocated during the call).", "", ip_md, ""]
+    lines += [f"![{o}](control-restore-{o}.png)" for o in panels] + [""]
+
+    if a.mnist:
+        lines += ["## MNIST", "", "not run: MNIST ships no labels here and a 28x28 model does not fit the time budget "
+                  "of this suite on CPU; use `straightflow restore RUN` with an MNIST run.", ""]
+    if not a.skip_others:
+        print("[bench control] 4/4 scaling and adjoint sections", flush=True)
+        lines += _others(out, quick)
+    total = time.perf_counter() - t_start
+    lines += [f"Total time: {total:.0f} s.", ""]
+    results["seconds"] = total
+    md = "\n".join(lines)
+    (out / "control.md").write_text(md)
+    (out / "control.json").write_text(json.dumps(results, indent=2, default=float))
+    print(md)
+    return 0
