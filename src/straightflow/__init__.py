@@ -26,3 +26,13 @@ __all__ = [
     "SampleResult", "GaussianMixtureFlow", "Dataset", "PairDataset", "load_dataset", "get_path",
     "convert_velocity", "AffinePath", "CheckpointError",
 ]
+
+
+def __getattr__(name: str):
+    """``sf.straighten``, ``sf.control``, ``sf.stream``, ``sf.images``: imported on first use (they pull
+    in more of the library, and the server's optional dependencies, than sampling needs)."""
+    if name in ("straighten", "control", "stream", "images"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,3 +22,7 @@ for _name in ("rewards", "scaling", "adjoint"):  # built alongside: inference-ti
     except ModuleNotFoundError as _e:
         if _e.name != f"{__name__}.{_name}":
             raise
+
+from .adjoint import SoftLabelModel, odeint_adjoint, optimise_noise  # noqa: F401,E402
+from .rewards import parse_reward  # noqa: F401,E402
+from .scaling import SearchResult, best_of_n, rbf, search, smc  # noqa: F401,E402
