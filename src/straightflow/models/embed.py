@@ -75,13 +75,19 @@ class SinusoidalTimeEmbedding(nn.Module):
     """``t in [0, 1]`` -> sinusoidal features of ``1000 t`` (``dim``) -> MLP -> ``out_dim``.
 
     With ``out_dim=None`` the MLP maps to ``4 * dim``. ``forward`` accepts ``(B,)`` or a scalar
-    (pass ``batch`` to broadcast a scalar).
+    (pass ``batch`` to broadcast a scalar). ``scale`` multiplies ``t`` before the features
+    (default 1000; a smaller value gives a smoother function of ``t``, which helps models trained
+    through derivatives in ``t`` such as MeanFlow).
     """
 
-    def __init__(self, dim: int, max_period: float = 10000.0, out_dim: Optional[int] = None, act: str = "silu") -> None:
+    def __init__(self, dim: int, max_period: float = 10000.0, out_dim: Optional[int] = None, act: str = "silu",
+                 scale: float = 1000.0) -> None:
         super().__init__()
         if int(dim) < 2:
             raise ValueError(f"time embedding dim must be >= 2, got {dim}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"time embedding scale must be > 0, got {scale}")
+        self.scale = float(scale)
         self.dim = int(dim)
         self.out_dim = int(out_dim) if out_dim is not None else 4 * self.dim
         self.max_period = float(max_period)
@@ -93,8 +99,30 @@ class SinusoidalTimeEmbedding(nn.Module):
         device = self.mlp[0].weight.device
         t = torch.as_tensor(t, device=device)
         t = broadcast_time(t, batch if batch is not None else max(t.numel(), 1), device)
-        feats = timestep_features(t, self.dim, self.max_period)
+        feats = timestep_features(t, self.dim, self.max_period, self.scale)
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class IntervalEmbedding(nn.Module):
+    """Second time input of average-velocity models: ``(t, r) -> emb(r - t)``.
+
+    A :class:`SinusoidalTimeEmbedding` of the signed interval ``r - t`` (``r=None`` means
+    ``r = t``) whose last layer is zero-initialised, so a fresh model ignores ``r``: at ``r = t``
+    it starts as (and stays interchangeable with) a plain velocity model. Differentiable in
+    ``t`` and ``r`` (``torch.func.jvp`` passes through it).
+    """
+
+    def __init__(self, dim: int, out_dim: int, act: str = "silu", scale: float = 1000.0) -> None:
+        super().__init__()
+        self.embed = SinusoidalTimeEmbedding(dim, out_dim=out_dim, act=act, scale=scale)
+        nn.init.zeros_(self.embed.mlp[-1].weight)
+        nn.init.zeros_(self.embed.mlp[-1].bias)
+
+    def forward(self, t: TimeLike, r: Optional[TimeLike], batch: int) -> Tensor:
+        device = self.embed.mlp[0].weight.device
+        tb = broadcast_time(torch.as_tensor(t, device=device), batch, device)
+        rb = tb if r is None else broadcast_time(torch.as_tensor(r, device=device), batch, device)
+        return self.embed(rb - tb, batch=batch)
 
 
 class ClassEmbedding(nn.Module):

@@ -5,7 +5,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .embed import ClassEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable, make_activation
+from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable,
+                    make_activation)
 
 
 class _ResBlock(nn.Module):
@@ -31,6 +32,12 @@ class MLP(nn.Module):
     last = null class) is added in every block. The output layer is zero-initialised, so a fresh
     model predicts ``v = 0``. Inputs of shape ``(B, *shape)`` with ``prod(shape) == dim`` are
     flattened and the output reshaped back.
+
+    ``mean_flow=True`` adds a second time input for average-velocity models (MeanFlow,
+    SplitMeanFlow; :mod:`straightflow.straighten.meanflow`): ``u = model(x, t, y, r=r)`` is the
+    average velocity from the state's time ``t`` to the time ``r``. The interval ``r - t`` gets
+    its own sinusoidal embedding (zero-initialised output, so at ``r = t`` -- and for ``r=None``,
+    which means ``r = t`` -- the model is a plain velocity model) added to the time embedding.
     """
 
     def __init__(
@@ -41,22 +48,29 @@ class MLP(nn.Module):
         time_dim: int = 64,
         num_classes: Optional[int] = None,
         act: str = "silu",
+        mean_flow: bool = False,
+        time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 0), ("time_dim", time_dim, 2)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"MLP: {name} must be an int >= {low}, got {value!r}")
         make_activation(act)  # validate early with a clear message
-        self.config = jsonable(
-            {"name": "mlp", "dim": dim, "hidden": hidden, "depth": depth, "time_dim": time_dim,
-             "num_classes": num_classes, "act": act}
-        )
+        config = {"name": "mlp", "dim": dim, "hidden": hidden, "depth": depth, "time_dim": time_dim,
+                  "num_classes": num_classes, "act": act}
+        if mean_flow:  # only then: default configs (and old checkpoints) stay as they were
+            config["mean_flow"] = True
+        if float(time_scale) != 1000.0:
+            config["time_scale"] = float(time_scale)
+        self.config = jsonable(config)
+        self.mean_flow = bool(mean_flow)
         self.dim = dim
         self.sample_shape = (dim,)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.null_class = self.num_classes
 
-        self.time_embed = SinusoidalTimeEmbedding(time_dim, out_dim=hidden, act=act)
+        self.time_embed = SinusoidalTimeEmbedding(time_dim, out_dim=hidden, act=act, scale=time_scale)
+        self.interval_embed = IntervalEmbedding(time_dim, hidden, act, scale=time_scale) if self.mean_flow else None
         self.class_embed = ClassEmbedding(self.num_classes, hidden) if self.num_classes is not None else None
         self.emb_act = make_activation(act)
         self.inp = nn.Linear(dim, hidden)
@@ -67,7 +81,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, t: TimeLike, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: TimeLike, y: Optional[Tensor] = None, r: Optional[TimeLike] = None) -> Tensor:
         shape = x.shape
         if x.ndim < 2:
             raise ValueError(f"MLP expects x of shape (B, {self.dim}), got {tuple(shape)}")
@@ -77,6 +91,10 @@ class MLP(nn.Module):
             raise ValueError(f"MLP was built for dim={self.dim}, got x of shape {tuple(shape)}")
         b = x.shape[0]
         emb = self.time_embed(t, batch=b)
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(t, r, b)
+        elif r is not None:
+            raise ValueError("MLP: r (second time) given but the model was built without mean_flow=True")
         if self.class_embed is not None:
             emb = emb + self.class_embed(y, b)
         else:
@@ -88,4 +106,4 @@ class MLP(nn.Module):
         return self.out(self.out_act(self.out_norm(h))).reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_classes={self.num_classes}"
+        return f"dim={self.dim}, num_classes={self.num_classes}" + (", mean_flow=True" if self.mean_flow else "")

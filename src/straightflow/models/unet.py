@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embed import ClassEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable
+from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable
 
 
 def _groups(channels: int) -> int:
@@ -99,6 +99,11 @@ class UNet(nn.Module):
     last halves the resolution, so ``resolution`` must be divisible by
     ``2 ** (len(channel_mults) - 1)``. ``time_dim`` (width of the time/class embedding) defaults
     to ``4 * base_channels``.
+
+    ``mean_flow=True`` adds a second time input for average-velocity models (MeanFlow,
+    SplitMeanFlow): ``u = model(x, t, y, r=r)``, the interval ``r - t`` embedded separately
+    (zero-initialised, so ``r = t`` / ``r=None`` is a plain velocity model) and added to the
+    time embedding. ``time_scale`` multiplies the times before their sinusoidal features (default 1000).
     """
 
     def __init__(
@@ -112,6 +117,8 @@ class UNet(nn.Module):
         num_classes: Optional[int] = None,
         dropout: float = 0.0,
         time_dim: Optional[int] = None,
+        mean_flow: bool = False,
+        time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
         channel_mults = tuple(int(m) for m in channel_mults)
@@ -137,12 +144,16 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet: attention_resolutions {bad} are not resolutions of this network {resolutions}"
             )
-        self.config = jsonable(
-            {"name": "unet", "in_channels": in_channels, "resolution": resolution, "base_channels": base_channels,
-             "channel_mults": channel_mults, "num_res_blocks": num_res_blocks,
-             "attention_resolutions": attention_resolutions, "num_classes": num_classes,
-             "dropout": float(dropout), "time_dim": time_dim}
-        )
+        config = {"name": "unet", "in_channels": in_channels, "resolution": resolution, "base_channels": base_channels,
+                  "channel_mults": channel_mults, "num_res_blocks": num_res_blocks,
+                  "attention_resolutions": attention_resolutions, "num_classes": num_classes,
+                  "dropout": float(dropout), "time_dim": time_dim}
+        if mean_flow:  # only then: default configs (and old checkpoints) stay as they were
+            config["mean_flow"] = True
+        if float(time_scale) != 1000.0:
+            config["time_scale"] = float(time_scale)
+        self.config = jsonable(config)
+        self.mean_flow = bool(mean_flow)
         self.in_channels = in_channels
         self.resolution = resolution
         self.sample_shape = (in_channels, resolution, resolution)
@@ -151,7 +162,8 @@ class UNet(nn.Module):
         self._factor = factor
         emb_dim = int(time_dim) if time_dim is not None else 4 * base_channels
 
-        self.time_embed = SinusoidalTimeEmbedding(base_channels, out_dim=emb_dim)
+        self.time_embed = SinusoidalTimeEmbedding(base_channels, out_dim=emb_dim, scale=time_scale)
+        self.interval_embed = IntervalEmbedding(base_channels, emb_dim, scale=time_scale) if self.mean_flow else None
         self.class_embed = ClassEmbedding(self.num_classes, emb_dim) if self.num_classes is not None else None
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -196,7 +208,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: TimeLike, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: TimeLike, y: Optional[Tensor] = None, r: Optional[TimeLike] = None) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[-2] % self._factor or x.shape[-1] % self._factor:
@@ -206,6 +218,10 @@ class UNet(nn.Module):
             )
         b = x.shape[0]
         emb = self.time_embed(t, batch=b)
+        if self.interval_embed is not None:
+            emb = emb + self.interval_embed(t, r, b)
+        elif r is not None:
+            raise ValueError("UNet: r (second time) given but the model was built without mean_flow=True")
         if self.class_embed is not None:
             emb = emb + self.class_embed(y, b)
         else:
@@ -233,4 +249,5 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, resolution={self.resolution}, num_classes={self.num_classes}"
+        return (f"in_channels={self.in_channels}, resolution={self.resolution}, num_classes={self.num_classes}"
+                + (", mean_flow=True" if self.mean_flow else ""))
