@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping
 from torch import nn
 
 from ..registry import Registry
+from .blockwise import BlockwiseFlow
 from .embed import ClassEmbedding, SinusoidalTimeEmbedding, drop_labels, timestep_features
 from .mlp import MLP
 from .unet import UNet
@@ -20,9 +21,10 @@ from .unet import UNet
 MODELS: Registry = Registry("model")
 MODELS.register("mlp")(MLP)
 MODELS.register("unet")(UNet)
+MODELS.register("blockwise", aliases=("bfm",))(BlockwiseFlow)
 
 __all__ = [
-    "MODELS", "MLP", "UNet", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
+    "MODELS", "MLP", "UNet", "BlockwiseFlow", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
     "build_model", "available", "count_parameters",
 ]
 
