@@ -11,3 +11,20 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "cb" / "model.safetensors").is_file()
+
+
+def test_readme_command_lines_parse():
+    """Every `straightflow ...` line of the README's command block is accepted by the CLI parser."""
+    import shlex
+
+    from straightflow.cli import BENCH_SUITES, build_parser
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"## Command line\n\n```bash\n(.*?)```", text, re.S).group(1)
+    lines = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.startswith("straightflow ")]
+    assert len(lines) >= 10
+    parser = build_parser()
+    for ln in lines:
+        argv = [a for a in shlex.split(re.sub(r"\[[^\]]*\]", "", ln))[1:]]
+        a, extra = parser.parse_known_args(argv)
+        assert not extra or (a.cmd == "bench" and a.suite in BENCH_SUITES), (ln, extra)
