@@ -8,7 +8,7 @@ so the model also learns the unconditional velocity needed by classifier-free gu
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,27 @@ class Flow:
         drop = torch.rand(y.shape[0], generator=generator, device=y.device) < self.cond_dropout
         return torch.where(drop, torch.full_like(y, null), y)
 
+    def prepare(self, x1: Tensor, cond: Optional[Dict[str, Tensor]], x0: Optional[Tensor],
+                generator: Optional[torch.Generator], model: Any) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+        """The batch every objective starts from: noise ``x0`` (drawn, or the stored pairs'),
+        paired with ``x1`` by the coupling (labels follow the pairing), labels dropped to the
+        null class with probability ``cond_dropout``. Objectives built on this class (W-CFM,
+        MeanFlow, distillation) share it so their random draws come in the same order."""
+        cond = dict(cond or {})
+        if getattr(self.coupling, "needs_pairs", False) and x0 is None:
+            raise ValueError(f"coupling {self.coupling.name!r} needs stored noise: pass x0 (a PairDataset)")
+        if x0 is None:
+            x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        elif x0.shape != x1.shape:
+            raise ValueError(f"x0 shape {tuple(x0.shape)} != x1 shape {tuple(x1.shape)}")
+        x0, x1, idx = self.coupling(x0, x1, generator)
+        cond = {k: (v[idx] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == idx.shape[0] else v)
+                for k, v in cond.items()}
+        if self.cond_dropout > 0 and cond.get("y") is not None:
+            base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            cond["y"] = Flow._drop_labels(self, cond["y"], base, generator)
+        return x0, x1, cond
+
     def loss(
         self,
         x1: Tensor,
@@ -74,19 +95,7 @@ class Flow:
         ``model`` overrides ``self.model`` for this call (the trainer passes its DDP wrapper).
         """
         model = self.model if model is None else model
-        cond = dict(cond or {})
-        if getattr(self.coupling, "needs_pairs", False) and x0 is None:
-            raise ValueError(f"coupling {self.coupling.name!r} needs stored noise: pass x0 (a PairDataset)")
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        elif x0.shape != x1.shape:
-            raise ValueError(f"x0 shape {tuple(x0.shape)} != x1 shape {tuple(x1.shape)}")
-        x0, x1, idx = self.coupling(x0, x1, generator)
-        cond = {k: (v[idx] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == idx.shape[0] else v)
-                for k, v in cond.items()}
-        if self.cond_dropout > 0 and cond.get("y") is not None:
-            base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-            cond["y"] = self._drop_labels(cond["y"], base, generator)
+        x0, x1, cond = self.prepare(x1, cond, x0, generator, model)
         t = self.time_dist.sample(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
         xt, ut = self.path.interpolate(x0, x1, t)
         pred = model(xt, t, **cond)

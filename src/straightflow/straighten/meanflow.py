@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..flow import Flow
 from ..coupling import Coupling, get_coupling
 from ..grids import GridLike, make_grid
 from ..solvers.base import NonFiniteError, SampleResult
@@ -103,24 +104,7 @@ class _AverageVelocityObjective:
 
     def _prepare(self, x1: Tensor, cond: Optional[Dict[str, Tensor]], x0: Optional[Tensor],
                  generator: Optional[torch.Generator], model: Any) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
-        cond = dict(cond or {})
-        if getattr(self.coupling, "needs_pairs", False) and x0 is None:
-            raise ValueError(f"coupling {self.coupling.name!r} needs stored noise: pass x0 (a PairDataset)")
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        elif x0.shape != x1.shape:
-            raise ValueError(f"x0 shape {tuple(x0.shape)} != x1 shape {tuple(x1.shape)}")
-        x0, x1, idx = self.coupling(x0, x1, generator)
-        cond = {k: (v[idx] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == idx.shape[0] else v)
-                for k, v in cond.items()}
-        if self.cond_dropout > 0 and cond.get("y") is not None:
-            base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-            null = getattr(base, "null_class", None)
-            if null is None:
-                raise ValueError("cond_dropout > 0 needs a class-conditional model with a null class")
-            drop = torch.rand(cond["y"].shape[0], generator=generator, device=x1.device) < self.cond_dropout
-            cond["y"] = torch.where(drop, torch.full_like(cond["y"], null), cond["y"])
-        return x0, x1, cond
+        return Flow.prepare(self, x1, cond, x0, generator, model)  # type: ignore[arg-type]  (same draws as Flow)
 
     def _times(self, n: int, ratio: float, generator, device, dtype) -> Tuple[Tensor, Tensor]:
         """``(t, r)`` with ``t <= r`` (both from ``time_dist``); a fraction ``1 - ratio`` has ``r = t``."""

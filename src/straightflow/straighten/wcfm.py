@@ -106,19 +106,7 @@ class WeightedCFM(Flow):
     ) -> Tensor:
         """Scalar W-CFM loss on a minibatch (same draws as :meth:`Flow.loss`, per-pair weighted)."""
         model = self.model if model is None else model
-        cond = dict(cond or {})
-        if getattr(self.coupling, "needs_pairs", False) and x0 is None:
-            raise ValueError(f"coupling {self.coupling.name!r} needs stored noise: pass x0 (a PairDataset)")
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        elif x0.shape != x1.shape:
-            raise ValueError(f"x0 shape {tuple(x0.shape)} != x1 shape {tuple(x1.shape)}")
-        x0, x1, idx = self.coupling(x0, x1, generator)
-        cond = {k: (v[idx] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == idx.shape[0] else v)
-                for k, v in cond.items()}
-        if self.cond_dropout > 0 and cond.get("y") is not None:
-            base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-            cond["y"] = self._drop_labels(cond["y"], base, generator)
+        x0, x1, cond = self.prepare(x1, cond, x0, generator, model)
         t = self.time_dist.sample(x1.shape[0], generator=generator, device=x1.device, dtype=x1.dtype)
         xt, ut = self.path.interpolate(x0, x1, t)
         pred = model(xt, t, **cond)
