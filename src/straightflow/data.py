@@ -47,6 +47,8 @@ __all__ = [
     "mnist_path",
     "load_dataset",
     "available",
+    "random_hflip",
+    "FLIP_SAFE",
 ]
 
 
@@ -395,6 +397,28 @@ def shapes(n: int, resolution: int = 16, channels: int = 1, seed: int = 0,
     x = torch.from_numpy(img)
     return Dataset(x, torch.from_numpy(labels.astype(np.int64)), K,
                    f"shapes{R}" + ("rgb" if channels == 3 else ""), list(SHAPE_CLASSES))
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+FLIP_SAFE: Tuple[str, ...] = ("shapes", "shapes32")
+"""Built-in sets whose classes are mirror-symmetric, so a horizontal flip keeps image and label
+valid (every shape in ``SHAPE_CLASSES`` is symmetric about its vertical axis). Digits and MNIST are
+not: a mirrored 2, 3, 4, 5, 7 or 9 is not a digit."""
+
+
+def random_hflip(x: Tensor, p: float = 0.5, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Flip each image of ``x (N, C, H, W)`` left-right with probability ``p`` (a new tensor).
+
+    Only valid for data whose distribution is mirror-invariant (see :data:`FLIP_SAFE`).
+    """
+    if x.ndim != 4:
+        raise DataError(f"random_hflip expects images (N, C, H, W), got shape {tuple(x.shape)}")
+    if not 0.0 <= float(p) <= 1.0:
+        raise DataError(f"random_hflip: p must be in [0, 1], got {p!r}")
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device)
+    flip = (flip < p).to(x.device)[:, None, None, None]
+    return torch.where(flip, x.flip(-1), x)
 
 
 # ----------------------------------------------------------------------------- array conversion

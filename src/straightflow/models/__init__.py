@@ -13,18 +13,22 @@ from typing import Any, Dict, List, Mapping
 from torch import nn
 
 from ..registry import Registry
-from .blockwise import BlockwiseFlow
 from .embed import ClassEmbedding, SinusoidalTimeEmbedding, drop_labels, timestep_features
+from .autoencoder import Autoencoder
+from .blockwise import BlockwiseFlow
+from .dit import DiT
 from .mlp import MLP
 from .unet import UNet
 
 MODELS: Registry = Registry("model")
 MODELS.register("mlp")(MLP)
 MODELS.register("unet")(UNet)
+MODELS.register("dit")(DiT)
 MODELS.register("blockwise", aliases=("bfm",))(BlockwiseFlow)
+MODELS.register("autoencoder", aliases=("ae",))(Autoencoder)
 
 __all__ = [
-    "MODELS", "MLP", "UNet", "BlockwiseFlow", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
+    "MODELS", "MLP", "UNet", "DiT", "Autoencoder", "BlockwiseFlow", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
     "build_model", "available", "count_parameters",
 ]
 
