@@ -174,3 +174,19 @@ def drop_labels(y: Tensor, p: float, null_class: int, generator: Optional[torch.
         return y
     mask = torch.rand(y.shape, generator=generator, device=y.device) < p
     return torch.where(mask, torch.full_like(y, null_class), y)
+
+
+def conditioning(module: nn.Module, t: TimeLike, r: Optional[Tensor], y: Optional[Tensor], batch: int, name: str) -> Tensor:
+    """The summed conditioning vector of a velocity network (before its activation): time embedding
+    ``module.time_embed`` + interval embedding ``module.interval_embed`` (mean-flow models only; ``r``
+    is refused otherwise) + class embedding ``module.class_embed`` (unconditional models refuse ``y``)."""
+    emb = module.time_embed(t, batch=batch)
+    if module.interval_embed is not None:
+        emb = emb + module.interval_embed(t, r, batch)
+    elif r is not None:
+        raise ValueError(f"{name}: r (second time) given but the model was built without mean_flow=True")
+    if module.class_embed is not None:
+        emb = emb + module.class_embed(y, batch)
+    else:
+        check_unconditional(y, name)
+    return emb

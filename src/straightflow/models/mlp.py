@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable,
+from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable,
                     make_activation)
 
 
@@ -90,15 +90,7 @@ class MLP(nn.Module):
         if x.shape[1] != self.dim:
             raise ValueError(f"MLP was built for dim={self.dim}, got x of shape {tuple(shape)}")
         b = x.shape[0]
-        emb = self.time_embed(t, batch=b)
-        if self.interval_embed is not None:
-            emb = emb + self.interval_embed(t, r, b)
-        elif r is not None:
-            raise ValueError("MLP: r (second time) given but the model was built without mean_flow=True")
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, b)
-        else:
-            check_unconditional(y, "MLP")
+        emb = conditioning(self, t, r, y, b, "MLP")
         emb = self.emb_act(emb)
         h = self.inp(x)
         for block in self.blocks:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, check_unconditional, jsonable
+from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable
 
 
 def _groups(channels: int) -> int:
@@ -217,15 +217,7 @@ class UNet(nn.Module):
                 f"(built for {self.resolution}x{self.resolution})"
             )
         b = x.shape[0]
-        emb = self.time_embed(t, batch=b)
-        if self.interval_embed is not None:
-            emb = emb + self.interval_embed(t, r, b)
-        elif r is not None:
-            raise ValueError("UNet: r (second time) given but the model was built without mean_flow=True")
-        if self.class_embed is not None:
-            emb = emb + self.class_embed(y, b)
-        else:
-            check_unconditional(y, "UNet")
+        emb = conditioning(self, t, r, y, b, "UNet")
         emb = F.silu(emb)
 
         h = self.conv_in(x)
