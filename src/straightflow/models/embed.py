@@ -8,7 +8,7 @@ diffusion steps. Class conditioning uses an embedding table of ``K + 1`` rows; r
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -190,3 +190,13 @@ def conditioning(module: nn.Module, t: TimeLike, r: Optional[Tensor], y: Optiona
     else:
         check_unconditional(y, name)
     return emb
+
+
+def with_time_options(config: Dict[str, Any], mean_flow: bool, time_scale: float) -> Dict[str, Any]:
+    """``config`` plus the two-time (``mean_flow``) and ``time_scale`` keys, each only when not at its
+    default, so default configs (and checkpoints written before these options) stay as they were."""
+    if mean_flow:
+        config["mean_flow"] = True
+    if float(time_scale) != 1000.0:
+        config["time_scale"] = float(time_scale)
+    return jsonable(config)

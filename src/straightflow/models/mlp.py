@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable,
+from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable, with_time_options,
                     make_activation)
 
 
@@ -58,11 +58,7 @@ class MLP(nn.Module):
         make_activation(act)  # validate early with a clear message
         config = {"name": "mlp", "dim": dim, "hidden": hidden, "depth": depth, "time_dim": time_dim,
                   "num_classes": num_classes, "act": act}
-        if mean_flow:  # only then: default configs (and old checkpoints) stay as they were
-            config["mean_flow"] = True
-        if float(time_scale) != 1000.0:
-            config["time_scale"] = float(time_scale)
-        self.config = jsonable(config)
+        self.config = with_time_options(config, mean_flow, time_scale)
         self.mean_flow = bool(mean_flow)
         self.dim = dim
         self.sample_shape = (dim,)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable
+from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable, with_time_options
 
 
 def _groups(channels: int) -> int:
@@ -148,11 +148,7 @@ class UNet(nn.Module):
                   "channel_mults": channel_mults, "num_res_blocks": num_res_blocks,
                   "attention_resolutions": attention_resolutions, "num_classes": num_classes,
                   "dropout": float(dropout), "time_dim": time_dim}
-        if mean_flow:  # only then: default configs (and old checkpoints) stay as they were
-            config["mean_flow"] = True
-        if float(time_scale) != 1000.0:
-            config["time_scale"] = float(time_scale)
-        self.config = jsonable(config)
+        self.config = with_time_options(config, mean_flow, time_scale)
         self.mean_flow = bool(mean_flow)
         self.in_channels = in_channels
         self.resolution = resolution
