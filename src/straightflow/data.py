@@ -228,9 +228,13 @@ def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
 
 @TOYS.register("moons", aliases=("two_moons", "2moons"))
 def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
-    from sklearn.datasets import make_moons
-
-    x, _ = make_moons(n_samples=n, noise=0.05, random_state=int(rng.integers(0, 2**31 - 1)))
+    # scikit-learn's make_moons, drawn i.i.d.: make_moons spaces the angles evenly (a quasi-uniform
+    # grid, not a sample), which makes W2 between two of its draws far smaller than between i.i.d.
+    # samples. Upper moon (cos a, sin a), lower moon (1 - cos a, 0.5 - sin a), a ~ U(0, pi), noise 0.05.
+    a = rng.random(n) * np.pi
+    lower = rng.random(n) < 0.5
+    x = np.stack([np.where(lower, 1.0 - np.cos(a), np.cos(a)), np.where(lower, 0.5 - np.sin(a), np.sin(a))], 1)
+    x = x + 0.05 * rng.standard_normal((n, 2))
     return (x - np.array([0.5, 0.25])) * 2.0  # centred, ~[-3, 3] x [-1.5, 1.5]
 
 

@@ -45,6 +45,7 @@ re-initialising a destroyed group against torchrun's store is unreliable.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -579,16 +580,37 @@ class Trainer:
         return NonFiniteLossError(msg, step, lv, gv)
 
     def fit(self) -> TrainResult:
+        ok = False
         try:
             if not self._built:
                 self._build()
+            elif self.world_size > 1 and self.train_model is self.model:
+                raise RuntimeError("a distributed Trainer runs fit() once (the DDP wrapper and process group "
+                                   "are released at the end); build a new Trainer with the same out= to resume")
             if self.step < self.steps:
                 self._loop()
+            ok = True
         finally:
-            if self._owns_pg and dist.is_initialized():
+            self._release_ddp(sync=ok)  # no barrier on the error path: a failed peer would never arrive
+        return self._result()
+
+    def _release_ddp(self, sync: bool = True) -> None:
+        """Drop the DDP wrapper (its reducer holds the process group) before the group can go.
+
+        Tearing a gloo group down while a DDP reducer or a peer's last collective still refers to it
+        aborts the process at exit ("terminate called without an active exception"), so: unwrap,
+        collect, meet every rank at a barrier, then destroy the group if the trainer created it.
+        """
+        tm = getattr(self, "train_model", None)
+        if tm is not None and tm is not self.model:
+            self.train_model = self.model
+            gc.collect()
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            if sync:
+                dist.barrier()
+            if self._owns_pg:
                 dist.destroy_process_group()
                 self._owns_pg = False
-        return self._result()
 
     def _loop(self) -> None:
         from tqdm.auto import tqdm

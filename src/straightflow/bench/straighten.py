@@ -402,8 +402,10 @@ def _b_2rf_huber(r: Runner, d: Path) -> Stage:
 def _b_distill(r: Runner, d: Path) -> Stage:
     from ..straighten.distill import distill
 
-    rf2 = r.get("2-RF improved")
-    pairs = r.pairs("pairs 2-RF improved", "2-RF improved")
+    # the teacher is the 2-RF variant that keeps the 1-RF's quality best at many steps (U-shaped t):
+    # a k = 1 student reproduces its teacher's endpoint map, so the teacher's NFE-100 quality is its ceiling
+    rf2 = r.get("2-RF +U-shaped t")
+    pairs = r.pairs("pairs 2-RF +U-shaped t", "2-RF +U-shaped t")
     steps = r.S.distill_steps
     res = distill(pairs.model, init=rf2.model, k=1, steps=steps, out=d, **r.train_kw(steps))
     return Stage(res.model, _cost(rf2.cost, pairs.cost, train_rows=steps * r.S.batch))
@@ -495,7 +497,7 @@ METHODS: List[Tuple[str, str, str, str, bool, str]] = [
     ("2-RF from scratch", "2-RF from scratch", "euler", "straightflow.straighten.reflow", False,
      "ablation: no 1-RF initialisation"),
     ("distilled 2-RF (k=1)", "distilled 2-RF", "euler", "straightflow.straighten.distill", False,
-     "from 2-RF improved, pseudo-Huber"),
+     "from 2-RF +U-shaped t (its RK4 pairs), pseudo-Huber"),
     ("SlimFlow student", "SlimFlow student", "euler", "straightflow.straighten.distill", False,
      "smaller net: annealing reflow + flow-guided distillation"),
     ("MeanFlow", "MeanFlow", "mean", "straightflow.straighten.meanflow", False, "JVP target"),
