@@ -83,3 +83,15 @@ def test_bench_straighten_rejects_bad_options(tmp_path):
         bs.main(["--out", str(tmp_path), "--quick", "--datasets", "nope"])
     with pytest.raises(ValueError):
         bs.main(["--out", str(tmp_path), "--quick", "--seeds", "0"])
+
+
+def test_bench_straighten_wcfm_sweep(tmp_path):
+    bs.main(["--out", str(tmp_path), "--quick", "--datasets", "moons", "--wcfm-sweep", "0.5,4"])
+    res = json.loads((tmp_path / "straighten.json").read_text())
+    rows = res["wcfm_sweep"]["moons"]["rows"]
+    assert [r["epsilon"] for r in rows] == [0.5, 4.0, "inf"]  # plain CFM appended as the reference
+    assert all(r["quality"][str(k)] > 0 for r in rows for k in bs.NFES)
+    md = (tmp_path / "straighten.md").read_text()
+    assert "W-CFM: epsilon sweep" in md and "| inf |" in md
+    with pytest.raises(ValueError, match="wcfm-sweep"):
+        bs.main(["--out", str(tmp_path), "--quick", "--datasets", "moons", "--wcfm-sweep", "0,x"])

@@ -174,6 +174,19 @@ def test_compiled_graph_equals_eager():
     assert torch.allclose(out.x, eager.x, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda: UNet(1, 8, 8, (1, 2), num_classes=10),
+                                  lambda: DiT(1, 8, 2, 32, 1, 2, num_classes=10)], ids=["unet", "dit"])
+def test_class_conditional_models_capture_without_graph_breaks(make):
+    """The eager-only label range check must not split the compiled graph (one graph, no breaks)."""
+    m = make().eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(m)(x, t, y=torch.tensor([0, 3, 9, 10]))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+    with pytest.raises(ValueError, match="class labels must be in"):  # eager still checks the range
+        m(x, t, y=torch.tensor([0, 1, 2, 11]))
+
+
 @pytest.mark.slow
 def test_inductor_compiled_equals_eager():
     reason = can_compile()

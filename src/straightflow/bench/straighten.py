@@ -87,10 +87,10 @@ class Settings:
 SETTINGS: Dict[Tuple[str, bool], Settings] = {
     ("2d", False): Settings(n_train=20000, hidden=128, depth=3, batch=256, lr=2e-3, base_steps=1200, reflow_steps=600,
                             distill_steps=400, n_pairs=6000, pair_steps=25, n_eval=1000, n_ref=2000,
-                            wcfm_epsilon=1.0, num_blocks=2, slim_hidden=64, guidance=2.0, ckpt_every=300),
+                            wcfm_epsilon=10.0, num_blocks=2, slim_hidden=64, guidance=2.0, ckpt_every=300),
     ("digits", False): Settings(n_train=1797, hidden=256, depth=3, batch=128, lr=1e-3, base_steps=1500,
                                 reflow_steps=600, distill_steps=400, n_pairs=4000, pair_steps=25, n_eval=898,
-                                n_ref=1796, wcfm_epsilon=0.2, num_blocks=2, slim_hidden=128, guidance=2.0,
+                                n_ref=1796, wcfm_epsilon=1.0, num_blocks=2, slim_hidden=128, guidance=2.0,
                                 ckpt_every=300),
     ("2d", True): Settings(n_train=2000, hidden=32, depth=1, batch=128, lr=3e-3, base_steps=60, reflow_steps=30,
                            distill_steps=20, n_pairs=256, pair_steps=3, n_eval=200, n_ref=400,
@@ -516,6 +516,50 @@ _STAGE_STEPS = {
 }
 
 
+# ----------------------------------------------------------------------------- W-CFM epsilon sweep
+
+
+def wcfm_sweep(task: Task, S: Settings, epsilons: Sequence[float], root: Path, seed: int = 0,
+               log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Quality at NFE 1/2/4/100 of W-CFM for each ``eps`` (``inf`` = plain CFM), seed ``seed``.
+
+    The Gibbs weights tilt the marginals as ``eps`` falls: the sweep shows the trade between one-step
+    quality (straighter) and many-step quality (biased) that sets the data set's default ``eps``."""
+    from ..straighten.wcfm import WeightedCFM
+
+    rows = []
+    runner = Runner(task, S, seed, root, log)
+    noise = task.draw_source(S.n_eval, 424242 + seed)
+    for eps in epsilons:
+        d = root / "runs" / task.name / "wcfm-sweep" / f"eps{eps:g}-seed{seed}"
+        res_file = d / "result.json"
+        if res_file.is_file():
+            rows.append(load_json(res_file))
+            continue
+        res = train(WeightedCFM(runner.mlp(), epsilon=float(eps), coupling=task.coupling()), task.train_data(seed),
+                    S.base_steps, out=d, **runner.train_kw(S.base_steps))
+        with torch.no_grad():
+            q = {str(n): task.quality(sample(res.model, noise, solver="euler", steps=n).x) for n in NFES}
+        row = {"epsilon": float(eps) if math.isfinite(eps) else "inf", "quality": q}  # strict JSON: no Infinity
+        save_json(res_file, row)
+        rows.append(row)
+        log(f"  W-CFM eps {eps:g}: " + ", ".join(f"NFE {k}: {v:.4g}" for k, v in q.items()))
+    return rows
+
+
+def _sweep_markdown(sweeps: Dict[str, Any]) -> List[str]:
+    lines = ["## W-CFM: epsilon sweep (seed 0)", "",
+             "Gibbs weights `exp(-|x0 - x1|^2 / (d eps))`; `inf` = plain CFM (the 1-RF objective). The default eps of "
+             "each data set is the smallest one whose NFE-100 quality stays within 1.1x of plain CFM.", ""]
+    for name, sw in sweeps.items():
+        lines += [f"**{name}** ({sw['metric']})", "", "| eps | NFE 1 | NFE 2 | NFE 4 | NFE 100 |", "|---:|---:|---:|---:|---:|"]
+        for r in sw["rows"]:
+            q = r["quality"]
+            lines.append(f"| {r['epsilon']} | " + " | ".join(f"{q[str(n)]:.4g}" for n in NFES) + " |")
+        lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -569,7 +613,8 @@ def _human(n: float) -> str:
 
 
 def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digits_seeds: Optional[int] = None,
-              command: str = "", log: Callable[[str], None] = print) -> Dict[str, Any]:
+              command: str = "", log: Callable[[str], None] = print,
+              wcfm_epsilons: Sequence[float] = ()) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     tasks: Dict[str, Task] = {}
@@ -642,6 +687,12 @@ def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digit
             save_json(out / "straighten.json", results)  # progress so far
         results["seconds"] = time.perf_counter() - t_start
         (out / "straighten.md").write_text(_markdown(results))  # tables so far (an interrupted run keeps them)
+    if wcfm_epsilons:
+        results["wcfm_sweep"] = {}
+        for name, task in tasks.items():
+            log(f"[straighten] W-CFM eps sweep on {name}")
+            rows = wcfm_sweep(task, SETTINGS[(task.kind, quick)], list(wcfm_epsilons) + [math.inf], out, log=log)
+            results["wcfm_sweep"][name] = {"metric": task.metric, "rows": rows}
     results["seconds"] = time.perf_counter() - t_start
     save_json(out / "straighten.json", results)
     _figures(out, results, tasks)
@@ -720,6 +771,8 @@ def _markdown(results: Dict[str, Any]) -> str:
     lines += ["![quality vs NFE](straighten_nfe.png)", ""]
     if best_lines:
         lines += ["## Summary: best one-step model vs 1-RF at NFE 100", ""] + best_lines + [""]
+    if results.get("wcfm_sweep"):
+        lines += _sweep_markdown(results["wcfm_sweep"])
     lines += ["Figures: `straighten_nfe.png` (quality vs NFE, mean over seeds, floor dashed), "
               "`samples_<dataset>.png` (NFE-1 samples of seed 0 for each method).", ""]
     return "\n".join(lines)
@@ -781,6 +834,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="seeds for digits (default 1 to fit the ~40 min budget; at most --seeds)")
     p.add_argument("--datasets", default=None,
                    help=f"comma-separated subset of {','.join(DATASETS)} (default: all; --quick: moons,8g-moons,digits)")
+    p.add_argument("--wcfm-sweep", default="",
+                   help="comma-separated W-CFM eps values to sweep on each data set (seed 0; plain CFM added)")
     a = p.parse_args(list(argv) if argv is not None else None)
     if a.seeds is None:
         a.seeds = 1 if a.quick else 3
@@ -793,7 +848,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f"unknown data set(s) {', '.join(bad)}; valid: {', '.join(DATASETS)}")
     torch.set_num_threads(a.threads)
     cmd = "straightflow bench straighten " + " ".join(sys.argv[3:] if argv is None else list(argv))
-    run_bench(Path(a.out), names, a.seeds, a.quick, digits_seeds=a.digits_seeds, command=cmd.strip())
+    try:
+        eps = [float(v) for v in a.wcfm_sweep.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--wcfm-sweep takes comma-separated numbers, got {a.wcfm_sweep!r}") from None
+    if any(not (e > 0) for e in eps):
+        raise ValueError("--wcfm-sweep values must be > 0")
+    run_bench(Path(a.out), names, a.seeds, a.quick, digits_seeds=a.digits_seeds, command=cmd.strip(),
+              wcfm_epsilons=eps)
     print(f"[straighten] wrote {Path(a.out) / 'straighten.md'}, straighten.json, straighten_nfe.png")
     return 0
 

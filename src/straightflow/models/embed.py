@@ -125,6 +125,11 @@ class IntervalEmbedding(nn.Module):
         return self.embed(rb - tb, batch=batch)
 
 
+def _compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
 class ClassEmbedding(nn.Module):
     """Embedding table with ``num_classes + 1`` rows; row ``num_classes`` is the null class.
 
@@ -155,7 +160,10 @@ class ClassEmbedding(nn.Module):
             elif y.numel() != batch:
                 raise ValueError(f"y has shape {tuple(y.shape)}; expected ({batch},) or a scalar")
             y = y.reshape(batch)
-            if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.null_class):
+            # eager CPU only: under torch.compile the host read would break the graph (the embedding
+            # lookup itself still rejects out-of-range labels), on CUDA it would sync every call
+            if (y.device.type == "cpu" and not _compiling() and y.numel()
+                    and (int(y.min()) < 0 or int(y.max()) > self.null_class)):
                 raise ValueError(
                     f"class labels must be in [0, {self.num_classes}] ({self.num_classes} is the null class); "
                     f"got min {int(y.min())}, max {int(y.max())}"
