@@ -95,3 +95,31 @@ def test_bench_straighten_wcfm_sweep(tmp_path):
     assert "W-CFM: epsilon sweep" in md and "| inf |" in md
     with pytest.raises(ValueError, match="wcfm-sweep"):
         bs.main(["--out", str(tmp_path), "--quick", "--datasets", "moons", "--wcfm-sweep", "0,x"])
+
+
+@pytest.mark.slow
+def test_bench_straighten_mnist_quick(tmp_path):
+    from straightflow.data import mnist_path
+
+    if mnist_path() is None:
+        pytest.skip("MNIST (mnist_test_10k.npz) is not in ../shared/data on this machine")
+    bs.main(["--out", str(tmp_path), "--quick", "--datasets", "mnist"])
+    res = json.loads((tmp_path / "straighten.json").read_text())
+    entry = res["datasets"]["mnist"]
+    assert entry["metric"] == "FD" and entry["floor"] > 0
+    assert entry["methods"]["1-RF"]["status"] == "ok"
+    cond = entry["methods"]["conditional distilled"]
+    assert cond["status"] == "not applicable" and "labels" in cond["error"]
+    assert (tmp_path / "samples_mnist.png").stat().st_size > 1000
+
+
+def test_bench_straighten_skips_absent_mnist(tmp_path, monkeypatch):
+    from straightflow import data as sfdata
+
+    def absent(path=None):
+        raise FileNotFoundError("mnist_test_10k.npz not found (test)")
+
+    monkeypatch.setattr(sfdata, "mnist", absent)
+    logs = []
+    res = bs.run_bench(tmp_path, ["mnist"], 1, True, log=logs.append)
+    assert res["datasets"] == {} and any("mnist skipped" in line for line in logs)

@@ -55,7 +55,7 @@ from ..train import train
 __all__ = ["main", "run_bench", "Settings", "DATASETS", "METHODS"]
 
 NFES = (1, 2, 4, 100)
-DATASETS = ("moons", "8g-moons", "checkerboard", "digits")
+DATASETS = ("moons", "8g-moons", "checkerboard", "digits", "mnist")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -92,6 +92,15 @@ SETTINGS: Dict[Tuple[str, bool], Settings] = {
                                 reflow_steps=600, distill_steps=400, n_pairs=4000, pair_steps=25, n_eval=898,
                                 n_ref=1796, wcfm_epsilon=1.0, num_blocks=2, slim_hidden=128, guidance=2.0,
                                 ckpt_every=300),
+    # MNIST (from ../shared/data when present): 784-D vectors, an MLP like the other sets, 8000 training
+    # images and 2000 held-out ones (reference and floor halves)
+    ("mnist", False): Settings(n_train=8000, hidden=512, depth=3, batch=128, lr=1e-3, base_steps=2000,
+                               reflow_steps=800, distill_steps=500, n_pairs=4000, pair_steps=25, n_eval=1000,
+                               n_ref=2000, wcfm_epsilon=1.0, num_blocks=2, slim_hidden=256, guidance=2.0,
+                               ckpt_every=400),
+    ("mnist", True): Settings(n_train=512, hidden=32, depth=1, batch=64, lr=3e-3, base_steps=30, reflow_steps=15,
+                              distill_steps=10, n_pairs=128, pair_steps=2, n_eval=100, n_ref=200,
+                              wcfm_epsilon=1.0, num_blocks=2, slim_hidden=16, guidance=2.0, ckpt_every=0),
     ("2d", True): Settings(n_train=2000, hidden=32, depth=1, batch=128, lr=3e-3, base_steps=60, reflow_steps=30,
                            distill_steps=20, n_pairs=256, pair_steps=3, n_eval=200, n_ref=400,
                            wcfm_epsilon=1.0, num_blocks=2, slim_hidden=16, guidance=2.0, ckpt_every=0),
@@ -126,6 +135,8 @@ class Task:
     ref_b: Tensor
     metric: str                     # "W2" or "FD"
     description: str
+    side: int = 8                   # image side (digits 8, MNIST 28)
+    extractor: str = "digits"       # classifier-FD feature extractor
 
     @property
     def dim(self) -> int:
@@ -148,12 +159,16 @@ class Task:
     def quality(self, samples: Tensor) -> float:
         if self.metric == "W2":
             return metrics.w2(samples, self.ref_a, max_n=None)
-        return metrics.classifier_fd(samples.reshape(-1, 1, 8, 8).clamp(-1, 1), self.ref_a.reshape(-1, 1, 8, 8))
+        k = self.side
+        return metrics.classifier_fd(samples.reshape(-1, 1, k, k).clamp(-1, 1), self.ref_a.reshape(-1, 1, k, k),
+                                     extractor=self.extractor)
 
     def floor(self) -> float:
         if self.metric == "W2":
             return metrics.w2(self.ref_a, self.ref_b, max_n=None)
-        return metrics.classifier_fd(self.ref_a.reshape(-1, 1, 8, 8), self.ref_b.reshape(-1, 1, 8, 8))
+        k = self.side
+        return metrics.classifier_fd(self.ref_a.reshape(-1, 1, k, k), self.ref_b.reshape(-1, 1, k, k),
+                                     extractor=self.extractor)
 
 
 def make_task(name: str, S: Settings) -> Task:
@@ -173,6 +188,16 @@ def make_task(name: str, S: Settings) -> Task:
         return Task(name, "digits", x, ds.y, None, x[perm[:half]], x[perm[half:2 * half]], "FD",
                     "N(0, I) -> digits 8x8 (64-D vectors; FD in the project classifier's features, "
                     "reference = the data set itself, floor = half vs half)")
+    if name == "mnist":
+        ds = sfdata.mnist()  # raises FileNotFoundError with the places it looked
+        x = ds.x.reshape(ds.x.shape[0], -1)
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(12345))
+        train_x, held = x[perm[:S.n_train]], x[perm[S.n_train:S.n_train + S.n_ref]]
+        half = held.shape[0] // 2
+        return Task(name, "mnist", train_x, None, None, held[:half], held[half:2 * half], "FD",
+                    f"N(0, I) -> MNIST 28x28 (784-D vectors; {train_x.shape[0]} training images, FD in the 'mnist' "
+                    "extractor's features against held-out images, floor = held-out half vs half)",
+                    side=28, extractor="mnist")
     raise ValueError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
 
 
@@ -432,6 +457,8 @@ def _b_slim(r: Runner, d: Path) -> Stage:
 
 
 def _b_cond_teacher(r: Runner, d: Path) -> Stage:
+    if r.task.y is None:
+        raise NotApplicable("needs class labels; this data set has none (the shipped MNIST split is unlabelled)")
     data = sfdata.Dataset(r.task.x, y=r.task.y, num_classes=10, name="digits")
     return r.fit(Flow(r.mlp(num_classes=10), cond_dropout=0.1), d, r.S.base_steps, data=data)
 
@@ -620,8 +647,14 @@ def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digit
     tasks: Dict[str, Task] = {}
     plan: Dict[str, int] = {}
     for name in datasets:
-        kind = "digits" if name == "digits" else "2d"
-        tasks[name] = make_task(name, SETTINGS[(kind, quick)])
+        kind = name if name in ("digits", "mnist") else "2d"
+        try:
+            tasks[name] = make_task(name, SETTINGS[(kind, quick)])
+        except FileNotFoundError as e:
+            if name != "mnist":
+                raise
+            log(f"[straighten] mnist skipped: {e}")
+            continue
         plan[name] = seeds if kind == "2d" or digits_seeds is None else min(seeds, digits_seeds)
     # time estimate from a calibration of the base model's step time
     est = 0.0
@@ -630,7 +663,7 @@ def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digit
         ms = _ms_per_step(task, S)
         steps_per_seed = 0.0
         for stage, (which, f) in _STAGE_STEPS.items():
-            if stage.startswith("conditional") and task.kind != "digits":
+            if stage.startswith("conditional") and task.kind == "2d":
                 continue
             n = {"base": S.base_steps, "reflow": S.reflow_steps, "distill": S.distill_steps}[which]
             steps_per_seed += n * f
@@ -654,7 +687,7 @@ def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digit
         results["datasets"][name] = ds_res
         log(f"[straighten] {name}: {task.description}; floor {task.metric} = {ds_res['floor']:.4g}")
         for row, stage_key, sampler, module, digits_only, note in METHODS:
-            if digits_only and task.kind != "digits":
+            if digits_only and task.kind == "2d":
                 continue
             entry: Dict[str, Any] = {"note": note, "sampler": sampler, "seeds": {}}
             ds_res["methods"][row] = entry
@@ -820,8 +853,9 @@ def _figures(out: Path, results: Dict[str, Any], tasks: Dict[str, Task]) -> None
             save_scatter_panels([(t, x[:1000]) for t, x in panels], out / f"samples_{name}.png",
                                 reference=task.ref_a[:1000], suptitle=f"{name}: NFE-1 samples (seed 0)")
         else:
-            save_image_panels([(t, x[:40].reshape(-1, 1, 8, 8)) for t, x in panels], out / f"samples_{name}.png",
-                              nrow=8, suptitle="digits: NFE-1 samples (seed 0)")
+            k = task.side
+            save_image_panels([(t, x[:40].reshape(-1, 1, k, k)) for t, x in panels], out / f"samples_{name}.png",
+                              nrow=8, suptitle=f"{name}: NFE-1 samples (seed 0)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -831,9 +865,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings (about a minute) to check the pipeline")
     p.add_argument("--seeds", type=int, default=None, help="seeds per 2D data set (mean ± std; default 3, --quick 1)")
     p.add_argument("--digits-seeds", type=int, default=1,
-                   help="seeds for digits (default 1 to fit the ~40 min budget; at most --seeds)")
+                   help="seeds for digits and MNIST (default 1 to fit the time budget; at most --seeds)")
     p.add_argument("--datasets", default=None,
-                   help=f"comma-separated subset of {','.join(DATASETS)} (default: all; --quick: moons,8g-moons,digits)")
+                   help=f"comma-separated subset of {','.join(DATASETS)} (default: all, MNIST when "
+                        "../shared/data has it; --quick: moons,8g-moons,digits)")
     p.add_argument("--wcfm-sweep", default="",
                    help="comma-separated W-CFM eps values to sweep on each data set (seed 0; plain CFM added)")
     a = p.parse_args(list(argv) if argv is not None else None)
