@@ -8,9 +8,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PEERS  := $(VENV)/.peers
+BROWSER := $(VENV)/.browser
 PYTEST_ARGS ?=
 
-.PHONY: demo test install peers bench clean
+.PHONY: demo test install peers browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +28,18 @@ $(PEERS): $(STAMP) requirements-peers.txt
 
 peers: $(PEERS)
 
+# Playwright's Python driver for the headless-browser test of the streaming page; it drives the
+# system Chromium (/usr/bin/chromium, Debian's `chromium` package) and downloads no browser.
+# Best effort: without it (or without Chromium) that one test skips with a reason.
+$(BROWSER): $(STAMP)
+	$(BIN)/pip install -q "playwright>=1.40" && touch $(BROWSER) || echo "playwright not installed: the browser test will skip"
+
+browser: $(BROWSER)
+
 demo: $(STAMP)
 	$(BIN)/straightflow demo --out out
 
-test: $(STAMP) $(PEERS)
+test: $(STAMP) $(PEERS) $(BROWSER)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP) $(PEERS)
