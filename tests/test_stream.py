@@ -157,6 +157,100 @@ def test_one_time_negative_propagates():
     assert [c[0] for c in m.calls] == [2, 1]
 
 
+class Recorder(Affine):
+    """The analytic model, recording every call's inputs (rows, times, labels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def __call__(self, x, t, y=None):
+        self.inputs.append((x.clone(), t.clone(), y.tolist()))
+        return super().__call__(x, t, y)
+
+
+@pytest.mark.parametrize("rcfg", MODES)
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_rows_and_labels_of_every_call(rcfg, n):
+    """Stream Batch: full CFG = one call of 2n rows (cond + null copy of every slot), self = n rows, no null row,
+    one-time = n rows + ONE null row, that of the newest frame at its first stage (StreamDiffusion's cfg_type
+    full / self / initialize); sequential one-time adds the null row only at each frame's first step."""
+    frames, y, null = 7, 1, Affine.null_class
+    clip = builtin_clip(frames, 4, dtype=torch.float64)
+    m = Recorder()
+    p = StreamBatchPipeline(m, n, 0.6, rcfg=rcfg, guidance=2.0, label=y, seed=0)
+    [p.push(f) for f in clip]
+    p.flush()
+    assert len(m.inputs) == frames + n - 1                       # one call per push, n - 1 to flush
+    slots = [min(k + 1, n, frames + n - 1 - k) for k in range(frames + n - 1)]  # frames in flight per call
+    for k, ((x, t, labels), m_k) in enumerate(zip(m.inputs, slots)):
+        pushing = k < frames                                     # this call came with a new frame (not flush)
+        if rcfg == "full":
+            assert labels == [y] * m_k + [null] * m_k
+            torch.testing.assert_close(x[:m_k], x[m_k:], rtol=0, atol=0)  # the same states, twice
+            torch.testing.assert_close(t[:m_k], t[m_k:], rtol=0, atol=0)
+        elif rcfg == "initialize" and pushing:
+            assert labels == [y] * m_k + [null]
+            # the null row is the newest slot (last in the batch) at its first stage t_start = 1 - strength
+            torch.testing.assert_close(x[-1], x[m_k - 1], rtol=0, atol=0)
+            assert float(t[-1]) == pytest.approx(0.4) and float(t[m_k - 1]) == pytest.approx(0.4)
+        else:
+            assert labels == [y] * m_k
+    steady = [len(lab) for _, _, lab in m.inputs[n - 1:frames]]
+    assert steady == [rows_per_call(rcfg, n)] * len(steady)
+    assert p.model.rows == frames * {"none": n, "self": n, "initialize": n + 1, "full": 2 * n}[rcfg]
+    # sequential: n calls per frame; one-time's null row only in the first call of each frame
+    m = Recorder()
+    q = StreamBatchPipeline(m, n, 0.6, rcfg=rcfg, guidance=2.0, label=y, seed=0, batched=False)
+    [q.push(f) for f in clip]
+    sizes = [len(lab) for _, _, lab in m.inputs]
+    one = {"none": [1] * n, "self": [1] * n, "full": [2] * n, "initialize": [2] + [1] * (n - 1)}[rcfg]
+    assert sizes == one * frames
+
+
+@pytest.mark.parametrize("rcfg", MODES)
+def test_guidance_one_computes_no_negative_rows(rcfg):
+    """At guidance 1 every mode is the conditional velocity exactly, so no null row is computed."""
+    clip = builtin_clip(6, 4, dtype=torch.float64)
+    m, ref = Recorder(), Recorder()
+    p = StreamBatchPipeline(m, 3, 0.6, rcfg=rcfg, guidance=1.0, label=2, seed=0)
+    r = StreamBatchPipeline(ref, 3, 0.6, rcfg="none", guidance=1.0, label=2, seed=0)
+    a = [p.push(f) for f in clip] + p.flush()
+    b = [r.push(f) for f in clip] + r.flush()
+    assert p.rows_per_call == 3 and all(Affine.null_class not in lab for _, _, lab in m.inputs)
+    assert [len(lab) for _, _, lab in m.inputs] == [len(lab) for _, _, lab in ref.inputs]
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            torch.testing.assert_close(u.x, v.x, rtol=0, atol=0)
+
+
+def test_bench_stream_cost_section_quick(tmp_path):
+    """`bench stream --sections cost --quick`: cost-vs-rows lines and RCFG vs full CFG rows for both models."""
+    import json
+
+    from straightflow.bench.stream import main
+    from straightflow.checkpoint import save_model
+
+    run = save_model(tmp_path / "run", tiny_unet(dtype=torch.float32), config={"data": {"shape": [1, 8, 8]}})
+    out = tmp_path / "bench"
+    assert main(["--out", str(out), "--quick", "--run", str(run), "--sections", "cost", "--repeats", "1"]) == 0
+    res = json.loads((out / "stream.json").read_text())
+    assert res["sections"] == ["cost"] and res["throughput"] == [] and res["load_test"] == {}
+    assert [R["model"] for R in res["cost"]] == ["small", "large"]
+    for R in res["cost"]:
+        assert [d["rows"] for d in R["cost_line"]] == [1, 2, 3, 4] and all(d["ms"] > 0 for d in R["cost_line"])
+        for r in R["rcfg"]:  # counted rows per generated frame: 2n, n, n + 1
+            assert r["rows_per_frame"] == {"full": 2 * r["n"], "self": r["n"], "initialize": r["n"] + 1}[r["rcfg"]]
+            assert r["calls_per_frame"] == pytest.approx((R["frames"] + r["n"] - 1) / R["frames"])
+    assert res["cost"][1]["shape"] == [3, 32, 32]
+    md = (out / "stream.md").read_text()
+    assert "randomly initialised" in md and "cost(4) / cost(1)" in md and "Stream Batch vs sequential" not in md
+    assert (out / "rcfg_cost.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="valid: all, batch"):
+        main(["--out", str(out), "--sections", "rcfg,bogus"])
+
+
 def test_pipeline_errors(model):
     with pytest.raises(ValueError, match="unknown rcfg"):
         StreamBatchPipeline(model, 2, 0.5, rcfg="half", label=0)

@@ -7,6 +7,13 @@ pushed back to back into the pipeline (after a warm-up pass); a frame's latency 
 its push to the return of the call that finishes it (Stream Batch: n - 1 later pushes). Each
 configuration is timed ``--repeats`` times in rotation and the median is reported, with ratios
 taken inside the same run. Thread counts: ``--thread-list`` (default 1,2).
+
+The ``cost`` section shows when residual CFG pays: it times single model calls of 1..8 rows (the
+per-call cost-vs-rows line) and RCFG self / one-time vs full CFG at n = 1, 2, 4, on one thread, for the
+``small`` run model (8x8 digits UNet, per-call overhead dominated) and a ``large`` 32x32 RGB UNet
+(randomly initialised: throughput does not depend on the weights) whose cost grows with its rows.
+Full CFG computes ``2n`` rows per call, self ``n``, one-time ``n + 1``, so the RCFG speed-up is
+``cost(2n) / cost(n)`` resp. ``cost(2n) / cost(n + 1)`` of the cost line. ``--sections`` picks sections.
 """
 from __future__ import annotations
 
@@ -27,7 +34,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ["main"]
+__all__ = ["main", "SECTIONS", "LARGE_SPEC"]
+
+SECTIONS = ("batch", "rcfg", "filter", "motion", "load", "cost")
+# compute-bound model for the cost section: 32x32 RGB (the shapes data), 5 classes (shapes), ~5.6M parameters
+LARGE_SPEC: Dict[str, Any] = {"in_channels": 3, "resolution": 32, "base_channels": 96, "channel_mults": (1, 2, 2),
+                              "num_classes": 5}
+LARGE_SPEC_QUICK: Dict[str, Any] = {**LARGE_SPEC, "base_channels": 32}
+COST_ROWS = (1, 2, 3, 4, 5, 8)  # covers n, n + 1 and 2n for n = 1, 2, 4
 
 
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -46,7 +60,20 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--load-frames", type=int, default=None, help="frames per load-test client (default 1000, quick 60)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--no-load-test", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--sections", default="all",
+                   help=f"comma-separated sections to run: all or any of {', '.join(SECTIONS)}")
+    p.add_argument("--rcfg-model", default="both", choices=("small", "large", "both"),
+                   help="models of the cost section: small (the --run model), large (32x32 RGB UNet), both")
+    p.add_argument("--large-frames", type=int, default=None, help="clip length for the large model (default 32, quick 4)")
+    a = p.parse_args(argv)
+    names = [v.strip() for v in a.sections.split(",") if v.strip()]
+    if names == ["all"]:
+        names = list(SECTIONS)
+    bad = [v for v in names if v not in SECTIONS]
+    if bad or not names:
+        raise ValueError(f"unknown --sections {', '.join(bad) or repr(a.sections)}; valid: all, {', '.join(SECTIONS)}")
+    a.section_set = set(names)
+    return a
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -63,6 +90,8 @@ def _time_pipeline(pipe, clip: torch.Tensor, filt=None) -> Dict[str, Any]:
     outputs = 0
     skipped = 0
     last = None
+    steady_wall: List[float] = []  # pushes that return a frame: one full-batch call each (no warm-up, no flush)
+    steady_cpu: List[float] = []   # the same pushes in CPU time of this thread (excludes time descheduled)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i, f in enumerate(clip):
@@ -75,19 +104,29 @@ def _time_pipeline(pipe, clip: torch.Tensor, filt=None) -> Dict[str, Any]:
             if filt is not None and last is None:
                 filt(f)
             arrivals[i] = now
+            tc, tp = time.thread_time(), time.perf_counter()
             r = pipe.push(f, meta=i)
             if r is not None:
+                done = time.perf_counter()
+                steady_wall.append(done - tp)
+                steady_cpu.append(time.thread_time() - tc)
                 last = r.x
                 outputs += 1
-                lat.append(time.perf_counter() - arrivals.pop(r.meta))
+                lat.append(done - arrivals.pop(r.meta))
         for r in pipe.flush():
             outputs += 1
             lat.append(time.perf_counter() - arrivals.pop(r.meta))
     dt = time.perf_counter() - t0
     gen = max(outputs - skipped, 1)
-    return {"seconds": dt, "fps": outputs / dt, "lat": lat, "outputs": outputs, "skipped": skipped,
+    return {"seconds": dt, "fps": outputs / dt, "steady_wall": steady_wall, "steady_cpu": steady_cpu, "lat": lat, "outputs": outputs, "skipped": skipped,
             "calls_per_frame": (pipe.calls - calls0) / gen, "rows_per_frame": (pipe.rows - rows0) / gen,
             "calls_per_output": (pipe.calls - calls0) / max(outputs, 1)}
+
+
+def _inv_median(seconds: List[float]) -> Optional[float]:
+    """``1 / median`` of per-frame times (frames per second), None when empty or zero."""
+    m = float(np.median(seconds)) if seconds else 0.0
+    return 1.0 / m if m > 0 else None
 
 
 def _bench_configs(model, clip, configs, repeats: int, threads: int) -> List[Dict[str, Any]]:
@@ -116,12 +155,197 @@ def _bench_configs(model, clip, configs, repeats: int, threads: int) -> List[Dic
         lat = np.array([v for d in rs for v in d["lat"]])
         rows.append({**{k: c[k] for k in ("mode", "n", "rcfg", "strength", "guidance")}, "filter": c.get("filter"),
                      "threads": threads, "fps": med["fps"], "fps_all": [d["fps"] for d in rs],
+                     "fps_steady": _inv_median([v for d in rs for v in d["steady_wall"]]),
+                     "fps_steady_cpu": _inv_median([v for d in rs for v in d["steady_cpu"]]),
                      "latency_ms_p50": 1e3 * float(np.percentile(lat, 50)),
                      "latency_ms_p99": 1e3 * float(np.percentile(lat, 99)),
                      "calls_per_frame": med["calls_per_frame"], "rows_per_frame": med["rows_per_frame"],
                      "calls_per_output": med["calls_per_output"], "skipped": med["skipped"], "outputs": med["outputs"],
                      "frames": len(clip)})
     return rows
+
+
+# ----------------------------------------------------------------------------- cost section
+def _large_model(spec: Dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised UNet (``conv_out`` re-initialised so that velocities are not all zero)."""
+    from ..models import UNet
+
+    torch.manual_seed(seed)
+    m = UNet(**spec)
+    m.conv_out.reset_parameters()
+    for q in m.parameters():
+        q.requires_grad_(False)
+    return m.eval()
+
+
+def _cost_line(model, rows_list, reps: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """Median wall and thread-CPU time of one model call on ``r`` rows for each ``r`` (sizes rotated between repeats)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(model.sample_shape)
+    k = getattr(model, "num_classes", None)
+    inputs = {}
+    for r in rows_list:
+        x = torch.randn((r, *shape), generator=g)
+        t = torch.rand(r, generator=g)
+        inputs[r] = (x, t, {"y": torch.randint(0, int(k) + 1, (r,), generator=g)} if k else {})
+    wall: Dict[int, List[float]] = {r: [] for r in rows_list}
+    cpu: Dict[int, List[float]] = {r: [] for r in rows_list}
+    with torch.no_grad():
+        for r in rows_list:  # warm-up
+            for _ in range(2):
+                x, t, c = inputs[r]
+                model(x, t, **c)
+        order = list(rows_list)
+        for i in range(reps):
+            for r in order[i % len(order):] + order[: i % len(order)]:
+                x, t, c = inputs[r]
+                tc, t0 = time.thread_time(), time.perf_counter()
+                model(x, t, **c)
+                wall[r].append(time.perf_counter() - t0)
+                cpu[r].append(time.thread_time() - tc)
+    out = []
+    for r in rows_list:
+        out.append({"rows": r, "ms": 1e3 * float(np.median(wall[r])), "ms_cpu": 1e3 * float(np.median(cpu[r])),
+                    "ms_all": [1e3 * v for v in wall[r]], "ms_cpu_all": [1e3 * v for v in cpu[r]]})
+    for d in out:
+        d["relative_to_1row"] = d["ms"] / out[0]["ms"]
+        d["relative_to_1row_cpu"] = d["ms_cpu"] / out[0]["ms_cpu"]
+    return out
+
+
+def _predicted_ratio(line: List[Dict[str, Any]], rcfg: str, n: int, key: str = "ms_cpu") -> Optional[float]:
+    """``cost(2n) / cost(rows of rcfg)`` from the measured cost line (None when a size was not timed)."""
+    from ..stream.pipeline import rows_per_call
+
+    ms = {d["rows"]: d[key] for d in line}
+    a, b = ms.get(rows_per_call("full", n)), ms.get(rows_per_call(rcfg, n))
+    return a / b if a and b else None
+
+
+def _cost_section(name: str, model, clip: torch.Tensor, label: Optional[int], ns, rows_list, repeats: int,
+                  cost_reps: int, strength: float, guidance: float) -> Dict[str, Any]:
+    torch.set_num_threads(1)
+    params = sum(p.numel() for p in model.parameters())
+    c, h, w = model.sample_shape
+    print(f"[bench stream] cost: {name} model ({params} parameters, {c}x{h}x{w}): cost vs rows", flush=True)
+    line = _cost_line(model, rows_list, cost_reps)
+    res: Dict[str, Any] = {"model": name, "parameters": params, "shape": [c, h, w], "frames": len(clip),
+                           "cost_reps": cost_reps, "cost_line": line, "rcfg": []}
+    if label is None:
+        res["note"] = "unconditional model: no RCFG"
+        return res
+    print(f"[bench stream] cost: {name} model: full CFG vs RCFG self / one-time at n = {list(ns)}", flush=True)
+    cfgs = [{"mode": "stream", "n": n, "rcfg": r, "strength": strength, "guidance": guidance, "label": label,
+             "filter": None} for n in ns for r in ("full", "self", "initialize")]
+    rows = _bench_configs(model, clip, cfgs, repeats, 1)
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a and b else None
+
+    for r in rows:
+        full = next(b for b in rows if b["n"] == r["n"] and b["rcfg"] == "full")
+        r["x_full"] = r["fps"] / full["fps"]
+        r["x_full_steady"] = ratio(r["fps_steady"], full["fps_steady"])
+        r["x_full_steady_cpu"] = ratio(r["fps_steady_cpu"], full["fps_steady_cpu"])
+        r["predicted_x_full"] = _predicted_ratio(line, r["rcfg"], r["n"], "ms_cpu")
+        r["predicted_x_full_wall"] = _predicted_ratio(line, r["rcfg"], r["n"], "ms")
+        r["model"] = name
+    res["rcfg"] = rows
+    return res
+
+
+def _cost_md(results: List[Dict[str, Any]], rows_list, repeats: int, guidance: float) -> List[str]:
+    from ..stream.pipeline import rows_per_call
+
+    lo, hi = rows_list[-3], rows_list[-1]
+    md = ["## RCFG where a call's cost grows with its rows (cost section, 1 thread)", "",
+          "Full CFG runs `2n` rows per call, RCFG self `n`, one-time `n + 1` (the null row of the newest frame at "
+          "its first stage), so at equal steps RCFG's speed-up over full CFG is the cost ratio of those calls: "
+          "`cost(2n) / cost(n)` for self and `cost(2n) / cost(n + 1)` for one-time. Where a call's cost is "
+          "proportional to its rows these are 2 and 2n / (n + 1) (1.0, 1.33, 1.6 at n = 1, 2, 4: one-time cannot "
+          "reach 1.8x below n = 9 on any hardware); where a fixed per-call cost dominates (small tensors: ~20 "
+          "convolutions on 8x8 maps cost mostly framework overhead) both stay near 1. The line below times one model "
+          "call of r rows (median of " + ", ".join(f"{R['cost_reps']} ({R['model']})" for R in results)
+          + " calls per size, sizes rotated), in wall time and in CPU time of "
+          "the one compute thread (`time.thread_time`: it leaves out the time the process waits for a core, which "
+          "on a shared machine is what makes wall-clock medians noisy).", "",
+          "| model | parameters | shape | clock | " + " | ".join(f"{r} row{'s' if r > 1 else ''} (ms)" for r in rows_list)
+          + f" | cost({hi}) / cost(1) | ms per extra row ({lo} → {hi}) |",
+          "|" + "---|" * (len(rows_list) + 6)]
+    for R in results:
+        for key, clock in (("ms_cpu", "CPU"), ("ms", "wall")):
+            ms = {d["rows"]: d[key] for d in R["cost_line"]}
+            md.append(f"| {R['model']} | {R['parameters']:,} | {'x'.join(map(str, R['shape']))} | {clock} | "
+                      + " | ".join(f"{ms[r]:.2f}" for r in rows_list)
+                      + f" | {ms[hi] / ms[rows_list[0]]:.2f} | {(ms[hi] - ms[lo]) / (hi - lo):.2f} |")
+    md += ["", f"Throughput (Stream Batch, guidance {guidance}, saturated, {repeats} timed repeat(s) in rotation). "
+           "Whole-run fps (median run) counts the n - 1 warm-up and flush calls of fewer rows; steady-state fps is "
+           "1 / the median time of a push that returns a frame (one call on the full batch), pooled over the "
+           "repeats, in wall and in thread-CPU time; “predicted” is the CPU cost-line ratio above.", "",
+           "| model | n | rcfg | rows / call (steady) | rows / frame | fps (whole run) | × full | fps steady (wall) | "
+           "× full | fps steady (CPU) | × full | predicted × full | latency p50 (ms) |", "|" + "---|" * 13]
+    for R in results:
+        for r in R["rcfg"]:
+            md.append(f"| {R['model']} | {r['n']} | {r['rcfg']} | {rows_per_call(r['rcfg'], r['n'])} | "
+                      f"{r['rows_per_frame']:.2f} | {r['fps']:.1f} | {r['x_full']:.2f} | {_fmt(r['fps_steady'])} | "
+                      f"{_fmt(r['x_full_steady'], 2)} | {_fmt(r['fps_steady_cpu'])} | {_fmt(r['x_full_steady_cpu'], 2)} | "
+                      f"{_fmt(r['predicted_x_full'], 2)} | {r['latency_ms_p50']:.1f} |")
+    md.append("")
+    for R in results:
+        if not R["rcfg"]:
+            md += [f"{R['model']}: {R.get('note', '')}", ""]
+            continue
+        ms = {d["rows"]: d["ms_cpu"] for d in R["cost_line"]}
+
+        def fmt(mode: str, key: str) -> str:
+            return ", ".join(f"{_fmt(r[key], 2)}x (n={r['n']})" for r in R["rcfg"] if r["rcfg"] == mode)
+
+        hit = [r["n"] for r in R["rcfg"] if r["rcfg"] == "self" and (r["x_full_steady_cpu"] or 0) >= 1.8]
+        hit_wall = [r["n"] for r in R["rcfg"] if r["rcfg"] == "self" and (r["x_full_steady"] or 0) >= 1.8]
+        md.append(f"- **{R['model']}**: a {hi}-row call costs {ms[hi] / ms[rows_list[0]]:.2f}x a 1-row call (CPU "
+                  f"time); steady-state RCFG self / full CFG = {fmt('self', 'x_full_steady_cpu')} in CPU time, "
+                  f"{fmt('self', 'x_full_steady')} in wall time; one-time / full CFG = "
+                  f"{fmt('initialize', 'x_full_steady_cpu')} (CPU), {fmt('initialize', 'x_full_steady')} (wall). "
+                  f"Self >= 1.8x: CPU time {'n = ' + ', '.join(map(str, hit)) if hit else 'none'}, wall time "
+                  f"{'n = ' + ', '.join(map(str, hit_wall)) if hit_wall else 'none'}.")
+    md.append("")
+    return md
+
+
+def _plot_cost(results: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    rmax = 1
+    for R in results:
+        rs = [d["rows"] for d in R["cost_line"]]
+        rmax = max(rmax, max(rs))
+        ax.plot(rs, [d["relative_to_1row_cpu"] for d in R["cost_line"]], "o-", label=f"{R['model']} ({R['parameters']:,} params)")
+    ax.plot([1, rmax], [1, rmax], "k--", lw=0.8, label="cost proportional to rows")
+    ax.set_xlabel("rows in one call")
+    ax.set_ylabel("call CPU time / 1-row call CPU time")
+    ax.set_title("per-call cost vs rows (1 thread)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    bars = [(R["model"], r) for R in results for r in R["rcfg"] if r["rcfg"] != "full"]
+    xs = range(len(bars))
+    ax.bar(xs, [r["x_full_steady_cpu"] or 0 for _, r in bars],
+           color=["#2a7" if r["rcfg"] == "self" else "#37c" for _, r in bars])
+    ax.plot(xs, [r["x_full_steady"] or 0 for _, r in bars], "k_", ms=18, mew=2, label="wall time")
+    ax.axhline(1.8, color="#c33", lw=1, ls="--", label="1.8x target")
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{m}\nn={r['n']}\n{'self' if r['rcfg'] == 'self' else 'one-time'}" for m, r in bars], fontsize=7)
+    ax.set_ylabel("steady-state fps / full-CFG fps (same n)")
+    ax.set_title("RCFG vs full CFG, CPU time (green: self, blue: one-time)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- load test
@@ -286,26 +510,34 @@ def _table(rows: List[Dict[str, Any]], base_key, base_label: str) -> str:
 
 
 def _plot(rows: List[Dict[str, Any]], motion: Dict[str, Any], path: Path) -> None:
+    """Left: Stream Batch throughput bars (when measured); right: motion-aware strength (when measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    r1 = [r for r in rows if r["threads"] == rows[0]["threads"] and r.get("filter") is None]
-    labels = [f"{r['mode'][:3]} n={r['n']}\n{r['rcfg']}" for r in r1]
-    axes[0].bar(range(len(r1)), [r["fps"] for r in r1], color=["#888" if r["mode"] == "sequential" else "#2a7" for r in r1])
-    axes[0].set_xticks(range(len(r1)))
-    axes[0].set_xticklabels(labels, fontsize=7)
-    axes[0].set_ylabel("frames / s")
-    axes[0].set_title(f"throughput ({rows[0]['threads']} thread(s)); grey = sequential")
-    ax = axes[1]
-    ax.plot(motion["diff"], label="mean |frame difference|", color="#888")
-    ax.plot(motion["strength"], label="motion-aware strength", color="#c33")
-    ax.fill_between(range(len(motion["static"])), 0, 1, where=motion["static"], alpha=0.1, color="b", label="static stretch")
-    ax.set_xlabel("frame")
-    ax.legend(fontsize=8)
-    ax.set_title("StreamDiffusionV2 motion-aware strength on the built-in clip")
+    panels = int(bool(rows)) + int(bool(motion))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if rows:
+        ax = axes.pop(0)
+        r1 = [r for r in rows if r["threads"] == rows[0]["threads"] and r.get("filter") is None]
+        labels = [f"{r['mode'][:3]} n={r['n']}\n{r['rcfg']}" for r in r1]
+        ax.bar(range(len(r1)), [r["fps"] for r in r1], color=["#888" if r["mode"] == "sequential" else "#2a7" for r in r1])
+        ax.set_xticks(range(len(r1)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("frames / s")
+        ax.set_title(f"throughput ({rows[0]['threads']} thread(s)); grey = sequential")
+    if motion:
+        ax = axes.pop(0)
+        ax.plot(motion["diff"], label="mean |frame difference|", color="#888")
+        ax.plot(motion["strength"], label="motion-aware strength", color="#c33")
+        ax.fill_between(range(len(motion["static"])), 0, 1, where=motion["static"], alpha=0.1, color="b", label="static stretch")
+        ax.set_xlabel("frame")
+        ax.legend(fontsize=8)
+        ax.set_title("StreamDiffusionV2 motion-aware strength on the built-in clip")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -322,6 +554,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..stream.pipeline import MotionStrength
 
     quick = a.quick
+    sec = a.section_set
     n_frames = a.frames or (16 if quick else 160)
     repeats = a.repeats or (1 if quick else 3)
     load_frames = a.load_frames or (60 if quick else 1000)
@@ -335,7 +568,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     move, hold = (10, 6) if quick else (24, 16)
     clip = builtin_clip(n_frames, h, c, move=move, hold=hold)
     t_start = time.time()
-    cmd = "straightflow bench stream " + " ".join(argv or [])
+    cmd = "straightflow bench stream " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def cfg(mode, n, rcfg="none", filt=None):
         return {"mode": mode, "n": n, "rcfg": rcfg, "strength": a.strength, "guidance": a.guidance, "label": label,
@@ -349,28 +582,52 @@ def main(argv: Optional[List[str]] = None) -> int:
     f_cfgs = [cfg("stream", 2, "self" if label is not None else "none", f) for f in (None, a.filter)]
     throughput, rcfg_rows, filter_rows = [], [], []
     for th in thread_list:
-        print(f"[bench stream] {th} thread(s): Stream Batch vs sequential", flush=True)
-        throughput += _bench_configs(model, clip, sb_cfgs, repeats, th)
-        print(f"[bench stream] {th} thread(s): RCFG vs full CFG", flush=True)
-        rcfg_rows += _bench_configs(model, clip, rc_cfgs, repeats, th)
+        if "batch" in sec:
+            print(f"[bench stream] {th} thread(s): Stream Batch vs sequential", flush=True)
+            throughput += _bench_configs(model, clip, sb_cfgs, repeats, th)
+        if "rcfg" in sec:
+            print(f"[bench stream] {th} thread(s): RCFG vs full CFG", flush=True)
+            rcfg_rows += _bench_configs(model, clip, rc_cfgs, repeats, th)
     torch.set_num_threads(thread_list[0])
-    print("[bench stream] similarity filter", flush=True)
-    filter_rows = _bench_configs(model, clip, f_cfgs, repeats, thread_list[0])
+    if "filter" in sec:
+        print("[bench stream] similarity filter", flush=True)
+        filter_rows = _bench_configs(model, clip, f_cfgs, repeats, thread_list[0])
     mask = static_mask(n_frames, move, hold)
     sims = [cosine_similarity(clip[i], clip[i - 1]) for i in range(1, n_frames)]
     sim_moving = float(np.mean([s for s, m in zip(sims, mask[1:]) if not m])) if (~mask[1:]).any() else float("nan")
-    ms = MotionStrength(0.3, 0.7, scale=0.05, smoothing=0.5)
-    strengths, diffs = [], []
-    for f in clip:
-        strengths.append(ms.update(f))
-        diffs.append(ms.last_diff)
-    motion = {"strength": strengths, "diff": diffs, "static": mask.tolist(),
-              "mean_strength_static": float(np.mean([s for s, m in zip(strengths, mask) if m])) if mask.any() else None,
-              "mean_strength_moving": float(np.mean([s for s, m in zip(strengths, mask) if not m]))}
+    motion: Dict[str, Any] = {}
+    if "motion" in sec:
+        ms = MotionStrength(0.3, 0.7, scale=0.05, smoothing=0.5)
+        strengths, diffs = [], []
+        for f in clip:
+            strengths.append(ms.update(f))
+            diffs.append(ms.last_diff)
+        motion = {"strength": strengths, "diff": diffs, "static": mask.tolist(),
+                  "mean_strength_static": float(np.mean([s for s, m in zip(strengths, mask) if m])) if mask.any() else None,
+                  "mean_strength_moving": float(np.mean([s for s, m in zip(strengths, mask) if not m]))}
+
+    cost: List[Dict[str, Any]] = []
+    cost_ns = (1, 2, 4) if not quick else (1, 2)
+    cost_rows = COST_ROWS if not quick else (1, 2, 3, 4)
+    cost_reps = 2 if quick else 15
+    large_spec = LARGE_SPEC_QUICK if quick else LARGE_SPEC
+    if "cost" in sec:
+        if a.rcfg_model in ("small", "both"):
+            cost.append(_cost_section("small", model, clip, label, cost_ns, cost_rows, repeats, cost_reps,
+                                      a.strength, a.guidance))
+        if a.rcfg_model in ("large", "both"):
+            big = _large_model(large_spec)
+            bc, bh, _ = big.sample_shape
+            lf = a.large_frames or (4 if quick else 32)
+            big_clip = builtin_clip(lf, bh, bc, move=move, hold=hold)
+            big_label = a.label % int(big.num_classes)
+            cost.append(_cost_section("large", big, big_clip, big_label, cost_ns, cost_rows, repeats,
+                                      2 if quick else 9, a.strength, a.guidance))
+        torch.set_num_threads(thread_list[0])
 
     load: Dict[str, Any] = {}
     load_hi: Dict[str, Any] = {}
-    if not a.no_load_test:
+    if "load" in sec and not a.no_load_test:
         print(f"[bench stream] load test: {a.clients} clients x {load_frames} frames (default rate limit)", flush=True)
         load = _load_test(run, a.clients, load_frames, a.threads, None, quick)
         if not quick:
@@ -387,25 +644,46 @@ def main(argv: Optional[List[str]] = None) -> int:
                      and b["threads"] == r["threads"]), None)
 
     md = [f"# straightflow bench stream", "", f"Command: `{cmd}`  ", f"Date: {date.today().isoformat()}  ",
-          f"Machine: {machine_line()} (throughput tables at {', '.join(map(str, thread_list))} thread(s))  ",
+          f"Machine: {machine_line()} (throughput tables at {', '.join(map(str, thread_list))} thread(s); "
+          "cost section at 1 thread)  ",
+          f"Sections: {', '.join(v for v in SECTIONS if v in sec)}  ",
           f"Model: `{run}` ({type(model).__name__}, {sum(p.numel() for p in model.parameters())} parameters, "
           f"shape {c}x{h}x{w}); clip: built-in moving shapes, {n_frames} frames ({move} moving / {hold} static); "
           f"strength {a.strength}, guidance {a.guidance}, label {label}; {repeats} timed repeat(s), median.", "",
           "Saturated throughput: frames pushed back to back (no producer pacing); latency = push of a frame to the "
           "return of the call that finishes it (Stream Batch adds the n - 1 later pushes a frame waits for). "
-          "Calls/rows are per generated frame, counted by a wrapper around the model.", "",
-          "## Stream Batch vs sequential denoising (rcfg none)", "", _table(throughput, lambda r: seq_of(r, throughput), "sequential"), "",
-          "## RCFG variants vs full CFG (Stream Batch unless marked sequential)", "",
-          _table(rcfg_rows, lambda r: full_of(r, rcfg_rows), "full CFG"), "",
-          f"## Stochastic similarity filter (threshold {a.filter}, max 10 skips) on the clip with static stretches", "",
-          _table(filter_rows, lambda r: filter_rows[0], "no filter"), "",
-          f"Mean cosine similarity of consecutive frames: moving {sim_moving:.4f}, static 1.0 "
-          f"({int(mask.sum())} of {n_frames} frames are static repeats). A skipped frame re-emits the last output "
-          "and costs no model call; fps counts every emitted frame.", "",
-          "## Motion-aware strength (StreamDiffusionV2)", "",
-          f"strength = 0.7 - 0.4 * EMA_0.5(clip(mean|x_k - x_(k-1)| / 0.05, 0, 1)): mean strength "
-          f"{motion['mean_strength_moving']:.3f} on moving frames, "
-          f"{_fmt(motion['mean_strength_static'], 3)} on static ones (see stream.png, right).", ""]
+          "Calls/rows are per generated frame, counted by a wrapper around the model.", ""]
+    if throughput:
+        md += ["## Stream Batch vs sequential denoising (rcfg none)", "",
+               _table(throughput, lambda r: seq_of(r, throughput), "sequential"), ""]
+    if rcfg_rows:
+        md += ["## RCFG variants vs full CFG (Stream Batch unless marked sequential)", "",
+               _table(rcfg_rows, lambda r: full_of(r, rcfg_rows), "full CFG"), ""]
+    if cost:
+        large = next((R for R in cost if R["model"] == "large"), None)
+        md += _cost_md(cost, cost_rows, repeats, a.guidance)
+        notes = [f"Small model: the `--run` model above, on its {n_frames}-frame clip."]
+        if large is not None:
+            spec = {k: list(v) if isinstance(v, tuple) else v for k, v in large_spec.items()}
+            notes.append(f"Large model: `UNet({', '.join(f'{k}={v}' for k, v in spec.items())})`, "
+                         f"{large['parameters']:,} parameters, **randomly initialised (untrained, seed 0)**: a call's "
+                         "time does not depend on the weights' values, so its throughput is that of a trained "
+                         f"model of this size; its outputs are meaningless. Clip: built-in moving shapes at "
+                         f"{'x'.join(map(str, large['shape']))}, {large['frames']} frames per timed run (label "
+                         f"{a.label % int(large_spec['num_classes'])}). fps includes the n - 1 warm-up and flush "
+                         "calls of each run (fewer rows) in whole-run fps, as in the tables above.")
+        md += [" ".join(notes), "", "![rcfg cost](rcfg_cost.png)", ""]
+    if filter_rows:
+        md += [f"## Stochastic similarity filter (threshold {a.filter}, max 10 skips) on the clip with static stretches", "",
+               _table(filter_rows, lambda r: filter_rows[0], "no filter"), "",
+               f"Mean cosine similarity of consecutive frames: moving {sim_moving:.4f}, static 1.0 "
+               f"({int(mask.sum())} of {n_frames} frames are static repeats). A skipped frame re-emits the last output "
+               "and costs no model call; fps counts every emitted frame.", ""]
+    if motion:
+        md += ["## Motion-aware strength (StreamDiffusionV2)", "",
+               f"strength = 0.7 - 0.4 * EMA_0.5(clip(mean|x_k - x_(k-1)| / 0.05, 0, 1)): mean strength "
+               f"{motion['mean_strength_moving']:.3f} on moving frames, "
+               f"{_fmt(motion['mean_strength_static'], 3)} on static ones (see stream.png, right).", ""]
     for title, L in (("default rate limit", load), ("rate limit lifted", load_hi)):
         if not L:
             continue
@@ -419,14 +697,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                f"{s['processed']} | {L['received']} | {_fmt(L['delivered_latency_ms_p50'])} / {_fmt(L['delivered_latency_ms_p99'])} | "
                f"{_fmt(s['latency_ms_p50'])} / {_fmt(s['latency_ms_p99'])} | {L['rss_mb_start']:.0f} / {L['rss_mb_max']:.0f} / "
                f"{L['rss_mb_end']:.0f} | {'yes' if L['server_alive_after'] else 'NO'} | {L['seconds']:.1f} |", ""]
-    md += [f"Total bench time: {time.time() - t_start:.0f} s.", "", "![stream](stream.png)", ""]
+    md += [f"Total bench time: {time.time() - t_start:.0f} s.", ""]
+    if throughput or motion:
+        md += ["![stream](stream.png)", ""]
+        _plot(throughput, motion, out / "stream.png")
+    if cost:
+        _plot_cost(cost, out / "rcfg_cost.png")
     (out / "stream.md").write_text("\n".join(md))
-    _plot(throughput, motion, out / "stream.png")
     save_json(out / "stream.json", {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
                                     "run": run, "frames": n_frames, "repeats": repeats,
+                                    "sections": [v for v in SECTIONS if v in sec],
                                     "throughput": throughput + rcfg_rows + filter_rows, "stream_batch": throughput,
                                     "rcfg": rcfg_rows, "filter": filter_rows, "motion": motion, "load_test": load,
-                                    "load_test_no_rate_limit": load_hi,
+                                    "load_test_no_rate_limit": load_hi, "cost": cost,
+                                    "large_spec": {k: list(v) if isinstance(v, tuple) else v for k, v in large_spec.items()},
                                     "similarity_moving_mean": sim_moving})
     print("\n".join(md))
     return 0

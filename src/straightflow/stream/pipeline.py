@@ -24,7 +24,12 @@ The negative noise is scaled by ``delta`` and turned into a velocity with the sa
 ``v_neg = (x_t - delta eps_neg) / t`` (for ``delta = 1``: ``v_neg = (x1_neg - x_t) / (1 - t)``,
 the velocity pointing from ``x_t`` to ``x1_neg``), then ``v = v_neg + gamma (v_cond - v_neg)``.
 Because the velocity, noise and data predictions are affine in each other at a fixed ``x_t``,
-guiding the velocity equals guiding the noise prediction as the paper does.
+guiding the velocity equals guiding the noise prediction as the paper does. Row counts match
+StreamDiffusion's ``cfg_type``: "full" stacks the conditional and the null copy of every slot (``2n``),
+"initialize" adds the null row of the newest frame at its first stage only (``n + 1``; the other
+slots reuse their stored negative), "self" adds none (``n``). At ``guidance == 1`` every mode equals
+the conditional velocity exactly, so no negative row is computed (``n`` rows, like StreamDiffusion,
+which applies CFG only for ``guidance_scale > 1``).
 
 **Motion-aware strength** (Feng et al. 2025, "StreamDiffusionV2", motion-aware noise controller):
 motion ``d = clip(mean|x_k - x_{k-1}| / scale, 0, 1)`` is smoothed by an EMA
@@ -166,7 +171,8 @@ class StreamBatchPipeline:
     steps on ``grid`` from ``1 - strength`` to 1; ``batched=True`` is Stream Batch (one call of
     ``<= rows_per_call(rcfg, n)`` rows per frame), ``batched=False`` the sequential baseline
     (``n`` calls per frame, no warm-up). ``label`` is the class for a class-conditional model;
-    ``guidance`` the scale ``gamma``; ``delta`` the RCFG negative-noise scale. ``motion`` (a
+    ``guidance`` the scale ``gamma`` (fixed at construction; ``1`` computes no negative rows in any
+    mode); ``delta`` the RCFG negative-noise scale. ``motion`` (a
     :class:`MotionStrength`) overrides ``strength`` per frame. Noise is drawn per frame from a
     generator seeded with ``seed``; pass ``noise=`` to :meth:`push` to supply it.
     """
@@ -181,6 +187,8 @@ class StreamBatchPipeline:
         self.n = n_steps
         self.rcfg = canonical_rcfg(rcfg)
         self.guidance = float(guidance)
+        # guidance 1: v_neg + 1 * (v_c - v_neg) = v_c for every mode, so skip the negative rows
+        self._mode = "none" if self.guidance == 1.0 else self.rcfg
         self.delta = float(delta)
         self.grid = grid
         self.batched = bool(batched)
@@ -231,7 +239,8 @@ class StreamBatchPipeline:
 
     @property
     def rows_per_call(self) -> int:
-        return rows_per_call(self.rcfg, self.n)
+        """Rows of one steady-state call (``n`` for every mode at ``guidance == 1``)."""
+        return rows_per_call(self._mode, self.n)
 
     @property
     def in_flight(self) -> int:
@@ -277,7 +286,7 @@ class StreamBatchPipeline:
         eps = self.draw_noise(x.shape) if noise is None else torch.as_tensor(noise).to(self.device, self.dtype).reshape(x.shape)
         t0 = times[0]
         slot = _Slot(x=t0 * x + (1.0 - t0) * eps, times=times, stage=0, y=self.label,
-                     x1_neg=x.clone() if self.rcfg == "self" else None, index=self.frames_in,
+                     x1_neg=x.clone() if self._mode == "self" else None, index=self.frames_in,
                      strength=strength, meta=meta)
         self.frames_in += 1
         if not self.batched:
@@ -310,14 +319,16 @@ class StreamBatchPipeline:
         """One model call advancing every slot by one Euler step; returns (and removes) the finished slots."""
         m = len(slots)
         x = torch.cat([s.x for s in slots]) if m > 1 else slots[0].x
-        t = torch.tensor([s.times[s.stage] for s in slots], dtype=torch.float64).to(self.dtype).to(self.device)
+        # python floats are doubles: building in self.dtype rounds them once, as float64 -> dtype would
+        t = torch.tensor([s.times[s.stage] for s in slots], dtype=self.dtype, device=self.device)
         y = self._labels(slots)
         cond = {} if y is None else {"y": y}
-        if self.rcfg == "full":
+        mode = self._mode
+        if mode == "full":
             v2 = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, self.null_class)]))
             vc, vu = v2[:m], v2[m:]
             v = vu + self.guidance * (vc - vu)
-        elif self.rcfg == "initialize" and new is not None and new.stage == 0:
+        elif mode == "initialize" and new is not None and new.stage == 0:
             j = next(i for i, s in enumerate(slots) if s is new)
             xe = torch.cat([x, new.x])
             te = torch.cat([t, t[j:j + 1]])
@@ -328,11 +339,11 @@ class StreamBatchPipeline:
             v = self._residual_guidance(slots, x, t, vc)
         else:
             vc = self.model(x, t, **cond)
-            v = self._residual_guidance(slots, x, t, vc) if self.rcfg in ("self", "initialize") else vc
+            v = self._residual_guidance(slots, x, t, vc) if mode in ("self", "initialize") else vc
         if v.shape != x.shape:
             raise ValueError(f"velocity model returned shape {tuple(v.shape)} for input {tuple(x.shape)}")
         h = torch.tensor([s.times[s.stage + 1] - s.times[s.stage] for s in slots],
-                         dtype=torch.float64).to(self.dtype).to(self.device).view(-1, *([1] * (x.ndim - 1)))
+                         dtype=self.dtype, device=self.device).view(-1, *([1] * (x.ndim - 1)))
         x_next = x + h * v
         finished: List[_Slot] = []
         for i, s in enumerate(slots):
