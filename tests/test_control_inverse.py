@@ -192,6 +192,51 @@ def test_pmrf_predictor_starts_at_pinv_and_restores():
         inverse.restore("ddrm", model := NoGradModel(), op, y)  # noqa: F841
 
 
+# ----------------------------------------------------------------------------- tuning protocol
+def test_validation_split_is_disjoint_from_the_test_images():
+    from straightflow.bench.control import held_out_split
+
+    perm, test, val = held_out_split(200, 128, 32)
+    assert sorted(perm.tolist()) == list(range(200))
+    assert len(test) == 128 and len(val) == 32 and not set(test.tolist()) & set(val.tolist())
+    assert torch.equal(held_out_split(200, 128, 8)[1], test)  # the test set does not depend on n_val
+    with pytest.raises(ValueError, match="held-out digits"):
+        held_out_split(200, 190, 32)
+
+
+def test_tuning_grids():
+    from straightflow.bench.control import DEFAULT_PARAMS, tuning_grid
+
+    full, quick = tuning_grid(False), tuning_grid(True)
+    assert set(full) == set(quick) == set(DEFAULT_PARAMS) == {"flowchef", "dps", "flair"}
+    assert all(len(g) == 2 for g in quick.values())
+    assert [p["step_size"] for p in full["dps"]] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert {(p["step_size"], p["inner"]) for p in full["flowchef"]} == {
+        (s, k) for s in (0.25, 0.5, 1.0, 2.0) for k in (1, 2, 3)}
+
+
+def test_tune_operator_picks_the_best_validation_psnr():
+    from straightflow.bench.control import tune_operator
+
+    model = NoGradModel(strict=False)
+    op = make_operator("inpaint_box", SHAPE)
+    x_val = _x(6).float().clamp(-1, 1)
+    grid = {"flowchef": [{"step_size": 0.25, "inner": 1}, {"step_size": 1.0, "inner": 2}],
+            "dps": [{"step_size": 0.1}, {"step_size": 1.0}, {"step_size": 10.0}]}
+    best, trials = tune_operator(model, op, x_val, 0.05, 3, grid)
+    assert len(trials) == 5 and {t["method"] for t in trials} == {"flowchef", "dps"}
+    for m in grid:
+        mine = [t for t in trials if t["method"] == m]
+        top = max(mine, key=lambda t: t["val_psnr"])
+        assert best[m]["params"] == top["params"] and best[m]["val_psnr"] == top["val_psnr"]
+    # the chosen FlowChef setting reproduces its validation PSNR (deterministic, same noise draw)
+    from straightflow.metrics import psnr
+
+    y = op.measure(x_val, 0.05, torch.Generator().manual_seed(8))
+    r = inverse.restore("flowchef", model, op, y, memory=False, steps=3, **best["flowchef"]["params"])
+    assert abs(psnr(r.x.clamp(-1, 1), x_val) - best["flowchef"]["val_psnr"]) < 1e-9
+
+
 # ----------------------------------------------------------------------------- CLI and bench
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -239,6 +284,20 @@ def test_bench_control_quick(tiny_run, tmp_path):
 
     assert main(["--out", str(tmp_path), "--quick", "--model-run", tiny_run, "--skip-others"]) == 0
     md = (tmp_path / "control.md").read_text()
-    for part in ("Inversion", "Class-swap", "Inverse problems", "flowchef", "pmrf", "deblur"):
+    for part in ("Inversion", "Class-swap", "Inverse problems", "flowchef", "pmrf", "deblur", "hyper-parameters",
+                 "validation digits", "FlowChef >= DPS"):
         assert part in md
     assert (tmp_path / "control.json").is_file() and (tmp_path / "control-inversion.png").is_file()
+    import json
+
+    res = json.loads((tmp_path / "control.json").read_text())
+    assert res["tuning"]["tuned"] and res["tuning"]["n_val"] == 8 and len(res["tuning"]["trials"]) == 5 * 3 * 2
+    assert len(res["flowchef_vs_dps"]) == 5
+    for r in res["inverse"]:
+        if r["method"] != "pmrf":
+            assert r["params"] == res["tuning"]["chosen"][r["operator"]][r["method"]]["params"]
+    out2 = tmp_path / "untuned"
+    assert main(["--out", str(out2), "--quick", "--model-run", tiny_run, "--skip-others", "--no-tune"]) == 0
+    res2 = json.loads((out2 / "control.json").read_text())
+    assert not res2["tuning"]["tuned"] and res2["tuning"]["trials"] == []
+    assert all(r["params"] == {"step_size": 1.0, "inner": 1} for r in res2["inverse"] if r["method"] == "flowchef")

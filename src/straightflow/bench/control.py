@@ -8,7 +8,14 @@ inference-time scaling and adjoint sections of :mod:`straightflow.control.scalin
 :mod:`straightflow.control.adjoint` when importable.
 
 The digits model is trained once (class-conditional UNet, ``cli.train_run``) on 1597 digits and
-cached under ``<out>/runs/``; the remaining 200 digits are the held-out test images.
+cached under ``<out>/runs/``; the remaining 200 held-out digits are split (fixed permutation) into
+the test images (the first ``--n``) and a disjoint validation set (the last ``--n-val``).
+
+Fair protocol for (3): each method's hyper-parameters are chosen per operator by a small grid
+search maximising PSNR on the validation digits (own measurement noise draw), never on the test
+images: DPS ``step_size`` (zeta, log grid 0.1..10), FlowChef ``step_size`` (units of 1/||A||^2,
+0.25..2) x ``inner`` (1, 2, 3), FLAIR ``reg_weight`` (0.25, 0.5, 1). ``--no-tune`` uses the
+defaults instead; ``--quick`` uses a 2-point grid per method.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from torch import Tensor
 
 N_TRAIN = 1597
 
@@ -33,6 +41,10 @@ def _args(argv):
     p.add_argument("--train-steps", type=int, default=None, help="steps for the cached digits model (default 2500; quick 40)")
     p.add_argument("--noise", type=float, default=0.05, help="measurement noise sigma_y")
     p.add_argument("--n", type=int, default=None, help="test images per inverse problem (default 128; quick 8)")
+    p.add_argument("--n-val", type=int, default=None,
+                   help="held-out validation digits (disjoint from the test images) for tuning (default 32; quick 8)")
+    p.add_argument("--no-tune", action="store_true",
+                   help="skip the validation grid search; use the default hyper-parameters of every method")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of FlowChef/DPS/FLAIR (default 50; quick 4)")
     p.add_argument("--mnist", action="store_true",
                    help="also run the inverse-problem table on MNIST 28x28 (needs ../shared/data; trains an unconditional model)")
@@ -49,6 +61,15 @@ def _digits_split():
     seen = {bytes(r.numpy().tobytes()) for r in train.x}
     keep = torch.tensor([bytes(r.numpy().tobytes()) not in seen for r in full.x])
     return train, full.x[keep], full.y[keep]
+
+
+def held_out_split(n_held: int, n: int, n_val: int, seed: int = 0) -> tuple:
+    """Fixed permutation of the held-out digits: test images ``perm[:n]``, validation images (for
+    tuning) ``perm[n_held - n_val:]``; disjoint, and the test set does not depend on ``n_val``."""
+    if n < 1 or n_val < 0 or n + n_val > n_held:
+        raise ValueError(f"--n {n} + --n-val {n_val} must be at most the {n_held} held-out digits (n >= 1)")
+    perm = torch.randperm(n_held, generator=torch.Generator().manual_seed(seed))
+    return perm, perm[:n], perm[n_held - n_val:]
 
 
 def _model(a, out: Path, quick: bool):
@@ -114,8 +135,53 @@ def bench_editing(model, x, y, quick: bool, steps: int = 20) -> tuple:
     return rows, "\n".join(md), grids
 
 
+DEFAULT_PARAMS: Dict[str, Dict[str, float]] = {"flowchef": {"step_size": 1.0, "inner": 1},
+                                               "dps": {"step_size": 1.0}, "flair": {"reg_weight": 0.5}}
+
+
+def tuning_grid(quick: bool) -> Dict[str, List[Dict[str, float]]]:
+    """Per-method candidate hyper-parameters (2 points each with ``quick``)."""
+    if quick:
+        return {"flowchef": [{"step_size": 0.5, "inner": 1}, {"step_size": 1.0, "inner": 1}],
+                "dps": [{"step_size": 0.3}, {"step_size": 3.0}],
+                "flair": [{"reg_weight": 0.25}, {"reg_weight": 0.5}]}
+    return {"flowchef": [{"step_size": s, "inner": k} for k in (1, 2, 3) for s in (0.25, 0.5, 1.0, 2.0)],
+            "dps": [{"step_size": z} for z in (0.1, 0.3, 1.0, 3.0, 10.0)],
+            "flair": [{"reg_weight": w} for w in (0.25, 0.5, 1.0)]}
+
+
+def _kw(method: str, params: Dict[str, float], noise: float) -> Dict[str, float]:
+    return {**params, "sigma_y": noise} if method == "flair" else dict(params)
+
+
+def _pstr(params: Dict[str, float]) -> str:
+    names = {"step_size": "s", "inner": "inner", "reg_weight": "w"}
+    return ", ".join(f"{names.get(k, k)}={v:g}" for k, v in params.items())
+
+
+def tune_operator(model, op, x_val: Tensor, noise: float, steps: int, grid: Dict[str, List[Dict[str, float]]],
+                  seed: int = 8) -> tuple:
+    """Grid search on validation images: for each method the candidate with the highest validation
+    PSNR (its own measurement-noise draw ``seed``). Returns ``(best params per method, all trials)``."""
+    from ..control import inverse
+    from ..metrics import psnr
+
+    y = op.measure(x_val, noise, torch.Generator().manual_seed(seed))
+    best, trials = {}, []
+    for m, cands in grid.items():
+        scores = []
+        for params in cands:
+            res = inverse.restore(m, model, op, y, memory=False, steps=steps, **_kw(m, params, noise))
+            val = psnr(res.x.clamp(-1, 1), x_val)
+            scores.append(val)
+            trials.append({"operator": op.name, "method": m, "params": params, "val_psnr": val, "seconds": res.seconds})
+        i = max(range(len(cands)), key=lambda j: scores[j])
+        best[m] = {"params": cands[i], "val_psnr": scores[i]}
+    return best, trials
+
+
 def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, steps: int, progress: bool,
-                  pmrf_steps=None) -> tuple:
+                  pmrf_steps=None, x_val: Optional[Tensor] = None, tune: bool = True) -> tuple:
     from ..control import inverse, operators
     from ..metrics import classifier_fd, psnr, ssim
 
@@ -125,9 +191,21 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
     pm_steps, flow_steps = pmrf_steps or ((4, 4) if quick else (300, 600))
     pmrf_flow_steps = 2 if quick else 10
     floor = classifier_fd(x_ref, x_test)
-    rows, panels = [], {}
+    grid = tuning_grid(quick)
+    do_tune = tune and x_val is not None
+    rows, panels, trials, chosen = [], {}, [], {}
     for opn in ops:
         op = operators.make_operator(opn, shape)
+        if do_tune:
+            t0 = time.perf_counter()
+            best, tr = tune_operator(model, op, x_val, noise, steps, grid)
+            trials += tr
+            print(f"[bench control] {opn:14s} tuned on {x_val.shape[0]} validation digits in "
+                  f"{time.perf_counter() - t0:.0f} s: " + "; ".join(f"{m} {_pstr(b['params'])} ({b['val_psnr']:.2f} dB)"
+                                                               for m, b in best.items()), flush=True)
+        else:
+            best = {m: {"params": dict(p), "val_psnr": None} for m, p in DEFAULT_PARAMS.items()}
+        chosen[opn] = best
         y = op.measure(x_test, noise, torch.Generator().manual_seed(7))
         panels[opn] = [("original", x_test[:16]), ("A^+ y", op.pinv(y)[:16].clamp(-1, 1))]
         for m in methods:
@@ -138,30 +216,58 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
                                                           progress=progress)
                 info_extra["train_seconds"] = time.perf_counter() - t0
                 res = inverse.restore("pmrf", net, op, y, steps=pmrf_flow_steps)
-            elif m == "flair":
-                res = inverse.restore(m, model, op, y, steps=steps, sigma_y=noise)
+                params, val = {"flow_steps": pmrf_flow_steps}, None
             else:
-                res = inverse.restore(m, model, op, y, steps=steps, step_size=1.0)
+                params, val = best[m]["params"], best[m]["val_psnr"]
+                res = inverse.restore(m, model, op, y, steps=steps, **_kw(m, params, noise))
             xr = res.x.clamp(-1, 1)
-            row = {"operator": opn, "method": m, "psnr": psnr(xr, x_test), "ssim": ssim(xr, x_test),
+            row = {"operator": opn, "method": m, "params": params, "val_psnr": val,
+                   "psnr": psnr(xr, x_test), "ssim": ssim(xr, x_test),
                    "fd": classifier_fd(xr, x_ref), "fd_floor": floor, "nfe": res.nfe, "seconds": res.seconds,
                    "peak_mib": None if res.peak_bytes is None else res.peak_bytes / 2**20, **info_extra}
             rows.append(row)
             panels[opn].append((f"{m} {row['psnr']:.1f} dB", xr[:16]))
             print(f"[bench control] {opn:14s} {m:8s} PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} "
-                  f"FD {row['fd']:.1f} NFE {row['nfe']} {row['seconds']:.2f} s {_fmt(row['peak_mib'])} MiB", flush=True)
-    md = [f"Noise sigma_y = {noise}; {x_test.shape[0]} held-out images; classifier-FD against "
-          f"{x_ref.shape[0]} clean training digits, clean-vs-clean floor {floor:.2f}.", "",
-          "| operator | method | PSNR dB | SSIM | FD | NFE | time s | peak MiB | time / DPS | memory / DPS |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"FD {row['fd']:.1f} NFE {row['nfe']} {row['seconds']:.2f} s {_fmt(row['peak_mib'])} MiB "
+                  f"({_pstr(params)})", flush=True)
+    if do_tune:
+        how = (f"Hyper-parameters chosen per operator by grid search on {x_val.shape[0]} held-out validation digits "
+               "(disjoint from the test images, own noise draw), maximising validation PSNR: "
+               + "; ".join(f"{m} " + " / ".join("{" + _pstr(p) + "}" for p in g) for m, g in grid.items()) + ".")
+    else:
+        how = ("No tuning (`--no-tune`): default hyper-parameters "
+               + "; ".join(f"{m} {_pstr(p)}" for m, p in DEFAULT_PARAMS.items()) + ".")
+    md = [f"Noise sigma_y = {noise}; {x_test.shape[0]} held-out test images; classifier-FD against "
+          f"{x_ref.shape[0]} clean training digits, clean-vs-clean floor {floor:.2f}. " + how +
+          " FlowChef `s` is in units of 1/||A||^2; DPS `s` is zeta (step zeta / ||y - A x1_hat||).", "",
+          "| operator | method | hyper-parameters | val PSNR | PSNR dB | SSIM | FD | NFE | time s | peak MiB | "
+          "time / DPS | memory / DPS |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = next(q for q in rows if q["operator"] == r["operator"] and q["method"] == "dps")
         tr = r["seconds"] / d["seconds"]
         mr = (r["peak_mib"] / d["peak_mib"]) if (r["peak_mib"] is not None and d["peak_mib"]) else None
         extra = f" (+{r['train_seconds']:.0f} s training)" if "train_seconds" in r else ""
-        md.append(f"| {r['operator']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['fd']:.2f} | {r['nfe']} | "
+        md.append(f"| {r['operator']} | {r['method']} | {_pstr(r['params'])} | {_fmt(r['val_psnr'])} | {r['psnr']:.2f} | "
+                  f"{r['ssim']:.3f} | {r['fd']:.2f} | {r['nfe']} | "
                   f"{r['seconds']:.2f}{extra} | {_fmt(r['peak_mib'])} | {tr:.2f}x | {_fmt(mr)}{'x' if mr is not None else ''} |")
-    return rows, "\n".join(md), panels
+    md += ["", "FlowChef vs DPS-style (test images):", "",
+           "| operator | FlowChef PSNR | DPS PSNR | difference dB | FlowChef >= DPS | time ratio | memory ratio |",
+           "|---|---:|---:|---:|---|---:|---:|"]
+    summary = []
+    for opn in ops:
+        f = next(q for q in rows if q["operator"] == opn and q["method"] == "flowchef")
+        d = next(q for q in rows if q["operator"] == opn and q["method"] == "dps")
+        mr = (f["peak_mib"] / d["peak_mib"]) if (f["peak_mib"] is not None and d["peak_mib"]) else None
+        s = {"operator": opn, "flowchef_psnr": f["psnr"], "dps_psnr": d["psnr"], "diff_db": f["psnr"] - d["psnr"],
+             "flowchef_ge_dps": f["psnr"] >= d["psnr"], "time_ratio": f["seconds"] / d["seconds"], "memory_ratio": mr}
+        summary.append(s)
+        md.append(f"| {opn} | {s['flowchef_psnr']:.2f} | {s['dps_psnr']:.2f} | {s['diff_db']:+.2f} | "
+                  f"{'yes' if s['flowchef_ge_dps'] else 'no'} | {s['time_ratio']:.2f}x | {_fmt(mr)}{'x' if mr is not None else ''} |")
+    extra = {"tuning": {"tuned": do_tune, "grid": grid if do_tune else None, "defaults": DEFAULT_PARAMS,
+                        "n_val": None if x_val is None else int(x_val.shape[0]), "chosen": chosen, "trials": trials},
+             "flowchef_vs_dps": summary}
+    return rows, "\n".join(md), panels, extra
 
 
 def _others(out: Path, quick: bool) -> List[str]:
@@ -196,8 +302,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pmrf = tuple(int(v) for v in a.pmrf_steps.split(",")) if a.pmrf_steps else None
     model, run_dir, how = _model(a, out, quick)
     train, x_held, y_held = _digits_split()
-    perm = torch.randperm(x_held.shape[0], generator=torch.Generator().manual_seed(0))
-    x_test, y_test = x_held[perm[:n]], y_held[perm[:n]]
+    n_val = a.n_val if a.n_val is not None else (8 if quick else 32)
+    perm, test_idx, val_idx = held_out_split(x_held.shape[0], n, n_val)
+    x_test, y_test = x_held[test_idx], y_held[test_idx]
+    x_val = x_held[val_idx] if n_val > 0 else None  # disjoint from x_test
     n_inv = 8 if quick else 64
     x_inv, y_inv = x_held[perm[:n_inv]], y_held[perm[:n_inv]]
     x_ref = train.x[torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1))[: max(n, 64) * 4]]
@@ -235,9 +343,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               ed_md, "", "![edit](control-edit.png)", ""]
 
     print("[bench control] 3/4 inverse problems", flush=True)
-    ip_rows, ip_md, panels = bench_inverse(model, x_test, train.x, x_ref, quick, a.noise, steps, progress=False,
-                                             pmrf_steps=pmrf)
+    ip_rows, ip_md, panels, ip_extra = bench_inverse(model, x_test, train.x, x_ref, quick, a.noise, steps,
+                                                       progress=False, pmrf_steps=pmrf, x_val=x_val,
+                                                       tune=not a.no_tune)
     results["inverse"] = ip_rows
+    results.update(ip_extra)
     for opn, pan in panels.items():
         plotting.save_image_panels(pan, out / f"control-restore-{opn}.png", nrow=4, suptitle=f"{opn}, noise {a.noise}")
     lines += ["## Inverse problems", "",
