@@ -38,8 +38,12 @@ from ..grids import GridLike, make_grid
 from ..solvers.base import NonFiniteError, SampleResult
 from ..time import TimeDistribution, get_time_dist
 
-__all__ = ["MeanFlow", "SplitMeanFlow", "meanflow_target", "split_target", "sample_mean", "average_velocity_model",
+__all__ = ["MEANFLOW_TIME_DIST", "MeanFlow", "SplitMeanFlow", "meanflow_target", "split_target", "sample_mean", "average_velocity_model",
            "make_objective", "init_from_velocity"]
+
+
+#: MeanFlow's default (t, r) sampler: the paper's logit-normal(-0.4, 1) mapped to t = 0 noise.
+MEANFLOW_TIME_DIST: Dict[str, Any] = {"name": "logit_normal", "m": 0.4, "s": 1.0}
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
@@ -128,14 +132,18 @@ class MeanFlow(_AverageVelocityObjective):
     the JVP differentiates through the sinusoidal time features, and the default scale 1000 makes
     ``d/dt u`` large and noisy (moons, 800 steps: NFE-1 W2 1.21 at scale 1000, 0.45 at 100,
     0.30 at 10; SplitMeanFlow, which needs no derivative, reads 0.40 / 0.43 / 0.35).
+
+    ``time_dist=None`` is the paper's best sampler, logit-normal(-0.4, 1) in its time, i.e.
+    :data:`MEANFLOW_TIME_DIST` = logit-normal(+0.4, 1) in ours (i.i.d. moons, 1200 steps, scale
+    1000: NFE-1 W2 0.46 against 1.64 with uniform times).
     """
 
     name = "meanflow"
 
-    def __init__(self, model: nn.Module, time_dist: Union[str, Dict, TimeDistribution] = "uniform",
+    def __init__(self, model: nn.Module, time_dist: Union[str, Dict, TimeDistribution, None] = None,
                  ratio: float = 0.25, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
                  coupling: Union[str, Dict, Coupling] = "independent", cond_dropout: float = 0.0) -> None:
-        super().__init__(model, time_dist, coupling, cond_dropout)
+        super().__init__(model, MEANFLOW_TIME_DIST if time_dist is None else time_dist, coupling, cond_dropout)
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"ratio (fraction of samples with r != t) must be in [0, 1], got {ratio}")
         if adaptive_p < 0 or adaptive_c <= 0:

@@ -204,7 +204,7 @@ def cmd_meanflow(a) -> int:
 
         init_from_velocity(model, checkpoint.load(a.init))
     if a.split:
-        obj = SplitMeanFlow(model, time_dist=a.time_dist, boundary_ratio=a.boundary_ratio)
+        obj = SplitMeanFlow(model, time_dist=a.time_dist or "uniform", boundary_ratio=a.boundary_ratio)
     else:
         obj = MeanFlow(model, time_dist=a.time_dist, ratio=a.ratio, adaptive_p=a.adaptive_p)
     method = obj.name
@@ -283,7 +283,9 @@ def register(sub) -> None:
     m.add_argument("--time-scale", type=float, default=10.0,
                    help="times are multiplied by this before their sinusoidal features; MeanFlow's JVP "
                    "differentiates through them, and the usual 1000 makes d/dt u large and noisy")
-    m.add_argument("--time-dist", default="uniform", help=f"one of: {', '.join(time_names())}")
+    m.add_argument("--time-dist", default=None,
+                   help=f"one of: {', '.join(time_names())} (default: MeanFlow logit-normal(0.4, 1) as in the "
+                   "paper, SplitMeanFlow uniform)")
     m.add_argument("--ratio", type=float, default=0.25, help="MeanFlow: fraction of samples with r != t")
     m.add_argument("--adaptive-p", type=float, default=1.0, help="MeanFlow: adaptive loss weight power (0: MSE)")
     m.add_argument("--boundary-ratio", type=float, default=0.5, help="SplitMeanFlow: fraction trained at r = t")
