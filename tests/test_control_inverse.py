@@ -1,4 +1,5 @@
 """Measurement operators against their definitions; FlowChef / DPS / FLAIR / PMRF; edit/restore CLI; bench."""
+import json
 import pytest
 import torch
 
@@ -285,7 +286,7 @@ def test_bench_control_quick(tiny_run, tmp_path):
     assert main(["--out", str(tmp_path), "--quick", "--model-run", tiny_run, "--skip-others"]) == 0
     md = (tmp_path / "control.md").read_text()
     for part in ("Inversion", "Class-swap", "Inverse problems", "flowchef", "pmrf", "deblur", "hyper-parameters",
-                 "validation digits", "FlowChef >= DPS"):
+                 "validation images", "FlowChef >= DPS"):
         assert part in md
     assert (tmp_path / "control.json").is_file() and (tmp_path / "control-inversion.png").is_file()
     import json
@@ -301,3 +302,19 @@ def test_bench_control_quick(tiny_run, tmp_path):
     res2 = json.loads((out2 / "control.json").read_text())
     assert not res2["tuning"]["tuned"] and res2["tuning"]["trials"] == []
     assert all(r["params"] == {"step_size": 1.0, "inner": 1} for r in res2["inverse"] if r["method"] == "flowchef")
+
+
+@pytest.mark.slow
+def test_bench_control_mnist_section_quick(tmp_path):
+    from straightflow.bench.control import main
+    from straightflow.data import mnist_path
+
+    if mnist_path() is None:
+        pytest.skip("MNIST (mnist_test_10k.npz) is not in ../shared/data on this machine")
+    assert main(["--out", str(tmp_path), "--quick", "--mnist-only"]) == 0
+    md = (tmp_path / "control-mnist.md").read_text()
+    assert "Inverse problems on MNIST" in md and "FlowChef vs DPS-style" in md
+    res = json.loads((tmp_path / "control-mnist.json").read_text())
+    assert {r["method"] for r in res["rows"]} == {"flowchef", "dps", "flair"}
+    assert {r["operator"] for r in res["rows"]} == {"inpaint_box", "inpaint_random", "sr2", "sr4", "deblur"}
+    assert all(r["nfe"] == 4 for r in res["rows"])

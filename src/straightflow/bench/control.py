@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -47,10 +48,64 @@ def _args(argv):
                    help="skip the validation grid search; use the default hyper-parameters of every method")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of FlowChef/DPS/FLAIR (default 50; quick 4)")
     p.add_argument("--mnist", action="store_true",
-                   help="also run the inverse-problem table on MNIST 28x28 (needs ../shared/data; trains an unconditional model)")
+                   help="also run the inverse-problem table on MNIST 28x28 (needs ../shared/data; trains an "
+                   "unconditional UNet on 8000 images, tests on held-out ones); writes control-mnist.md")
+    p.add_argument("--mnist-only", action="store_true", help="run only the MNIST section (implies --mnist)")
+    p.add_argument("--mnist-train-steps", type=int, default=None, help="steps of the MNIST UNet (default 1500; quick 10)")
     p.add_argument("--pmrf-steps", default=None, help="PMRF training steps predictor,flow (default 300,600; quick 4,4)")
     p.add_argument("--skip-others", action="store_true", help="skip the scaling/adjoint sections")
     return p.parse_args(argv)
+
+
+def bench_mnist(a, out: Path, quick: bool, noise: float, steps: int) -> List[str]:
+    """Inverse problems on MNIST 28x28 with an unconditional pixel UNet trained here on 8000 images
+    (cached under ``<out>/runs``); test and validation images come from the other 2000. FlowChef,
+    DPS-style and FLAIR-like, tuned per operator like the digits table (PMRF: digits only, for time)."""
+    from .. import checkpoint, plotting
+    from .. import data as sfdata
+    from ..flow import Flow
+    from ..images.latent import default_pixel_model
+    from ..models import build_model
+    from ..train import train
+
+    if sfdata.mnist_path() is None:
+        return ["## Inverse problems on MNIST", "", "skipped: mnist_test_10k.npz not found (../shared/data or "
+                "STRAIGHTFLOW_DATA)", ""]
+    ds = sfdata.mnist()
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    n_train = 256 if quick else 8000
+    x_train, held = ds.x[perm[:n_train]], ds.x[perm[n_train:]]
+    n = 4 if quick else min(a.n or 64, 64)
+    n_val = 4 if quick else (a.n_val or 32)
+    _, ti, vi = held_out_split(held.shape[0], n, n_val, seed=1)
+    x_test, x_val = held[ti], held[vi]
+    x_ref = x_train[: (64 if quick else 1000)]
+    t_steps = a.mnist_train_steps or (10 if quick else 1500)
+    d = out / "runs" / f"mnist-unet-{t_steps}"
+    if (d / "model.safetensors").is_file():
+        model, how = checkpoint.load(str(d)), f"cached `{d}`"
+    else:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        net = build_model(default_pixel_model((1, 28, 28), None, "unet", width=16))
+        res = train(Flow(net), sfdata.Dataset(x_train, name="mnist"), t_steps, out=d, batch_size=64, lr=1e-3,
+                    warmup=min(100, t_steps // 5), lr_schedule="cosine", ema_decay=0.999 if t_steps > 500 else 0.9,
+                    seed=0, ckpt_every=500, progress=not quick)
+        model, how = res.model, f"trained {t_steps} steps in {time.perf_counter() - t0:.0f} s (`{d}`)"
+    model = model.eval()
+    print("[bench control] MNIST inverse problems", flush=True)
+    rows, md, panels, extra = bench_inverse(model, x_test, x_train, x_ref, quick, noise, steps, progress=False,
+                                           x_val=None if a.no_tune else x_val, tune=not a.no_tune,
+                                           methods=("flowchef", "dps", "flair"), extractor="mnist")
+    for opn, pan in panels.items():
+        plotting.save_image_panels(pan, out / f"control-mnist-{opn}.png", nrow=4, suptitle=f"MNIST {opn}, noise {noise}")
+    (out / "control-mnist.json").write_text(json.dumps({"rows": rows, **extra}, indent=2, default=float))
+    return (["## Inverse problems on MNIST (28x28)", "",
+             f"Unconditional pixel UNet ({sum(p.numel() for p in model.parameters()):,} parameters), {how}; "
+             f"{steps} sampling steps; test images: {n} of the 2000 MNIST images held out from training, validation: "
+             f"{n_val} others. FD in the `mnist` extractor's features (a proxy classifier). PMRF is run on digits only "
+             "(its per-operator training does not fit this section's CPU budget).", "", md, ""]
+            + [f"![{o}](control-mnist-{o}.png)" for o in panels] + [""])
 
 
 def _digits_split():
@@ -181,17 +236,18 @@ def tune_operator(model, op, x_val: Tensor, noise: float, steps: int, grid: Dict
 
 
 def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, steps: int, progress: bool,
-                  pmrf_steps=None, x_val: Optional[Tensor] = None, tune: bool = True) -> tuple:
+                  pmrf_steps=None, x_val: Optional[Tensor] = None, tune: bool = True,
+                  methods: Sequence[str] = ("flowchef", "dps", "flair", "pmrf"), extractor: str = "digits") -> tuple:
     from ..control import inverse, operators
     from ..metrics import classifier_fd, psnr, ssim
 
     shape = tuple(x_test.shape[1:])
     ops = ["inpaint_box", "inpaint_random", "sr2", "sr4", "deblur"]
-    methods = ["flowchef", "dps", "flair", "pmrf"]
+    methods = list(methods)
     pm_steps, flow_steps = pmrf_steps or ((4, 4) if quick else (300, 600))
     pmrf_flow_steps = 2 if quick else 10
-    floor = classifier_fd(x_ref, x_test)
-    grid = tuning_grid(quick)
+    floor = classifier_fd(x_ref, x_test, extractor=extractor)
+    grid = {m: g for m, g in tuning_grid(quick).items() if m in methods}
     do_tune = tune and x_val is not None
     rows, panels, trials, chosen = [], {}, [], {}
     for opn in ops:
@@ -200,11 +256,11 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
             t0 = time.perf_counter()
             best, tr = tune_operator(model, op, x_val, noise, steps, grid)
             trials += tr
-            print(f"[bench control] {opn:14s} tuned on {x_val.shape[0]} validation digits in "
+            print(f"[bench control] {opn:14s} tuned on {x_val.shape[0]} validation images in "
                   f"{time.perf_counter() - t0:.0f} s: " + "; ".join(f"{m} {_pstr(b['params'])} ({b['val_psnr']:.2f} dB)"
                                                                for m, b in best.items()), flush=True)
         else:
-            best = {m: {"params": dict(p), "val_psnr": None} for m, p in DEFAULT_PARAMS.items()}
+            best = {m: {"params": dict(p), "val_psnr": None} for m, p in DEFAULT_PARAMS.items() if m in methods}
         chosen[opn] = best
         y = op.measure(x_test, noise, torch.Generator().manual_seed(7))
         panels[opn] = [("original", x_test[:16]), ("A^+ y", op.pinv(y)[:16].clamp(-1, 1))]
@@ -223,7 +279,7 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
             xr = res.x.clamp(-1, 1)
             row = {"operator": opn, "method": m, "params": params, "val_psnr": val,
                    "psnr": psnr(xr, x_test), "ssim": ssim(xr, x_test),
-                   "fd": classifier_fd(xr, x_ref), "fd_floor": floor, "nfe": res.nfe, "seconds": res.seconds,
+                   "fd": classifier_fd(xr, x_ref, extractor=extractor), "fd_floor": floor, "nfe": res.nfe, "seconds": res.seconds,
                    "peak_mib": None if res.peak_bytes is None else res.peak_bytes / 2**20, **info_extra}
             rows.append(row)
             panels[opn].append((f"{m} {row['psnr']:.1f} dB", xr[:16]))
@@ -231,14 +287,14 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
                   f"FD {row['fd']:.1f} NFE {row['nfe']} {row['seconds']:.2f} s {_fmt(row['peak_mib'])} MiB "
                   f"({_pstr(params)})", flush=True)
     if do_tune:
-        how = (f"Hyper-parameters chosen per operator by grid search on {x_val.shape[0]} held-out validation digits "
+        how = (f"Hyper-parameters chosen per operator by grid search on {x_val.shape[0]} held-out validation images "
                "(disjoint from the test images, own noise draw), maximising validation PSNR: "
                + "; ".join(f"{m} " + " / ".join("{" + _pstr(p) + "}" for p in g) for m, g in grid.items()) + ".")
     else:
         how = ("No tuning (`--no-tune`): default hyper-parameters "
                + "; ".join(f"{m} {_pstr(p)}" for m, p in DEFAULT_PARAMS.items()) + ".")
     md = [f"Noise sigma_y = {noise}; {x_test.shape[0]} held-out test images; classifier-FD against "
-          f"{x_ref.shape[0]} clean training digits, clean-vs-clean floor {floor:.2f}. " + how +
+          f"{x_ref.shape[0]} clean training images ('{extractor}' features), clean-vs-clean floor {floor:.2f}. " + how +
           " FlowChef `s` is in units of 1/||A||^2; DPS `s` is zeta (step zeta / ||y - A x1_hat||).", "",
           "| operator | method | hyper-parameters | val PSNR | PSNR dB | SSIM | FD | NFE | time s | peak MiB | "
           "time / DPS | memory / DPS |",
@@ -285,15 +341,36 @@ def _others(out: Path, quick: bool) -> List[str]:
     return lines
 
 
+def _mnist_section(a, out: Path, quick: bool, steps: int) -> List[str]:
+    t0 = time.perf_counter()
+    sec = bench_mnist(a, out, quick, a.noise, steps)
+    (out / "control-mnist.md").write_text("\n".join(
+        ["# Benchmark: control on MNIST (inverse problems)", "",
+         f"Command: `straightflow bench control {' '.join(a.argv)}`; {_machine()}; "
+         f"{time.perf_counter() - t0:.0f} s.", ""] + sec))
+    return sec
+
+
+def _machine() -> str:
+    from ..cli import machine_line
+
+    return f"date {date.today().isoformat()}; {machine_line()}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .. import plotting
     from ..cli import machine_line
 
     a = _args(argv)
+    a.argv = list(argv) if argv is not None else sys.argv[3:]
     torch.set_num_threads(a.threads)
     quick = a.quick
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.mnist_only:
+        _mnist_section(a, out, quick, a.sample_steps or (4 if quick else 50))
+        print(f"[bench control] wrote {out / 'control-mnist.md'}")
+        return 0
     t_start = time.perf_counter()
     torch.manual_seed(0)
     n = a.n or (8 if quick else 128)
@@ -358,8 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += [f"![{o}](control-restore-{o}.png)" for o in panels] + [""]
 
     if a.mnist:
-        lines += ["## MNIST", "", "not run: MNIST ships no labels here and a 28x28 model does not fit the time budget "
-                  "of this suite on CPU; use `straightflow restore RUN` with an MNIST run.", ""]
+        lines += _mnist_section(a, out, quick, steps)
     if not a.skip_others:
         print("[bench control] 4/4 scaling and adjoint sections", flush=True)
         lines += _others(out, quick)
