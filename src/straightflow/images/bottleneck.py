@@ -37,6 +37,7 @@ from ..grids import make_grid
 from ..solvers import SampleResult, get_solver, sample, solve
 from ..solvers.base import CountedVelocity
 from ..time import shift_time
+from .fast import initial_noise
 
 __all__ = ["bottleneck_sample", "UP_MODES"]
 
@@ -109,12 +110,7 @@ def bottleneck_sample(
         raise ValueError(f"stage_shift must be three positive numbers, got {list(stage_shift)}")
     if up_mode not in UP_MODES:
         raise ValueError(f"unknown up_mode {up_mode!r}; valid: {', '.join(UP_MODES)}")
-    if torch.is_tensor(noise):
-        x = noise
-    else:
-        if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        x = torch.randn(tuple(int(s) for s in noise), generator=generator)
+    x, generator = initial_noise(noise, generator, seed)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0 if seed is None else int(seed))
     if x.ndim != 4:

@@ -111,6 +111,18 @@ def fast_solve(model: Callable, x: Tensor, ts: Tensor, solver: str = "euler", co
     return x
 
 
+def initial_noise(noise: Union[Tensor, Sequence[int]], generator: Optional[torch.Generator] = None,
+                  seed: Optional[int] = None):
+    """``(x0, generator)``: ``noise`` itself when it is a tensor, else N(0, I) of that shape drawn from
+    ``generator`` (a CPU one seeded with ``seed`` when None, returned so that callers can go on
+    drawing from it)."""
+    if torch.is_tensor(noise):
+        return noise, generator
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    return torch.randn(tuple(int(s) for s in noise), generator=generator), generator
+
+
 @torch.no_grad()
 def fast_sample(
     model: Callable,
@@ -139,12 +151,7 @@ def fast_sample(
     g = make_grid(grid, None if is_tensor else steps, **(grid_options or {}))
     if float(g[0]) > float(g[-1]):
         raise ValueError("fast_sample integrates towards the data (increasing t)")
-    if torch.is_tensor(noise):
-        x = noise
-    else:
-        if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        x = torch.randn(tuple(int(s) for s in noise), generator=generator)
+    x, generator = initial_noise(noise, generator, seed)
     if device is not None:
         x = x.to(device)
     cond = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in (cond or {}).items()}
