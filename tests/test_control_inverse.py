@@ -297,9 +297,22 @@ def test_bench_control_quick(tiny_run, tmp_path):
     for r in res["inverse"]:
         if r["method"] != "pmrf":
             assert r["params"] == res["tuning"]["chosen"][r["operator"]][r["method"]]["params"]
+    # budget sweep: both methods at every step count (2, 4 in quick mode), 5 operators, re-tuned per count
+    assert "across budgets" in md and (tmp_path / "control-budget.png").is_file()
+    b = res["budget"]
+    assert {(r["method"], r["steps"]) for r in b["rows"]} == {(m, k) for m in ("flowchef", "dps") for k in (2, 4)}
+    assert all(r["nfe"] == r["steps"] for r in b["rows"]) and len(b["rows"]) == 5 * 2 * 2
+    for q in b["summary"]:
+        mine = [r for r in b["rows"] if r["operator"] == q["operator"]]
+        assert q["best_flowchef"]["val_psnr"] == max(r["val_psnr"] for r in mine if r["method"] == "flowchef")
+        for e in q["equal_time"]:  # the matched FlowChef point never takes longer than the DPS point
+            d = next(r for r in mine if r["method"] == "dps" and r["steps"] == e["dps_steps"])
+            f = next(r for r in mine if r["method"] == "flowchef" and r["steps"] == e["flowchef_steps"])
+            assert f["seconds"] <= d["seconds"] and e["ge"] == (f["psnr"] >= d["psnr"])
     out2 = tmp_path / "untuned"
     assert main(["--out", str(out2), "--quick", "--model-run", tiny_run, "--skip-others", "--no-tune"]) == 0
     res2 = json.loads((out2 / "control.json").read_text())
+    assert "budget" not in res2  # the sweep tunes on validation images: skipped with --no-tune
     assert not res2["tuning"]["tuned"] and res2["tuning"]["trials"] == []
     assert all(r["params"] == {"step_size": 1.0, "inner": 1} for r in res2["inverse"] if r["method"] == "flowchef")
 

@@ -92,11 +92,8 @@ def save_image_panels(panels: Sequence[Tuple[str, Tensor]], path, nrow: int = 10
     return _save(fig, path)
 
 
-def save_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path, xlabel: str, ylabel: str,
-                floor: Optional[float] = None, logx: bool = True, logy: bool = True, title: str = "") -> Path:
-    """Line plot of named (x, y) series; an optional horizontal floor line."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+def _draw_curves(ax, curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+                 floor: Optional[float], logx: bool, logy: bool, title: str) -> None:
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", ms=3, label=name)
     if floor is not None:
@@ -111,4 +108,25 @@ def save_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+
+
+def save_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path, xlabel: str, ylabel: str,
+                floor: Optional[float] = None, logx: bool = True, logy: bool = True, title: str = "") -> Path:
+    """Line plot of named (x, y) series; an optional horizontal floor line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    _draw_curves(ax, curves, xlabel, ylabel, floor, logx, logy, title)
+    return _save(fig, path)
+
+
+def save_curve_panels(panels: Dict[str, Dict[str, Tuple[Sequence[float], Sequence[float]]]], path, xlabel: str,
+                      ylabel: str, logx: bool = True, logy: bool = False, suptitle: str = "") -> Path:
+    """One :func:`save_curves`-style panel per entry of ``panels`` (title -> named series), in a row."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        _draw_curves(ax, curves, xlabel, ylabel, None, logx, logy, title)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
     return _save(fig, path)

@@ -53,6 +53,9 @@ def _args(argv):
     p.add_argument("--mnist-only", action="store_true", help="run only the MNIST section (implies --mnist)")
     p.add_argument("--mnist-train-steps", type=int, default=None, help="steps of the MNIST UNet (default 1500; quick 10)")
     p.add_argument("--pmrf-steps", default=None, help="PMRF training steps predictor,flow (default 300,600; quick 4,4)")
+    p.add_argument("--budget-steps", default=None,
+                   help="step counts of the FlowChef vs DPS-style budget sweep (default 3,5,10,20,50; quick 2,4)")
+    p.add_argument("--no-budget", action="store_true", help="skip the FlowChef vs DPS-style budget sweep")
     p.add_argument("--skip-others", action="store_true", help="skip the scaling/adjoint sections")
     return p.parse_args(argv)
 
@@ -99,13 +102,23 @@ def bench_mnist(a, out: Path, quick: bool, noise: float, steps: int) -> List[str
                                            methods=("flowchef", "dps", "flair"), extractor="mnist")
     for opn, pan in panels.items():
         plotting.save_image_panels(pan, out / f"control-mnist-{opn}.png", nrow=4, suptitle=f"MNIST {opn}, noise {noise}")
-    (out / "control-mnist.json").write_text(json.dumps({"rows": rows, **extra}, indent=2, default=float))
+    budget_lines, budget = [], None
+    if not a.no_budget and not a.no_tune:
+        budget_lines, budget = _budget_section(model, x_test, x_val, noise, quick, _budget_steps(a, quick), out,
+                                               "control-mnist-budget", "MNIST")
+    (out / "control-mnist.json").write_text(json.dumps({"rows": rows, **extra, "budget": budget}, indent=2, default=float))
     return (["## Inverse problems on MNIST (28x28)", "",
              f"Unconditional pixel UNet ({sum(p.numel() for p in model.parameters()):,} parameters), {how}; "
              f"{steps} sampling steps; test images: {n} of the 2000 MNIST images held out from training, validation: "
              f"{n_val} others. FD in the `mnist` extractor's features (a proxy classifier). PMRF is run on digits only "
              "(its per-operator training does not fit this section's CPU budget).", "", md, ""]
-            + [f"![{o}](control-mnist-{o}.png)" for o in panels] + [""])
+            + [f"![{o}](control-mnist-{o}.png)" for o in panels] + [""] + budget_lines)
+
+
+def _budget_steps(a, quick: bool) -> List[int]:
+    if a.budget_steps:
+        return [int(v) for v in a.budget_steps.split(",")]
+    return [2, 4] if quick else list(BUDGET_STEPS)
 
 
 def _digits_split():
@@ -326,6 +339,86 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
     return rows, "\n".join(md), panels, extra
 
 
+BUDGET_STEPS = (3, 5, 10, 20, 50)
+
+
+def bench_budget(model, x_test: Tensor, x_val: Tensor, noise: float, quick: bool,
+                 steps_list: Sequence[int] = BUDGET_STEPS, ops: Optional[Sequence[str]] = None) -> tuple:
+    """FlowChef vs DPS-style across compute budgets: for every sampling-step count both methods are
+    re-tuned on the validation images (same grid as the main table), then run once on the test
+    images (same measurement noise draw as the table). Returns ``(rows, markdown, plot panels,
+    summary)``; the summary compares each method's best point (chosen on validation) and, for every
+    DPS budget, the best FlowChef point (chosen on validation) that takes no more wall time."""
+    from ..control import inverse, operators
+    from ..metrics import psnr
+
+    ops = list(ops or ["inpaint_box", "inpaint_random", "sr2", "sr4", "deblur"])
+    grid = {m: g for m, g in tuning_grid(quick).items() if m in ("flowchef", "dps")}
+    shape = tuple(x_test.shape[1:])
+    rows, panels, summary = [], {}, []
+    for opn in ops:
+        op = operators.make_operator(opn, shape)
+        y = op.measure(x_test, noise, torch.Generator().manual_seed(7))
+        t0 = time.perf_counter()
+        for st in steps_list:
+            best, _ = tune_operator(model, op, x_val, noise, int(st), grid)
+            for m in ("flowchef", "dps"):
+                res = inverse.restore(m, model, op, y, memory=False, steps=int(st), **best[m]["params"])
+                rows.append({"operator": opn, "method": m, "steps": int(st), "nfe": res.nfe, "params": best[m]["params"],
+                             "val_psnr": best[m]["val_psnr"], "psnr": psnr(res.x.clamp(-1, 1), x_test),
+                             "seconds": res.seconds})
+        mine = [r for r in rows if r["operator"] == opn]
+        panels[opn] = {m: ([r["seconds"] for r in mine if r["method"] == m], [r["psnr"] for r in mine if r["method"] == m])
+                       for m in ("flowchef", "dps")}
+        fc = [r for r in mine if r["method"] == "flowchef"]
+        dp = [r for r in mine if r["method"] == "dps"]
+        bf, bd = max(fc, key=lambda r: r["val_psnr"]), max(dp, key=lambda r: r["val_psnr"])
+        matched = []
+        for d in dp:
+            cands = [r for r in fc if r["seconds"] <= d["seconds"]]
+            if cands:
+                f = max(cands, key=lambda r: r["val_psnr"])
+                matched.append({"dps_steps": d["steps"], "dps_psnr": d["psnr"], "flowchef_steps": f["steps"],
+                                "flowchef_psnr": f["psnr"], "ge": f["psnr"] >= d["psnr"]})
+        summary.append({"operator": opn, "best_flowchef": bf, "best_dps": bd, "diff_db": bf["psnr"] - bd["psnr"],
+                        "equal_time": matched})
+        print(f"[bench control] budget {opn:14s} {time.perf_counter() - t0:.0f} s: best FlowChef {bf['psnr']:.2f} dB "
+              f"({bf['steps']} steps, {bf['seconds']:.2f} s) vs best DPS {bd['psnr']:.2f} dB ({bd['steps']} steps, "
+              f"{bd['seconds']:.2f} s); FlowChef >= DPS at equal-or-lower time for "
+              f"{sum(q['ge'] for q in matched)}/{len(dp)} DPS budgets", flush=True)
+    head = " | ".join(f"{k} steps" for k in steps_list)
+    md = [f"| operator | method | {head} |", "|---|---|" + "---:|" * len(steps_list)]
+    for opn in ops:
+        for m in ("flowchef", "dps"):
+            cells = [next(r for r in rows if r["operator"] == opn and r["method"] == m and r["steps"] == int(k))
+                     for k in steps_list]
+            md.append(f"| {opn} | {m} | " + " | ".join(f"{c['psnr']:.2f} ({c['seconds']:.2f} s)" for c in cells) + " |")
+    md += ["", "| operator | best FlowChef (steps, PSNR, time) | best DPS-style (steps, PSNR, time) | difference dB | "
+           "FlowChef >= DPS at equal-or-lower time |", "|---|---|---|---:|---|"]
+    for q in summary:
+        bf, bd = q["best_flowchef"], q["best_dps"]
+        eq = ", ".join(f"{e['dps_steps']}:{'yes' if e['ge'] else 'no'}" for e in q["equal_time"]) or "n/a"
+        md.append(f"| {q['operator']} | {bf['steps']}, {bf['psnr']:.2f} dB, {bf['seconds']:.2f} s | {bd['steps']}, "
+                  f"{bd['psnr']:.2f} dB, {bd['seconds']:.2f} s | {q['diff_db']:+.2f} | "
+                  f"{sum(e['ge'] for e in q['equal_time'])}/{len(q['equal_time'])} DPS budgets ({eq}) |")
+    return rows, "\n".join(md), panels, summary
+
+
+def _budget_section(model, x_test, x_val, noise, quick, steps_list, out: Path, stem: str, title: str) -> tuple:
+    from .. import plotting
+
+    rows, md, panels, summary = bench_budget(model, x_test, x_val, noise, quick, steps_list)
+    plotting.save_curve_panels(panels, out / f"{stem}.png", "wall time per batch (s)", "test PSNR (dB)",
+                               suptitle=f"{title}: PSNR vs time, sampling steps {', '.join(map(str, steps_list))}")
+    lines = [f"## {title}: FlowChef vs DPS-style across budgets", "",
+             f"Both methods re-tuned on the validation images at every step count ({', '.join(map(str, steps_list))}; "
+             f"same grids as above), then run once on the {x_test.shape[0]} test images; cells are test PSNR (wall time "
+             "for the batch). 'Best' is the point with the highest validation PSNR; the last column asks, for each DPS "
+             "step count, whether the best FlowChef point (by validation) that takes no more wall time reaches the "
+             "DPS point's test PSNR (DPS steps:yes/no).", "", md, "", f"![budget]({stem}.png)", ""]
+    return lines, {"rows": rows, "summary": summary}
+
+
 def _others(out: Path, quick: bool) -> List[str]:
     lines = []
     for mod_name, fn_name, title in (("scaling", "bench_scaling", "Inference-time scaling"),
@@ -433,6 +526,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{2 if quick else 10} Euler steps (NFE includes the predictor call). Time: one run; peak memory: a second "
               "identical run under torch.profiler (live tensor bytes allocated during the call).", "", ip_md, ""]
     lines += [f"![{o}](control-restore-{o}.png)" for o in panels] + [""]
+    if not a.no_budget and x_val is not None and not a.no_tune:
+        print("[bench control] 3b/4 FlowChef vs DPS-style across budgets", flush=True)
+        b_lines, results["budget"] = _budget_section(model, x_test, x_val, a.noise, quick, _budget_steps(a, quick), out,
+                                                     "control-budget", "Digits")
+        lines += b_lines
 
     if a.mnist:
         lines += _mnist_section(a, out, quick, steps)

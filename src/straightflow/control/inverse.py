@@ -13,7 +13,9 @@ Methods (each returns a :class:`RestoreResult`: images, NFE, wall time, peak mem
   ``z <- z - scale * grad_z mean||A(z - t v) - y||^2`` for ``i < N - 1``, then ``z + dt v``); the
   ``inner`` loop is the ``optimization_steps`` loop of their latent pipeline
   (``src/pipeline_rf_inverseproblems.py``, which uses Adam and may also steer the last step: on
-  digits neither Adam, steering the last step, nor 10-200 steps raised validation PSNR).
+  digits neither Adam nor steering the last step raised validation PSNR). FlowChef's PSNR peaks at
+  few steps (5-10 on digits) and falls slowly with more; ``straightflow bench control`` sweeps the
+  step count for FlowChef and DPS-style together (its budget section).
 - :func:`dps` — DPS-style baseline (Chung et al. 2023, "Diffusion Posterior Sampling"):
   ``g = grad_{x_t} ||A x1_hat(x_t) - y||^2`` *through the network*, step ``zeta / ||A x1_hat - y||``.
 - :func:`flair` — a small FLAIR (Erbach et al. 2025, "Solving Inverse Problems with FLAIR"):
