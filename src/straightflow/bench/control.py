@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 N_TRAIN = 1597
+OPERATORS = ("inpaint_box", "inpaint_random", "sr2", "sr4", "deblur")
 
 
 def _args(argv):
@@ -255,7 +256,7 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
     from ..metrics import classifier_fd, psnr, ssim
 
     shape = tuple(x_test.shape[1:])
-    ops = ["inpaint_box", "inpaint_random", "sr2", "sr4", "deblur"]
+    ops = list(OPERATORS)
     methods = list(methods)
     pm_steps, flow_steps = pmrf_steps or ((4, 4) if quick else (300, 600))
     pmrf_flow_steps = 2 if quick else 10
@@ -352,7 +353,7 @@ def bench_budget(model, x_test: Tensor, x_val: Tensor, noise: float, quick: bool
     from ..control import inverse, operators
     from ..metrics import psnr
 
-    ops = list(ops or ["inpaint_box", "inpaint_random", "sr2", "sr4", "deblur"])
+    ops = list(ops or OPERATORS)
     grid = {m: g for m, g in tuning_grid(quick).items() if m in ("flowchef", "dps")}
     shape = tuple(x_test.shape[1:])
     rows, panels, summary = [], {}, []
