@@ -241,7 +241,7 @@ def test_tune_operator_picks_the_best_validation_psnr():
 # ----------------------------------------------------------------------------- CLI and bench
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from straightflow.cli import train_run
+    from straightflow.runs import train_run
 
     d = tmp_path_factory.mktemp("run") / "digits"
     # no EMA: with 30 steps an EMA copy would still be the (class-blind) initial network

@@ -213,10 +213,10 @@ def test_unknown_method():
 
 # ----------------------------------------------------------------------------- CLI
 def test_search_cli_smoke(tmp_path, capsys):
-    from straightflow.control import search_cli
+    from straightflow.cli import control as control_cli
 
     parser = argparse.ArgumentParser()
-    search_cli.register(parser.add_subparsers())
+    control_cli.register(parser.add_subparsers())
     out = tmp_path / "s.png"
     a = parser.parse_args(["search", "oracle:8gaussians", "--reward", "region:disc:2.4,0,0.15", "--method", "rbf",
                            "--budget", "30", "--n", "8", "--out", str(out), "--vp"])
@@ -230,6 +230,8 @@ def test_search_cli_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_scaling_quick(tmp_path):
-    md = S.bench_scaling(str(tmp_path), quick=True)
+    from straightflow.bench.scaling import bench_scaling
+
+    md = bench_scaling(str(tmp_path), quick=True)
     assert "| method" in md and "rbf" in md
     assert (tmp_path / "scaling_reward_vs_budget.png").exists()

@@ -387,7 +387,7 @@ def test_conditional_onestep_with_guidance():
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    from straightflow.cli import train_run
+    from straightflow.runs import train_run
 
     d = tmp_path_factory.mktemp("teacher") / "run"
     train_run("moons", str(d), 40, n=2000, hidden=32, depth=1, batch_size=128, progress=False, warmup=5)

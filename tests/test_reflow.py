@@ -328,7 +328,8 @@ def test_reflow_on_a_curved_path_reduces_first_order_deviation(tmp_path):
 
 
 def test_cli_reflow_and_pairs(tmp_path, capsys):
-    from straightflow.cli import main, train_run
+    from straightflow.cli import main
+    from straightflow.runs import train_run
 
     run = tmp_path / "run"
     train_run("moons", str(run), 60, hidden=32, depth=2, progress=False)

@@ -15,9 +15,10 @@ corrupt / pickled weights, keys or shapes that do not match the config) raises
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ CONFIG_FILE = "config.json"
 
 __all__ = [
     "MODEL_FILE", "CONFIG_FILE", "CheckpointError", "save_model", "save_weights", "load", "load_config",
-    "load_weights", "straightflow_version", "unwrap",
+    "load_weights", "straightflow_version", "unwrap", "RunInfo", "run_info",
 ]
 
 
@@ -174,3 +175,56 @@ def load(run_dir: PathLike, device: str | torch.device = "cpu", weights: str = M
     model.eval()
     model.run_config = cfg
     return model
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run's ``config.json`` says about its data and flow, read in one place.
+
+    ``data_source`` is what reloads the training data (``load_dataset(info.data_source)``): the
+    recorded ``data_source`` (a data set name or a file), else the data's name. ``path`` is the
+    flow's path config (a name or ``{"name": ..., **params}``; "linear" when none was recorded),
+    as :func:`straightflow.paths.get_path` takes it. ``shape`` is one sample's shape. ``objective``
+    is what the model was trained for (``"flow_matching"``, or e.g. ``"meanflow"`` for an
+    average-velocity model, which few-step sampling should use through ``sample_mean``).
+    """
+
+    shape: Tuple[int, ...]
+    data_source: str
+    path: Any = "linear"
+    num_classes: Optional[int] = None
+    objective: str = "flow_matching"
+    config: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    AVERAGE_VELOCITY = ("meanflow", "splitmeanflow", "average_velocity")
+
+    @property
+    def average_velocity(self) -> bool:
+        """An average-velocity model u(x, t, r) (MeanFlow family): sample it with ``sample_mean``."""
+        return self.objective in self.AVERAGE_VELOCITY
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "RunInfo":
+        data = cfg.get("data") or {}
+        model = cfg.get("model") or {}
+        shape = data.get("shape")
+        if shape is None:
+            raise CheckpointError("the run's config.json has no data shape (config['data']['shape']); "
+                                  "it was not written by the straightflow trainer")
+        return cls(shape=tuple(int(s) for s in shape),
+                   data_source=str(cfg.get("data_source") or data.get("name") or ""),
+                   path=(cfg.get("flow") or {}).get("path", "linear"),
+                   num_classes=data.get("num_classes") if data.get("labels") else model.get("num_classes"),
+                   objective=str((cfg.get("flow") or {}).get("objective", "flow_matching")), config=dict(cfg))
+
+
+def run_info(run: Union[nn.Module, PathLike, Mapping[str, Any]]) -> RunInfo:
+    """:class:`RunInfo` of a loaded model (its ``run_config``), a run directory or a config dict."""
+    if isinstance(run, Mapping):
+        return RunInfo.from_config(run)
+    if isinstance(run, nn.Module):
+        cfg = getattr(run, "run_config", None)
+        if not isinstance(cfg, Mapping):
+            raise CheckpointError(f"{type(run).__name__} has no run_config; load it with straightflow.load(run_dir)")
+        return RunInfo.from_config(cfg)
+    return RunInfo.from_config(load_config(run))

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,11 +21,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -60,7 +60,7 @@ def save_image_grid(x: Tensor, path, nrow: int = 10, scale: int = 4) -> Path:
 def save_scatter_panels(panels: Sequence[Tuple[str, Tensor]], path, reference: Optional[Tensor] = None,
                         lim: float = 4.5, suptitle: str = "") -> Path:
     """One scatter panel per (title, points (N, 2)), the reference data in the first panel."""
-    plt = _plt()
+    plt = pyplot()
     items = ([("data", reference)] if reference is not None else []) + list(panels)
     fig, axes = plt.subplots(1, len(items), figsize=(2.6 * len(items), 2.8), squeeze=False)
     for ax, (title, pts) in zip(axes[0], items):
@@ -74,12 +74,12 @@ def save_scatter_panels(panels: Sequence[Tuple[str, Tensor]], path, reference: O
         ax.set_yticks([])
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_image_panels(panels: Sequence[Tuple[str, Tensor]], path, nrow: int = 10, suptitle: str = "") -> Path:
     """One image grid per (title, images) side by side (e.g. the same noise at several NFE)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.0), squeeze=False)
     for ax, (title, imgs) in zip(axes[0], panels):
         arr = image_grid(imgs, nrow)
@@ -89,7 +89,7 @@ def save_image_panels(panels: Sequence[Tuple[str, Tensor]], path, nrow: int = 10
         ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _draw_curves(ax, curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
@@ -113,20 +113,20 @@ def _draw_curves(ax, curves: Dict[str, Tuple[Sequence[float], Sequence[float]]],
 def save_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path, xlabel: str, ylabel: str,
                 floor: Optional[float] = None, logx: bool = True, logy: bool = True, title: str = "") -> Path:
     """Line plot of named (x, y) series; an optional horizontal floor line."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     _draw_curves(ax, curves, xlabel, ylabel, floor, logx, logy, title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_curve_panels(panels: Dict[str, Dict[str, Tuple[Sequence[float], Sequence[float]]]], path, xlabel: str,
                       ylabel: str, logx: bool = True, logy: bool = False, suptitle: str = "") -> Path:
     """One :func:`save_curves`-style panel per entry of ``panels`` (title -> named series), in a row."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items()):
         _draw_curves(ax, curves, xlabel, ylabel, None, logx, logy, title)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

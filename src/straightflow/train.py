@@ -50,6 +50,7 @@ import json
 import math
 import os
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -60,11 +61,12 @@ from torch import Tensor, nn
 
 from .io import CheckpointError, load_tensors, save_tensors
 
-__all__ = ["Trainer", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE", "read_train_state"]
+__all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE", "read_train_state"]
 
 STATE_FILE = "train_state.safetensors"
 STATE_FORMAT = 1
 _META_KEY = "straightflow.train_state"
+LR_SCHEDULES = ("constant", "cosine")
 _NOISE_SEED_OFFSET = 1_000_003  # noise generator of rank r: seed + r + this (data generator: seed + r)
 
 PathLike = Union[str, os.PathLike]
@@ -227,6 +229,108 @@ def read_train_state(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Any]]
     return tensors, meta
 
 
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _int(name: str, v: Any, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every setting of a training run, validated once; ``config.json``'s ``"train"`` section.
+
+    ``ckpt_every=0``: checkpoint only at the end. ``ema_decay=0``: no EMA (the saved/returned model
+    is then the raw model). ``grad_clip=0``: no clipping (the gradient norm is still checked for
+    NaN/Inf). With ``lr_schedule="cosine"`` the decay horizon is ``lr_decay_steps`` (default
+    ``steps``). :meth:`to_config` / :meth:`from_config` are the one place these are written to and
+    read from a run's config.
+    """
+
+    steps: int
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+    warmup: int = 0
+    lr_schedule: str = "constant"
+    lr_decay_steps: Optional[int] = None
+    ema_decay: float = 0.999
+    ema_start: int = 0
+    grad_clip: float = 1.0
+    ckpt_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalised once, here)
+        for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("ema_start", 0), ("ckpt_every", 0),
+                          ("log_every", 1), ("seed", 0)):
+            put(name, _int(name, getattr(self, name), low))
+        if self.lr_decay_steps is not None:
+            put("lr_decay_steps", _int("lr_decay_steps", self.lr_decay_steps, 1))
+        lr = self.lr
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        put("lr", float(lr))
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        put("weight_decay", float(self.weight_decay))
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        put("betas", betas)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        ema = 0.0 if self.ema_decay is None else float(self.ema_decay)
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {ema}")
+        put("ema_decay", ema)
+        clip = 0.0 if self.grad_clip is None else float(self.grad_clip)
+        if not (math.isfinite(clip) and clip >= 0):
+            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {clip}")
+        put("grad_clip", clip)
+        put("device", str(self.device))
+        put("progress", bool(self.progress))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step ``step`` (1-based): ``lr * min(1, step / warmup)``, then for
+        ``cosine`` times ``(1 + cos(pi p)) / 2`` with ``p`` the fraction of the decay horizon done."""
+        f = 1.0
+        if self.warmup and step <= self.warmup:
+            f = step / self.warmup
+        if self.lr_schedule == "cosine" and step > self.warmup:
+            horizon = self.lr_decay_steps or self.steps
+            p = min(1.0, (step - self.warmup) / max(1, horizon - self.warmup))
+            f *= 0.5 * (1.0 + math.cos(math.pi * p))
+        return self.lr * f
+
+    def replace(self, **changes: Any) -> "TrainSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_config(self, world_size: int = 1, device: Optional[Union[str, torch.device]] = None) -> Dict[str, Any]:
+        """The JSON ``"train"`` section of a run's config (and of its training state)."""
+        out: Dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"}
+        out["betas"] = list(self.betas)
+        out["device"] = str(self.device if device is None else device)
+        out["world_size"] = int(world_size)
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: Dict[str, Any], **overrides: Any) -> "TrainSettings":
+        """Settings from a ``"train"`` config section (keys that are not settings, such as
+        ``world_size``, are ignored); ``overrides`` replace fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if k in names}
+        kw.update(overrides)
+        return cls(**kw)
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -243,56 +347,23 @@ class Trainer:
         flow,
         data,
         out: Optional[PathLike],
-        steps: int,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        warmup: int = 0,
-        lr_schedule: str = "constant",
-        ema_decay: Optional[float] = 0.999,
-        ema_start: int = 0,
-        grad_clip: Optional[float] = 1.0,
-        ckpt_every: int = 1000,
-        log_every: int = 50,
-        seed: int = 0,
-        device: Union[str, torch.device] = "cpu",
-        progress: bool = True,
+        steps: Optional[int] = None,
+        settings: Optional[TrainSettings] = None,
         extra_config: Optional[Dict[str, Any]] = None,
-        lr_decay_steps: Optional[int] = None,
+        **options: Any,
     ) -> None:
-        def _int(name, v, low):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-            return int(v)
-
-        self.steps = _int("steps", steps, 1)
-        self.batch_size = _int("batch_size", batch_size, 1)
-        self.warmup = _int("warmup", warmup, 0)
-        self.ema_start = _int("ema_start", ema_start, 0)
-        self.ckpt_every = _int("ckpt_every", ckpt_every, 0)
-        self.log_every = _int("log_every", log_every, 1)
-        self.seed = _int("seed", seed, 0)
-        self.lr_decay_steps = None if lr_decay_steps is None else _int("lr_decay_steps", lr_decay_steps, 1)
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-        betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        ema_decay = 0.0 if ema_decay is None else float(ema_decay)
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {ema_decay}")
-        grad_clip = 0.0 if grad_clip is None else float(grad_clip)
-        if not (math.isfinite(grad_clip) and grad_clip >= 0):
-            raise ValueError(f"grad_clip must be >= 0 (0 = off), got {grad_clip}")
-        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
-        self.lr_schedule, self.ema_decay, self.grad_clip = lr_schedule, ema_decay, grad_clip
-        self.progress = bool(progress)
-        self.device = _check_device(device)
+        """``settings`` (a :class:`TrainSettings`) and/or its fields as keywords (``batch_size=...``,
+        ``lr=...``), which override the fields of ``settings``; ``steps`` is needed either way."""
+        if settings is None:
+            if steps is None:
+                raise ValueError("Trainer needs steps (or settings=TrainSettings(steps=...))")
+            settings = TrainSettings(steps=steps, **options)
+        elif not isinstance(settings, TrainSettings):
+            raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+        elif steps is not None or options:
+            settings = settings.replace(**options, **({} if steps is None else {"steps": steps}))
+        self.cfg = settings
+        self.device = _check_device(settings.device)
         if extra_config is not None:
             if not isinstance(extra_config, dict):
                 raise TypeError(f"extra_config must be a dict, got {type(extra_config).__name__}")
@@ -328,13 +399,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> Dict[str, Any]:
-        return {
-            "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
-            "betas": list(self.betas), "warmup": self.warmup, "lr_schedule": self.lr_schedule,
-            "lr_decay_steps": self.lr_decay_steps, "ema_decay": self.ema_decay, "ema_start": self.ema_start,
-            "grad_clip": self.grad_clip, "ckpt_every": self.ckpt_every, "log_every": self.log_every,
-            "seed": self.seed, "device": str(self.device), "world_size": self.world_size,
-        }
+        """The ``"train"`` config section of this run (:meth:`TrainSettings.to_config`)."""
+        return self.cfg.to_config(self.world_size, self.device)
 
     def data_info(self) -> Dict[str, Any]:
         return {"name": self.data_name, "shape": list(self.x.shape[1:]), "size": int(self.x.shape[0]),
@@ -342,14 +408,7 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         """Learning rate used for step ``step`` (1-based)."""
-        f = 1.0
-        if self.warmup and step <= self.warmup:
-            f = step / self.warmup
-        if self.lr_schedule == "cosine" and step > self.warmup:
-            horizon = self.lr_decay_steps or self.steps
-            p = min(1.0, (step - self.warmup) / max(1, horizon - self.warmup))
-            f *= 0.5 * (1.0 + math.cos(math.pi * p))
-        return self.lr * f
+        return self.cfg.lr_at(step)
 
     # ------------------------------------------------------------------ setup
     def _setup_dist(self) -> None:
@@ -373,14 +432,14 @@ class Trainer:
         dev = self.device
         self.model.to(dev)
         self.model.train()
-        self.data_gen = torch.Generator().manual_seed(self.seed + self.rank)
-        self.noise_gen = torch.Generator(device=dev).manual_seed(self.seed + self.rank + _NOISE_SEED_OFFSET)
-        self.sampler = _Sampler(int(self.x.shape[0]), self.batch_size, self.data_gen)
+        self.data_gen = torch.Generator().manual_seed(self.cfg.seed + self.rank)
+        self.noise_gen = torch.Generator(device=dev).manual_seed(self.cfg.seed + self.rank + _NOISE_SEED_OFFSET)
+        self.sampler = _Sampler(int(self.x.shape[0]), self.cfg.batch_size, self.data_gen)
         self.step, self.history, self.loss_acc = 0, [], [0.0, 0]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+            self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         self.ema: Optional[nn.Module] = None
-        if self.ema_decay > 0:
+        if self.cfg.ema_decay > 0:
             self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         state_path = None if self.out is None else self.out / STATE_FILE
         if state_path is not None and state_path.exists():
@@ -479,9 +538,10 @@ class Trainer:
         tensors, meta = read_train_state(path)
         s = meta["settings"]
         problems = []
+        now = self.settings()
         for key in ("batch_size", "seed", "world_size"):
-            if s.get(key) != getattr(self, key):
-                problems.append(f"{key}: saved {s.get(key)!r}, now {getattr(self, key)!r}")
+            if s.get(key) != now[key]:
+                problems.append(f"{key}: saved {s.get(key)!r}, now {now[key]!r}")
         if meta.get("model_config") != _jsonable(getattr(self.model, "config", None)):
             problems.append(f"model config: saved {meta.get('model_config')}, now {getattr(self.model, 'config', None)}")
         elif meta.get("params") != _param_signature(self.model):
@@ -498,8 +558,8 @@ class Trainer:
             raise ResumeError(
                 f"{path}: cannot resume, the saved run differs: " + "; ".join(problems)
                 + f". Use another output directory or delete {path.name} to start over.")
-        if (self.lr_schedule == "cosine" and s.get("lr_schedule") == "cosine"
-                and (s.get("lr_decay_steps") or s.get("steps")) != (self.lr_decay_steps or self.steps)):
+        if (self.cfg.lr_schedule == "cosine" and s.get("lr_schedule") == "cosine"
+                and (s.get("lr_decay_steps") or s.get("steps")) != (self.cfg.lr_decay_steps or self.cfg.steps)):
             warnings.warn("resuming a cosine schedule with a different decay horizon (steps / lr_decay_steps); "
                           "pass lr_decay_steps to keep it fixed across extensions", stacklevel=3)
         dev = self.device
@@ -523,7 +583,7 @@ class Trainer:
             state.setdefault(int(idx), {}).update(st)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         for g in self.optimizer.param_groups:  # the current call's hyper-parameters win
-            g["betas"], g["weight_decay"] = self.betas, self.weight_decay
+            g["betas"], g["weight_decay"] = self.cfg.betas, self.cfg.weight_decay
         r = self.rank
         self.data_gen.set_state(tensors[f"rng/data/{r}"])
         self.noise_gen.set_state(tensors[f"rng/noise/{r}"])
@@ -535,8 +595,8 @@ class Trainer:
         self.step = int(meta["step"])
         self.history = [(int(a), float(b)) for a, b in meta["history"]]
         self.loss_acc = [float(meta["loss_acc"][0]), int(meta["loss_acc"][1])]
-        if self.step > self.steps:
-            warnings.warn(f"{path} is at step {self.step} > steps={self.steps}; nothing to train, "
+        if self.step > self.cfg.steps:
+            warnings.warn(f"{path} is at step {self.step} > steps={self.cfg.steps}; nothing to train, "
                           "returning the saved state", stacklevel=3)
 
     def _export_model(self) -> nn.Module:
@@ -587,7 +647,7 @@ class Trainer:
             elif self.world_size > 1 and self.train_model is self.model:
                 raise RuntimeError("a distributed Trainer runs fit() once (the DDP wrapper and process group "
                                    "are released at the end); build a new Trainer with the same out= to resume")
-            if self.step < self.steps:
+            if self.step < self.cfg.steps:
                 self._loop()
             ok = True
         finally:
@@ -619,16 +679,16 @@ class Trainer:
         dev = self.device
         host = dev.type == "cpu"
         flow, model, opt, sampler = self.flow, self.train_model, self.optimizer, self.sampler
-        params, clip = self._params, self.grad_clip
+        params, clip = self._params, self.cfg.grad_clip
         groups = opt.param_groups
         use_ema = self.ema is not None
         if use_ema:
             ema_p, raw_p, ema_b, raw_b = self._ema_float, self._raw_float, self._ema_bufs, self._raw_bufs
-            w = 1.0 - self.ema_decay
-        log_every, ckpt_every, steps = self.log_every, self.ckpt_every, self.steps
+            w = 1.0 - self.cfg.ema_decay
+        log_every, ckpt_every, steps = self.cfg.log_every, self.cfg.ckpt_every, self.cfg.steps
         acc = self.loss_acc
         smooth = None
-        bar = tqdm(total=steps, initial=self.step, disable=not (self.progress and self.is_main),
+        bar = tqdm(total=steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
                    unit="step", dynamic_ncols=True, desc="train")
         cur_lr = None
         try:
@@ -661,7 +721,7 @@ class Trainer:
                 opt.step()
                 if use_ema:
                     with torch.no_grad():
-                        if step > self.ema_start:
+                        if step > self.cfg.ema_start:
                             torch._foreach_lerp_(ema_p, raw_p, w)
                         else:
                             torch._foreach_copy_(ema_p, raw_p)
@@ -692,6 +752,7 @@ class Trainer:
                            final_loss=final, history=history)
 
 
-def train(flow, data, steps: int, out: Optional[PathLike] = None, **kw: Any) -> TrainResult:
-    """Train ``flow`` on ``data`` for ``steps`` steps (resuming from ``out`` if it holds a state)."""
+def train(flow, data, steps: Optional[int] = None, out: Optional[PathLike] = None, **kw: Any) -> TrainResult:
+    """Train ``flow`` on ``data`` for ``steps`` steps (resuming from ``out`` if it holds a state);
+    ``kw``: :class:`TrainSettings` fields, or ``settings=``, and ``extra_config=``."""
     return Trainer(flow, data, out, steps, **kw).fit()

@@ -4,11 +4,10 @@ Sections: (1) inversion reconstruction PSNR vs NFE for every deterministic solve
 digits; (2) class-swap editing: distance to the source and target-class accuracy vs injected
 steps; (3) per operator x method (FlowChef, DPS-style, FLAIR-like, PMRF): PSNR, SSIM,
 classifier-FD (with the clean-vs-clean floor), NFE, wall time and peak memory; (4) the
-inference-time scaling and adjoint sections of :mod:`straightflow.control.scaling` /
-:mod:`straightflow.control.adjoint` when importable.
+inference-time scaling and adjoint sections (:mod:`.scaling`, :mod:`.adjoint`).
 
-The digits model is trained once (class-conditional UNet, ``cli.train_run``) on 1597 digits and
-cached under ``<out>/runs/``; the remaining 200 held-out digits are split (fixed permutation) into
+The digits model is trained once (class-conditional UNet, :func:`straightflow.runs.train_run`) on
+1597 digits and cached under ``<out>/runs/`` (:func:`.harness.cached_model`); the remaining 200 held-out digits are split (fixed permutation) into
 the test images (the first ``--n``) and a disjoint validation set (the last ``--n-val``).
 
 Fair protocol for (3): each method's hyper-parameters are chosen per operator by a small grid
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -30,15 +28,22 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import data as sfdata, plotting
+from ..control import inverse, operators
+from ..control.editing import class_swap_edit, deterministic_solvers, inversion_roundtrip
+from ..metrics import classifier_fd, feature_extractor, psnr, ssim
+from ..solvers import get_solver
+from ..system import machine_line
+from .adjoint import bench_adjoint
+from .harness import cached_model, dated_machine, fmt, log_to, register_suite, run_suite, write_report
+from .scaling import bench_scaling
+
 N_TRAIN = 1597
+LOG = log_to("control")
 OPERATORS = ("inpaint_box", "inpaint_random", "sr2", "sr4", "deblur")
 
 
-def _args(argv):
-    p = argparse.ArgumentParser(prog="straightflow bench control")
-    p.add_argument("--out", default="bench_out")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true")
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-run", default=None, help="a trained class-conditional digits run (else one is trained and cached)")
     p.add_argument("--train-steps", type=int, default=None, help="steps for the cached digits model (default 2500; quick 40)")
     p.add_argument("--noise", type=float, default=0.05, help="measurement noise sigma_y")
@@ -58,20 +63,12 @@ def _args(argv):
                    help="step counts of the FlowChef vs DPS-style budget sweep (default 3,5,10,20,50; quick 2,4)")
     p.add_argument("--no-budget", action="store_true", help="skip the FlowChef vs DPS-style budget sweep")
     p.add_argument("--skip-others", action="store_true", help="skip the scaling/adjoint sections")
-    return p.parse_args(argv)
 
 
 def bench_mnist(a, out: Path, quick: bool, noise: float, steps: int) -> List[str]:
     """Inverse problems on MNIST 28x28 with an unconditional pixel UNet trained here on 8000 images
     (cached under ``<out>/runs``); test and validation images come from the other 2000. FlowChef,
     DPS-style and FLAIR-like, tuned per operator like the digits table (PMRF: digits only, for time)."""
-    from .. import checkpoint, plotting
-    from .. import data as sfdata
-    from ..flow import Flow
-    from ..images.latent import default_pixel_model
-    from ..models import build_model
-    from ..train import train
-
     if sfdata.mnist_path() is None:
         return ["## Inverse problems on MNIST", "", "skipped: mnist_test_10k.npz not found (../shared/data or "
                 "STRAIGHTFLOW_DATA)", ""]
@@ -85,17 +82,10 @@ def bench_mnist(a, out: Path, quick: bool, noise: float, steps: int) -> List[str
     x_test, x_val = held[ti], held[vi]
     x_ref = x_train[: (64 if quick else 1000)]
     t_steps = a.mnist_train_steps or (10 if quick else 1500)
-    d = out / "runs" / f"mnist-unet-{t_steps}"
-    if (d / "model.safetensors").is_file():
-        model, how = checkpoint.load(str(d)), f"cached `{d}`"
-    else:
-        t0 = time.perf_counter()
-        torch.manual_seed(0)
-        net = build_model(default_pixel_model((1, 28, 28), None, "unet", width=16))
-        res = train(Flow(net), sfdata.Dataset(x_train, name="mnist"), t_steps, out=d, batch_size=64, lr=1e-3,
-                    warmup=min(100, t_steps // 5), lr_schedule="cosine", ema_decay=0.999 if t_steps > 500 else 0.9,
-                    seed=0, ckpt_every=500, progress=not quick)
-        model, how = res.model, f"trained {t_steps} steps in {time.perf_counter() - t0:.0f} s (`{d}`)"
+    recipe = {"data": "mnist", "n": n_train, "steps": t_steps, "conditional": False, "base_channels": 16,
+              "batch_size": 64, "lr": 1e-3, "warmup": min(100, t_steps // 5), "lr_schedule": "cosine",
+              "ema": 0.999 if t_steps > 500 else 0.9, "seed": 0, "ckpt_every": 500}
+    model, _, how = cached_model(out, f"mnist-unet-{t_steps}", recipe, log=LOG, progress=not quick)
     model = model.eval()
     print("[bench control] MNIST inverse problems", flush=True)
     rows, md, panels, extra = bench_inverse(model, x_test, x_train, x_ref, quick, noise, steps, progress=False,
@@ -123,7 +113,6 @@ def _budget_steps(a, quick: bool) -> List[int]:
 
 
 def _digits_split():
-    from .. import data as sfdata
 
     full = sfdata.digits()
     train = sfdata.load_dataset("digits", n=N_TRAIN, seed=0)
@@ -142,29 +131,17 @@ def held_out_split(n_held: int, n: int, n_val: int, seed: int = 0) -> tuple:
 
 
 def _model(a, out: Path, quick: bool):
-    from .. import checkpoint
-    from ..cli import train_run
-
-    if a.model_run:
-        return checkpoint.load(a.model_run), a.model_run, "given run (test images may overlap its training data)"
     steps = a.train_steps or (40 if quick else 2500)
-    d = out / "runs" / f"digits-{steps}"
-    if (d / "model.safetensors").is_file():
-        return checkpoint.load(str(d)), str(d), f"cached {d}"
-    t0 = time.perf_counter()
-    res = train_run("digits", str(d), steps, n=N_TRAIN, batch_size=128, lr=1e-3, warmup=min(200, steps // 5),
-                    lr_schedule="cosine", ema=0.999 if steps > 500 else 0.9, seed=0, ckpt_every=500, progress=not quick)
-    return res.model, str(d), f"trained {steps} steps in {time.perf_counter() - t0:.0f} s"
-
-
-def _fmt(v, nd=2):
-    return "n/a" if v is None else f"{v:.{nd}f}"
+    recipe = {"data": "digits", "n": N_TRAIN, "steps": steps, "batch_size": 128, "lr": 1e-3,
+              "warmup": min(200, steps // 5), "lr_schedule": "cosine", "ema": 0.999 if steps > 500 else 0.9,
+              "seed": 0, "ckpt_every": 500}
+    model, run_dir, how = cached_model(out, f"digits-{steps}", recipe, run=a.model_run, log=LOG, progress=not quick)
+    if a.model_run:
+        how += " (test images may overlap its training data)"
+    return model, run_dir, how
 
 
 def bench_inversion(model, x, y, quick: bool) -> tuple:
-    from ..metrics import psnr
-    from ..solvers import get_solver
-    from ..control.editing import deterministic_solvers, inversion_roundtrip
 
     solvers = ["euler", "midpoint"] if quick else deterministic_solvers()
     nfes = [4] if quick else [4, 8, 16, 32]
@@ -184,8 +161,6 @@ def bench_inversion(model, x, y, quick: bool) -> tuple:
 
 
 def bench_editing(model, x, y, quick: bool, steps: int = 20) -> tuple:
-    from ..control.editing import class_swap_edit
-    from ..metrics import feature_extractor
 
     clf = feature_extractor("digits")
     tgt = (y + 5) % 10
@@ -232,8 +207,6 @@ def tune_operator(model, op, x_val: Tensor, noise: float, steps: int, grid: Dict
                   seed: int = 8) -> tuple:
     """Grid search on validation images: for each method the candidate with the highest validation
     PSNR (its own measurement-noise draw ``seed``). Returns ``(best params per method, all trials)``."""
-    from ..control import inverse
-    from ..metrics import psnr
 
     y = op.measure(x_val, noise, torch.Generator().manual_seed(seed))
     best, trials = {}, []
@@ -252,8 +225,6 @@ def tune_operator(model, op, x_val: Tensor, noise: float, steps: int, grid: Dict
 def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, steps: int, progress: bool,
                   pmrf_steps=None, x_val: Optional[Tensor] = None, tune: bool = True,
                   methods: Sequence[str] = ("flowchef", "dps", "flair", "pmrf"), extractor: str = "digits") -> tuple:
-    from ..control import inverse, operators
-    from ..metrics import classifier_fd, psnr, ssim
 
     shape = tuple(x_test.shape[1:])
     ops = list(OPERATORS)
@@ -298,7 +269,7 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
             rows.append(row)
             panels[opn].append((f"{m} {row['psnr']:.1f} dB", xr[:16]))
             print(f"[bench control] {opn:14s} {m:8s} PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} "
-                  f"FD {row['fd']:.1f} NFE {row['nfe']} {row['seconds']:.2f} s {_fmt(row['peak_mib'])} MiB "
+                  f"FD {row['fd']:.1f} NFE {row['nfe']} {row['seconds']:.2f} s {fmt(row['peak_mib'])} MiB "
                   f"({_pstr(params)})", flush=True)
     if do_tune:
         how = (f"Hyper-parameters chosen per operator by grid search on {x_val.shape[0]} held-out validation images "
@@ -318,9 +289,9 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
         tr = r["seconds"] / d["seconds"]
         mr = (r["peak_mib"] / d["peak_mib"]) if (r["peak_mib"] is not None and d["peak_mib"]) else None
         extra = f" (+{r['train_seconds']:.0f} s training)" if "train_seconds" in r else ""
-        md.append(f"| {r['operator']} | {r['method']} | {_pstr(r['params'])} | {_fmt(r['val_psnr'])} | {r['psnr']:.2f} | "
+        md.append(f"| {r['operator']} | {r['method']} | {_pstr(r['params'])} | {fmt(r['val_psnr'])} | {r['psnr']:.2f} | "
                   f"{r['ssim']:.3f} | {r['fd']:.2f} | {r['nfe']} | "
-                  f"{r['seconds']:.2f}{extra} | {_fmt(r['peak_mib'])} | {tr:.2f}x | {_fmt(mr)}{'x' if mr is not None else ''} |")
+                  f"{r['seconds']:.2f}{extra} | {fmt(r['peak_mib'])} | {tr:.2f}x | {fmt(mr)}{'x' if mr is not None else ''} |")
     md += ["", "FlowChef vs DPS-style (test images):", "",
            "| operator | FlowChef PSNR | DPS PSNR | difference dB | FlowChef >= DPS | time ratio | memory ratio |",
            "|---|---:|---:|---:|---|---:|---:|"]
@@ -333,7 +304,7 @@ def bench_inverse(model, x_test, x_train, x_ref, quick: bool, noise: float, step
              "flowchef_ge_dps": f["psnr"] >= d["psnr"], "time_ratio": f["seconds"] / d["seconds"], "memory_ratio": mr}
         summary.append(s)
         md.append(f"| {opn} | {s['flowchef_psnr']:.2f} | {s['dps_psnr']:.2f} | {s['diff_db']:+.2f} | "
-                  f"{'yes' if s['flowchef_ge_dps'] else 'no'} | {s['time_ratio']:.2f}x | {_fmt(mr)}{'x' if mr is not None else ''} |")
+                  f"{'yes' if s['flowchef_ge_dps'] else 'no'} | {s['time_ratio']:.2f}x | {fmt(mr)}{'x' if mr is not None else ''} |")
     extra = {"tuning": {"tuned": do_tune, "grid": grid if do_tune else None, "defaults": DEFAULT_PARAMS,
                         "n_val": None if x_val is None else int(x_val.shape[0]), "chosen": chosen, "trials": trials},
              "flowchef_vs_dps": summary}
@@ -350,8 +321,6 @@ def bench_budget(model, x_test: Tensor, x_val: Tensor, noise: float, quick: bool
     images (same measurement noise draw as the table). Returns ``(rows, markdown, plot panels,
     summary)``; the summary compares each method's best point (chosen on validation) and, for every
     DPS budget, the best FlowChef point (chosen on validation) that takes no more wall time."""
-    from ..control import inverse, operators
-    from ..metrics import psnr
 
     ops = list(ops or OPERATORS)
     grid = {m: g for m, g in tuning_grid(quick).items() if m in ("flowchef", "dps")}
@@ -406,7 +375,6 @@ def bench_budget(model, x_test: Tensor, x_val: Tensor, noise: float, quick: bool
 
 
 def _budget_section(model, x_test, x_val, noise, quick, steps_list, out: Path, stem: str, title: str) -> tuple:
-    from .. import plotting
 
     rows, md, panels, summary = bench_budget(model, x_test, x_val, noise, quick, steps_list)
     plotting.save_curve_panels(panels, out / f"{stem}.png", "wall time per batch (s)", "test PSNR (dB)",
@@ -421,18 +389,7 @@ def _budget_section(model, x_test, x_val, noise, quick, steps_list, out: Path, s
 
 
 def _others(out: Path, quick: bool) -> List[str]:
-    lines = []
-    for mod_name, fn_name, title in (("scaling", "bench_scaling", "Inference-time scaling"),
-                                     ("adjoint", "bench_adjoint", "Adjoint gradients")):
-        try:
-            import importlib
-
-            mod = importlib.import_module(f"straightflow.control.{mod_name}")
-            fn = getattr(mod, fn_name)
-            lines += [fn(str(out), quick), ""]
-        except Exception as e:  # report, never hide, a failing section
-            lines += [f"## {title}", "", f"not available: {type(e).__name__}: {e}", ""]
-    return lines
+    return [bench_scaling(str(out), quick), "", bench_adjoint(str(out), quick), ""]
 
 
 def _mnist_section(a, out: Path, quick: bool, steps: int) -> List[str]:
@@ -440,27 +397,13 @@ def _mnist_section(a, out: Path, quick: bool, steps: int) -> List[str]:
     sec = bench_mnist(a, out, quick, a.noise, steps)
     (out / "control-mnist.md").write_text("\n".join(
         ["# Benchmark: control on MNIST (inverse problems)", "",
-         f"Command: `straightflow bench control {' '.join(a.argv)}`; {_machine()}; "
+         f"Command: `{a.command}`; {dated_machine()}; "
          f"{time.perf_counter() - t0:.0f} s.", ""] + sec))
     return sec
 
 
-def _machine() -> str:
-    from ..cli import machine_line
-
-    return f"date {date.today().isoformat()}; {machine_line()}"
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from .. import plotting
-    from ..cli import machine_line
-
-    a = _args(argv)
-    a.argv = list(argv) if argv is not None else sys.argv[3:]
-    torch.set_num_threads(a.threads)
-    quick = a.quick
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+def run(a: argparse.Namespace) -> int:
+    quick, out = a.quick, a.out
     if a.mnist_only:
         _mnist_section(a, out, quick, a.sample_steps or (4 if quick else 50))
         print(f"[bench control] wrote {out / 'control-mnist.md'}")
@@ -475,15 +418,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     train, x_held, y_held = _digits_split()
     n_val = a.n_val if a.n_val is not None else (8 if quick else 32)
     perm, test_idx, val_idx = held_out_split(x_held.shape[0], n, n_val)
-    x_test, y_test = x_held[test_idx], y_held[test_idx]
+    x_test = x_held[test_idx]
     x_val = x_held[val_idx] if n_val > 0 else None  # disjoint from x_test
     n_inv = 8 if quick else 64
     x_inv, y_inv = x_held[perm[:n_inv]], y_held[perm[:n_inv]]
     x_ref = train.x[torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1))[: max(n, 64) * 4]]
 
-    cmd = "straightflow bench control " + " ".join(argv or [])
+    cmd = a.command
     lines = ["# Benchmark: control (inversion, editing, inverse problems)", "",
-             f"Command: `{cmd}`; date {date.today().isoformat()}; {machine_line()}.", "",
+             f"Command: `{cmd}`; {dated_machine()}.", "",
              f"Model: class-conditional UNet on digits (8x8), {how} (`{run_dir}`). Test images: held-out digits "
              f"never seen in training. {'QUICK MODE: tiny settings, numbers not meaningful.' if quick else ''}", ""]
     results: Dict[str, object] = {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
@@ -542,7 +485,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += [f"Total time: {total:.0f} s.", ""]
     results["seconds"] = total
     md = "\n".join(lines)
-    (out / "control.md").write_text(md)
-    (out / "control.json").write_text(json.dumps(results, indent=2, default=float))
+    write_report(out, "control", md, results)
     print(md)
     return 0
+
+
+SUITE = register_suite("control", "inversion, editing, inverse problems, inference-time scaling, adjoint (digits, MNIST)",
+                       _arguments, run, doc=__doc__)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``straightflow bench control ARGS``."""
+    return run_suite("control", argv)

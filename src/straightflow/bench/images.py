@@ -26,25 +26,28 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import statistics
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
-from .. import data as sfdata
-from .. import metrics, plotting
+from .. import data as sfdata, metrics, plotting
 from ..flow import Flow
 from ..images.bottleneck import bottleneck_sample
 from ..images.fast import fast_sample
-from ..images.latent import (HFlipFlow, LatentFlow, default_latent_model, default_pixel_model, encode_dataset,
-                             train_autoencoder)
+from ..images.latent import (
+    HFlipFlow,
+    LatentFlow,
+    default_latent_model,
+    default_pixel_model,
+    encode_dataset,
+    train_autoencoder,
+)
 from ..models import build_model, count_parameters
 from ..train import train
+from .harness import fmt, header, median_time, register_suite, run_suite, write_report
 
 __all__ = ["main", "bench_images"]
 
@@ -138,22 +141,6 @@ def _train_chunks(flow, data, steps: int, chunks: int, run_dir: Path, score: Cal
     return res, hist
 
 
-def _median_time(fn: Callable[[], Any], repeats: int = 3) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = _cpu()
-        fn()
-        ts.append(_cpu() - t0)
-    return statistics.median(ts)
-
-
-def _fmt(v: Optional[float], nd: int = 2) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "—"
-    return f"{v:.{nd}f}" if abs(v) < 1000 else f"{v:.0f}"
-
-
 def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool) -> Dict[str, Any]:
     s = _Set(name, cfg, seed, quick)
     ne, ce = cfg["n_eval"], cfg["chunk_eval"]
@@ -224,7 +211,7 @@ def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool
     throughput = {}
     for label, m in models.items():
         smp = _Sampler(m)
-        sec = _median_time(lambda: smp(tb, thr_nfe, seed, s.labels(tb)), repeats=1 if quick else 3)
+        sec = _cpu_median(lambda: smp(tb, thr_nfe, seed, s.labels(tb)), repeats=1 if quick else 3)
         throughput[label] = tb / sec
 
     # time to quality
@@ -250,10 +237,10 @@ def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool
             full = fast_sample(m, noise, "euler", n_st, cond=cond).x
             row: Dict[str, Any] = {"fd_full": s.fd(full)}
             cond_b = s.labels(nb)
-            t_full = _median_time(lambda: fast_sample(m, noise[:nb], "euler", n_st, cond=cond_b), 1 if quick else 3)
+            t_full = _cpu_median(lambda: fast_sample(m, noise[:nb], "euler", n_st, cond=cond_b), 1 if quick else 3)
             for renoise in (0.0, 0.1):
                 bs = bottleneck_sample(m, noise, "euler", steps, renoise=renoise, cond=cond, seed=seed)
-                t_b = _median_time(lambda: bottleneck_sample(m, noise[:nb], "euler", steps, renoise=renoise,
+                t_b = _cpu_median(lambda: bottleneck_sample(m, noise[:nb], "euler", steps, renoise=renoise,
                                                              cond=cond_b, seed=seed), 1 if quick else 3)
                 row[f"renoise={renoise}"] = {"fd": s.fd(bs.x), "nfe": bs.nfe, "full_res_nfe": bs.info["full_res_nfe"],
                                              "speedup": t_full / t_b}
@@ -266,11 +253,12 @@ def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool
             "bottleneck": bottleneck}
 
 
-def _markdown(res: Dict[str, Any], cmd: str) -> str:
-    from ..cli import machine_line
+def _cpu_median(fn: Callable[[], Any], repeats: int = 3) -> float:
+    return median_time(fn, repeats, clock=_cpu)[0]
 
-    L = ["# Image-scale flows: pixel UNet, pixel DiT, latent DiT", "",
-         f"Command: `{cmd}`  ", f"Date: {_dt.date.today().isoformat()}  ", f"Machine: {machine_line()}", "",
+
+def _markdown(res: Dict[str, Any], cmd: str) -> str:
+    L = header("Image-scale flows: pixel UNet, pixel DiT, latent DiT", cmd) + [
          "Times are CPU seconds of the process (one thread); throughput is images per CPU-second. "
          "Euler sampler; FD = Fréchet distance of classifier features (lower is better).", ""]
     for d in res["datasets"]:
@@ -281,19 +269,19 @@ def _markdown(res: Dict[str, Any], cmd: str) -> str:
         L.append("|---|---:|" + "---:|" * len(nfes))
         for label, q in d["quality"].items():
             L.append(f"| {label} | {d['train'][label]['params']:,} | "
-                     + " | ".join(_fmt(q[n]["fd"]) for n in nfes) + " |")
-        L.append(f"| real data (floor) | | " + " | ".join(_fmt(d["floor_fd"]) for _ in nfes) + " |")
-        L += ["", "| model | SW2 @ NFE " + str(nfes[-1]) + f" (floor {_fmt(d['floor_sw2'], 3)}) | train CPU s | "
-              f"time to FD <= {_fmt(d['target_fd'])} (CPU s) | final chunk FD | images/s @ NFE {d['throughput_nfe']} |",
+                     + " | ".join(fmt(q[n]["fd"]) for n in nfes) + " |")
+        L.append("| real data (floor) | | " + " | ".join(fmt(d["floor_fd"]) for _ in nfes) + " |")
+        L += ["", "| model | SW2 @ NFE " + str(nfes[-1]) + f" (floor {fmt(d['floor_sw2'], 3)}) | train CPU s | "
+              f"time to FD <= {fmt(d['target_fd'])} (CPU s) | final chunk FD | images/s @ NFE {d['throughput_nfe']} |",
               "|---|---:|---:|---:|---:|---:|"]
         for label, q in d["quality"].items():
             h = d["train"][label]["history"]
-            L.append(f"| {label} | {_fmt(q[nfes[-1]]['sw2'], 3)} | {_fmt(h[-1]['cpu_s'], 1)} | "
-                     f"{_fmt(d['time_to_quality'][label], 1) if d['time_to_quality'][label] is not None else 'not reached'}"
-                     f" | {_fmt(h[-1]['fd'])} | {_fmt(d['throughput'][label], 1)} |")
+            L.append(f"| {label} | {fmt(q[nfes[-1]]['sw2'], 3)} | {fmt(h[-1]['cpu_s'], 1)} | "
+                     f"{fmt(d['time_to_quality'][label], 1) if d['time_to_quality'][label] is not None else 'not reached'}"
+                     f" | {fmt(h[-1]['fd'])} | {fmt(d['throughput'][label], 1)} |")
         lat = d["train"]["latent DiT"]
         L += ["", f"Latent: autoencoder {'x'.join(map(str, d['shape']))} -> {'x'.join(map(str, lat['latent_shape']))} "
-              f"(reconstruction PSNR {_fmt(lat['ae_recon'].get('psnr'))} dB), {_fmt(lat['ae_cpu_s'], 1)} CPU s of the "
+              f"(reconstruction PSNR {fmt(lat['ae_recon'].get('psnr'))} dB), {fmt(lat['ae_cpu_s'], 1)} CPU s of the "
               "latent training time are the autoencoder and the encoding.", ""]
         L.append("Training curves (FD at NFE 8 after each chunk; CPU s):")
         L.append("")
@@ -313,8 +301,8 @@ def _markdown(res: Dict[str, Any], cmd: str) -> str:
             for label, row in b.items():
                 for key in ("renoise=0.0", "renoise=0.1"):
                     r = row[key]
-                    L.append(f"| {label} | {_fmt(row['fd_full'])} | {key.split('=')[1]} | {_fmt(r['fd'])} | "
-                             f"{r['nfe']} ({_fmt(r['full_res_nfe'], 1)}) | {_fmt(r['speedup'])}x |")
+                    L.append(f"| {label} | {fmt(row['fd_full'])} | {key.split('=')[1]} | {fmt(r['fd'])} | "
+                             f"{r['nfe']} ({fmt(r['full_res_nfe'], 1)}) | {fmt(r['speedup'])}x |")
             L.append("")
         L += [f"![samples](images_{d['name']}_samples.png) ![fd](images_{d['name']}_fd_vs_nfe.png)", ""]
     return "\n".join(L)
@@ -336,33 +324,32 @@ def bench_images(out: str, quick: bool = False, datasets: Optional[Sequence[str]
         res["datasets"].append(_bench_set(name, cfg, outp, seed, quick))
     res["cpu_seconds"], res["wall_seconds"] = _cpu() - t0, time.perf_counter() - w0
     md = _markdown(res, cmd) + f"\nTotal: {res['cpu_seconds']:.0f} CPU s, {res['wall_seconds']:.0f} s wall.\n"
-    (outp / "images.md").write_text(md)
-    (outp / "images.json").write_text(json.dumps(res, indent=1, default=float))
-    import shutil
-
+    write_report(outp, "images", md, res)
     shutil.rmtree(outp / "_runs", ignore_errors=True)
     res["markdown"] = md
     return res
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="straightflow bench images", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench_out")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true")
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", default=None, help="comma-separated: mnist, shapes32 (default: both if MNIST is present)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flow-steps", type=int, default=None)
     p.add_argument("--ae-steps", type=int, default=None)
     p.add_argument("--n-eval", type=int, default=None)
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     ds = [d for d in a.datasets.split(",") if d] if a.datasets else None
-    cmd = "straightflow bench images " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = bench_images(a.out, quick=a.quick, datasets=ds, seed=a.seed, threads=a.threads, cmd=cmd.strip(),
+    res = bench_images(a.out, quick=a.quick, datasets=ds, seed=a.seed, threads=a.threads, cmd=a.command,
                        flow_steps=a.flow_steps, ae_steps=a.ae_steps, n_eval=a.n_eval)
     print(res["markdown"])
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+SUITE = register_suite("images", "pixel UNet, pixel DiT and latent DiT: quality vs NFE, CPU time to quality, "
+                       "throughput, Bottleneck Sampling", _arguments, run, doc=__doc__.split("\n\n")[0])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``straightflow bench images ARGS``."""
+    return run_suite("images", argv)

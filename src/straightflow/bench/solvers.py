@@ -6,7 +6,7 @@ noise for every method:
 * Fields. ``oracle2d`` / ``oracle64d``: the exact velocity of a Gaussian mixture
   (:meth:`straightflow.oracle.GaussianMixtureFlow.random`, 8 components, float64).
   ``checkerboard``: a 2D MLP flow; ``digits``: an 8x8 UNet flow (float32), both trained with
-  :func:`straightflow.cli.train_run` into ``out_dir/runs/`` (reused when present) unless
+  :func:`straightflow.runs.train_run` into ``out_dir/runs/`` (reused when present) unless
   ``runs={"2d": dir, "digits": dir}`` names existing run directories.
 * Reference. From the same noise: straightflow's ``dopri5`` (rtol = atol = 1e-8, float64; a
   float64 copy of a trained network) when that solver is registered, else RK4 with 2048 uniform
@@ -46,7 +46,7 @@ noise for every method:
   loops; medians after a warm-up, contenders interleaved, same process and thread count.
 
 Outputs ``out_dir/solvers.md``, ``out_dir/solvers.json`` and ``out_dir/solvers-<field>.png``.
-Run ``python -m straightflow.bench.solvers --out DIR`` (``--quick`` for a seconds-long check).
+Run ``straightflow bench solvers --out DIR`` (``--quick`` for a seconds-long check).
 """
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ import copy
 import datetime as _dt
 import importlib
 import inspect
-import json
 import math
 import os
 import pkgutil
@@ -70,6 +69,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from .. import grids as sfgrids, metrics, solvers as S
+from ..checkpoint import run_info
+from ..optimize import bellman_path, boss_cost_table, reference_trajectory, run_schedule, search_schedule
+from ..oracle import GaussianMixtureFlow
+from ..paths import get_path
+from ..report import reference_data
+from ..solvers import available, get_solver, sample
+from ..system import machine_line
+from .harness import cached_model, command_line, log_to, register_suite, run_suite, write_report
 
 __all__ = ["bench_solvers", "DEFAULT_FIELDS", "DEFAULT_NFES", "make_peers", "discover_solvers"]
 
@@ -98,7 +107,6 @@ def discover_solvers() -> Tuple[List[str], Dict[str, str]]:
     """Import every ``straightflow.solvers`` submodule not yet imported (they register solvers
     on import), so solvers being added are benchmarked before they are wired into the package.
     Returns (modules imported now, {module: error} for those that failed)."""
-    import straightflow.solvers as S
 
     loaded, failed = [], {}
     for m in pkgutil.iter_modules(S.__path__):
@@ -138,7 +146,6 @@ _STEPS_CACHE: Dict[Tuple[str, int], Optional[int]] = {}
 
 
 def _probe_nfe(solver: str, steps: int) -> int:
-    from ..solvers import sample
 
     r = sample(lambda x, t: -x, torch.ones(1, 2, dtype=torch.float64), solver=solver, steps=steps)
     return int(r.nfe)
@@ -149,7 +156,6 @@ def sf_steps_for_nfe(solver: str, nfe: int) -> Optional[int]:
 
     Starts from ``spec.steps_for_nfe`` and corrects it with counted probes on a trivial field
     (multistep solvers with a warm-up cost more than ``evals_per_step * steps``)."""
-    from ..solvers import get_solver
 
     key = (get_solver(solver).name, int(nfe))
     if key in _STEPS_CACHE:
@@ -206,8 +212,12 @@ def _diffusers_loop(make: Callable, exact_sigmas: bool) -> Callable[[Callable, T
 
 def _diffusers_peers() -> Tuple[List[Peer], Dict[str, Any]]:
     import diffusers
-    from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                           FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler)
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
 
     flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, solver_order=2)
     cfg = "flow_prediction, use_flow_sigmas, flow_shift=1, solver_order=2"
@@ -379,35 +389,14 @@ def _train_settings(kind: str, quick: bool) -> Dict[str, Any]:
 
 def _trained_model(kind: str, out: Path, runs: Optional[Dict[str, str]], quick: bool, seed: int,
                    progress: bool) -> Tuple[torch.nn.Module, str]:
-    from .. import checkpoint
-    from ..cli import train_run
-
     key = "digits" if kind == "digits" else "2d"
-    if runs and runs.get(key):
-        m = checkpoint.load(runs[key])
-        return m, f"given run `{runs[key]}`"
-    st = _train_settings(kind, quick)
-    run_dir = out / "runs" / (f"{kind}-quick" if quick else kind)
-    marker = run_dir / "bench-trained.json"
-    want = {**st, "seed": seed}
-    if marker.is_file() and (run_dir / "model.safetensors").is_file():
-        try:
-            if json.loads(marker.read_text()) == want:
-                return checkpoint.load(run_dir), f"cached run `{run_dir}` ({st['steps']} training steps)"
-        except (ValueError, OSError):
-            pass
-    _log(f"training a {kind} flow ({st['steps']} steps) into {run_dir}", progress)
-    t0 = time.perf_counter()
-    kw = {k: v for k, v in st.items() if k not in ("data", "steps")}
-    res = train_run(st["data"], str(run_dir), st["steps"], seed=seed, ckpt_every=10**9, progress=False, **kw)
-    marker.write_text(json.dumps(want))
-    secs = time.perf_counter() - t0
-    return checkpoint.load(run_dir), f"trained now into `{run_dir}` ({st['steps']} steps, {secs:.0f} s, final loss {res.final_loss:.3f})"
+    recipe = {**_train_settings(kind, quick), "seed": seed, "ckpt_every": 10**9}
+    model, run_dir, how = cached_model(out, f"{kind}-quick" if quick else kind, recipe, run=(runs or {}).get(key),
+                                       log=log_to("solvers", progress))
+    return model, f"`{run_dir}`, {how}"
 
 
 def _make_field(name: str, out: Path, runs, quick: bool, seed: int, n: Optional[int], progress: bool) -> Field:
-    from ..oracle import GaussianMixtureFlow
-    from ..report import reference_data
 
     sizes = _QUICK_SIZES if quick else _SIZES.get(name, (512, 64, 24))
     n_eval = int(n) if n else sizes[0]
@@ -424,12 +413,11 @@ def _make_field(name: str, out: Path, runs, quick: bool, seed: int, n: Optional[
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = getattr(model, "run_config", {}) or {}
-    pname = ((cfg.get("flow") or {}).get("path") or {}).get("name", "linear")
+    info = run_info(model)
+    pname = get_path(info.path).name
     if pname != "linear":
         raise ValueError(f"{name}: the run was trained on the {pname!r} path; the peers' conventions need 'linear'")
-    shape = tuple((cfg.get("data") or {}).get("shape") or getattr(model, "sample_shape", ()))
-    data_source = cfg.get("data_source", (cfg.get("data") or {}).get("name", kind))
+    shape, data_source = info.shape, info.data_source
     f32 = torch.float32
     noise, calib = _noise((n_eval, *shape), seed, f32), _noise((n_cal, *shape), seed + 1000, f32)
     cond = calib_cond = None
@@ -449,7 +437,6 @@ def _make_field(name: str, out: Path, runs, quick: bool, seed: int, n: Optional[
 
 @torch.no_grad()
 def _reference(fld: Field) -> None:
-    from ..solvers import available, sample
 
     x = fld.noise.to(torch.float64)
     t0 = time.perf_counter()
@@ -475,7 +462,6 @@ class Method:
 
 
 def _sf_fixed(fld: Field, solver: str, grid: str) -> Method:
-    from ..solvers import sample
 
     def run(x, cond, nfe):
         steps = sf_steps_for_nfe(solver, nfe)
@@ -491,7 +477,6 @@ class _Calibration:
     """Calibration-batch reference + BOSS tables (one per solver) + searched schedules."""
 
     def __init__(self, fld: Field, fine_steps: int) -> None:
-        from ..optimize import reference_trajectory
 
         self.fld = fld
         t0 = time.perf_counter()
@@ -504,7 +489,6 @@ class _Calibration:
         self.seconds = self.ref_seconds
 
     def boss(self, solver: str, nfe: int) -> Optional[Tensor]:
-        from ..optimize import bellman_path, boss_cost_table
 
         steps = sf_steps_for_nfe(solver, nfe)
         if steps is None:
@@ -527,7 +511,6 @@ class _Calibration:
         return g
 
     def schedule(self, nfe: int, candidates: Sequence[str]):
-        from ..optimize import search_schedule
 
         if nfe not in self.schedules:
             t0 = time.perf_counter()
@@ -546,7 +529,6 @@ class _Calibration:
 
 
 def _sf_boss(fld: Field, cal: _Calibration, solver: str) -> Method:
-    from ..solvers import sample
 
     def run(x, cond, nfe):
         g = cal.boss(solver, nfe)
@@ -559,7 +541,6 @@ def _sf_boss(fld: Field, cal: _Calibration, solver: str) -> Method:
 
 
 def _sf_search(fld: Field, cal: _Calibration, candidates: Sequence[str], max_nfe: int) -> Method:
-    from ..optimize import run_schedule
 
     def run(x, cond, nfe):
         if nfe > max_nfe:
@@ -600,8 +581,6 @@ def _peer_method(p: Peer, fld: Field) -> Method:
 # ============================================================================ one field
 def _bench_field(fld: Field, nfes: Sequence[int], peers: List[Peer], peer_info: Dict[str, Any], quick: bool,
                  progress: bool, search_max_nfe: int, fine_steps: int) -> Dict[str, Any]:
-    from .. import grids as sfgrids
-    from ..solvers import available, get_solver, sample
 
     t_field = time.perf_counter()
     _reference(fld)
@@ -683,7 +662,6 @@ def _bench_field(fld: Field, nfes: Sequence[int], peers: List[Peer], peer_info: 
 
 @torch.no_grad()
 def _adaptive_rows(fld: Field, peer_info, quick: bool, failures: List[str]) -> List[Dict[str, Any]]:
-    from ..solvers import available, get_solver, sample
 
     rows = []
     tols = (1e-2, 1e-3) if quick else (1e-2, 1e-3, 1e-4)
@@ -738,7 +716,6 @@ def _diffusers_check(fld: Field, peer_info, quick: bool, failures: List[str]) ->
 @torch.no_grad()
 def _distribution_metrics(fld: Field, res: Dict[str, Any], methods_by_name: Dict[str, Method], nfes: Sequence[int],
                           n_metric: int, top: int, seed: int, failures: List[str]) -> List[Dict[str, Any]]:
-    from .. import metrics
 
     if fld.data is None:
         return []
@@ -775,7 +752,6 @@ def _distribution_metrics(fld: Field, res: Dict[str, Any], methods_by_name: Dict
 
 # ============================================================================ overhead
 def _overhead(peers: List[Peer], quick: bool, seed: int) -> Dict[str, Any]:
-    from ..solvers import sample
 
     B, D = 4096, 64
     steps = 10 if quick else 50
@@ -1076,6 +1052,7 @@ def bench_solvers(
     search_max_nfe: Optional[int] = None,
     metric_samples: Optional[int] = None,
     metric_top: int = 3,
+    command: Optional[str] = None,
 ) -> str:
     """Benchmark every deterministic straightflow solver x grid against the peers at equal NFE.
 
@@ -1136,12 +1113,10 @@ def bench_solvers(
         load = " Load average at the end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + "."
     except OSError:
         pass
-    cmd = (f"python -m straightflow.bench.solvers --out {out} --fields {','.join(fields)} "
-           f"--nfes {','.join(map(str, nfes))} --seed {seed} --threads {threads}"
-           + (f" --n {n}" if n else "") + (" --quick" if quick else "")
-           + "".join(f" --run-{k} {v}" for k, v in (runs or {}).items()))
-    from ..cli import machine_line
-
+    cmd = command or command_line("solvers", [
+        "--out", str(out), "--fields", ",".join(fields), "--nfes", ",".join(map(str, nfes)), "--seed", str(seed),
+        "--threads", str(threads), *(["--n", str(n)] if n else []), *(["--quick"] if quick else []),
+        *[a for k, v in (runs or {}).items() for a in (f"--run-{k}", str(v))]])
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     ml = machine_line()
@@ -1152,24 +1127,12 @@ def bench_solvers(
             "peers_skipped": peers_skipped, "notes": notes, "peer_notes": {p.name: p.note for p in peers if p.note}, "metric_top": metric_top,
             "torch": torch.__version__, "seconds": time.perf_counter() - t_start}
     md = _markdown(meta, fields_out, summary, ov, nfes)
-    (out / "solvers.md").write_text(md)
-    payload = {"meta": meta, "summary": summary, "fields": fields_out, "overhead": ov}
-    (out / "solvers.json").write_text(json.dumps(payload, indent=1, default=_json_default))
+    write_report(out, "solvers", md, {"meta": meta, "summary": summary, "fields": fields_out, "overhead": ov})
     return md
-
-
-def _json_default(o):
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
 
 
 def _methods_for_metrics(fld: Field, fo: Dict[str, Any], peers: List[Peer]) -> Dict[str, Method]:
     """Rebuild the methods by name for the metric runs (BOSS grids/schedules from the stored calibration)."""
-    from ..optimize import run_schedule
-    from ..solvers import sample
 
     out: Dict[str, Method] = {}
     res = fo["results"]
@@ -1201,26 +1164,31 @@ def _methods_for_metrics(fld: Field, fo: Dict[str, Any], peers: List[Peer]) -> D
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m straightflow.bench.solvers", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench_out")
-    p.add_argument("--fields", default=",".join(DEFAULT_FIELDS))
-    p.add_argument("--nfes", default=None, help="comma-separated NFE list")
-    p.add_argument("--n", type=int, default=None)
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fields", default=",".join(DEFAULT_FIELDS),
+                   help="oracle2d, oracle64d, checkerboard (or another 2D toy; 2d = checkerboard), digits")
+    p.add_argument("--nfes", default=None, help="comma-separated NFE list (default 2,3,4,5,6,8,10,15,20)")
+    p.add_argument("--n", type=int, default=None, help="evaluation batch of every field (default: per field)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--run-2d", default=None)
-    p.add_argument("--run-digits", default=None)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-overhead", action="store_true")
-    a = p.parse_args(argv)
+    p.add_argument("--run-2d", default=None, help="a trained 2D run directory (else one is trained and cached)")
+    p.add_argument("--run-digits", default=None, help="a trained digits run directory")
+    p.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead section")
+
+
+def run(a: argparse.Namespace) -> int:
     runs = {k: v for k, v in (("2d", a.run_2d), ("digits", a.run_digits)) if v}
     nfes = [int(v) for v in a.nfes.split(",")] if a.nfes else None
     md = bench_solvers(a.out, fields=[f for f in a.fields.split(",") if f], nfes=nfes, n=a.n, seed=a.seed,
-                       threads=a.threads, runs=runs or None, quick=a.quick, overhead=not a.no_overhead)
+                       threads=a.threads, runs=runs or None, quick=a.quick, overhead=not a.no_overhead,
+                       command=a.command)
     print(md)
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+SUITE = register_suite("solvers", "solver error vs NFE against diffusers, torchdiffeq, flow_matching, rectified-flow",
+                       _arguments, run, doc=__doc__.split("\n\n")[0])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``straightflow bench solvers ARGS``."""
+    return run_suite("solvers", argv)

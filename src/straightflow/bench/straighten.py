@@ -30,7 +30,6 @@ import copy
 import datetime as _dt
 import math
 import re
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -41,16 +40,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import data as sfdata
-from .. import metrics
-from ..checkpoint import load as load_run
-from ..checkpoint import load_config, load_weights
+from .. import data as sfdata, metrics
+from ..checkpoint import load as load_run, load_config, load_weights
 from ..coupling import Coupling, PairDataset
 from ..flow import Flow
 from ..io import load_json, load_tensors, save_json, save_tensors
 from ..models import MLP
+from ..plotting import pyplot, save_image_panels, save_scatter_panels
 from ..solvers import sample
+from ..system import machine_line
 from ..train import train
+from .harness import register_suite, run_suite
 
 __all__ = ["main", "run_bench", "Settings", "DATASETS", "METHODS"]
 
@@ -699,12 +699,7 @@ def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digit
     status: Dict[str, Optional[str]] = {m[0]: _available(m[3]) for m in METHODS}
     results: Dict[str, Any] = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
                                "quick": quick, "nfes": list(NFES), "datasets": {}}
-    try:
-        from ..cli import machine_line
-
-        results["machine"] = machine_line()
-    except Exception:  # pragma: no cover - the CLI module is optional here
-        results["machine"] = ""
+    results["machine"] = machine_line()
     for name, task in tasks.items():
         S = SETTINGS[(task.kind, quick)]
         ds_res: Dict[str, Any] = {"description": task.description, "metric": task.metric, "floor": task.floor(),
@@ -846,9 +841,8 @@ def _markdown(results: Dict[str, Any]) -> str:
 
 
 def _figures(out: Path, results: Dict[str, Any], tasks: Dict[str, Task]) -> None:
-    from ..plotting import _plt, save_image_panels, save_scatter_panels
 
-    plt = _plt()
+    plt = pyplot()
     names = list(results["datasets"])
     if not names:
         return
@@ -892,11 +886,7 @@ def _figures(out: Path, results: Dict[str, Any], tasks: Dict[str, Task]) -> None
                               nrow=8, suptitle=f"{name}: NFE-1 samples (seed 0)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="straightflow bench straighten", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench_out/straighten")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="tiny settings (about a minute) to check the pipeline")
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds per 2D data set (mean ± std; default 3, --quick 1)")
     p.add_argument("--digits-seeds", type=int, default=1,
                    help="seeds for digits (default 1 to fit the time budget; at most --seeds)")
@@ -906,29 +896,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "../shared/data has it; --quick: moons,8g-moons,digits)")
     p.add_argument("--wcfm-sweep", default="",
                    help="comma-separated W-CFM eps values to sweep on each data set (seed 0; plain CFM added)")
-    a = p.parse_args(list(argv) if argv is not None else None)
+
+
+def run(a: argparse.Namespace) -> int:
     if a.seeds is None:
         a.seeds = 1 if a.quick else 3
-    if a.seeds < 1 or a.digits_seeds < 1 or a.mnist_seeds < 1 or a.threads < 1:
-        raise ValueError("--seeds, --digits-seeds, --mnist-seeds and --threads must be >= 1")
+    if a.seeds < 1 or a.digits_seeds < 1 or a.mnist_seeds < 1:
+        raise ValueError("--seeds, --digits-seeds and --mnist-seeds must be >= 1")
     names = [s.strip() for s in (a.datasets or ("moons,8g-moons,digits" if a.quick else ",".join(DATASETS))).split(",")
              if s.strip()]
     bad = [n for n in names if n not in DATASETS]
     if bad:
         raise ValueError(f"unknown data set(s) {', '.join(bad)}; valid: {', '.join(DATASETS)}")
-    torch.set_num_threads(a.threads)
-    cmd = "straightflow bench straighten " + " ".join(sys.argv[3:] if argv is None else list(argv))
     try:
         eps = [float(v) for v in a.wcfm_sweep.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--wcfm-sweep takes comma-separated numbers, got {a.wcfm_sweep!r}") from None
     if any(not (e > 0) for e in eps):
         raise ValueError("--wcfm-sweep values must be > 0")
-    run_bench(Path(a.out), names, a.seeds, a.quick, digits_seeds=a.digits_seeds, command=cmd.strip(),
+    run_bench(a.out, names, a.seeds, a.quick, digits_seeds=a.digits_seeds, command=a.command,
               wcfm_epsilons=eps, mnist_seeds=a.mnist_seeds)
-    print(f"[straighten] wrote {Path(a.out) / 'straighten.md'}, straighten.json, straighten_nfe.png")
+    print(f"[straighten] wrote {a.out / 'straighten.md'}, straighten.json, straighten_nfe.png")
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+SUITE = register_suite("straighten", "reflow, distillation, one-step models and 1-RF variants: quality vs NFE, "
+                       "straightness, cost", _arguments, run, doc=__doc__.split("\n\n")[0])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``straightflow bench straighten ARGS``."""
+    return run_suite("straighten", argv)

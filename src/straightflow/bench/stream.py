@@ -34,6 +34,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .. import checkpoint
+from ..models import UNet
+from ..stream import resolve_run
+from ..stream.clips import builtin_clip, static_mask
+from ..stream.filter import SimilarityFilter, cosine_similarity
+from ..stream.pipeline import MotionStrength, StreamBatchPipeline, rows_per_call
+from ..stream.server import encode_png
+from ..system import machine_line
+from .harness import header, register_suite, run_suite, write_report
+
 __all__ = ["main", "SECTIONS", "LARGE_SPEC"]
 
 SECTIONS = ("batch", "rcfg", "filter", "motion", "load", "cost")
@@ -44,12 +54,9 @@ LARGE_SPEC_QUICK: Dict[str, Any] = {**LARGE_SPEC, "base_channels": 32}
 COST_ROWS = (1, 2, 3, 4, 5, 8)  # covers n, n + 1 and 2n for n = 1, 2, 4
 
 
-def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="straightflow bench stream", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="bench_out")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the load-test server")
-    p.add_argument("--thread-list", default="1,2", help="torch thread counts for the throughput tables")
-    p.add_argument("--quick", action="store_true", help="tiny settings (well under a minute)")
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--thread-list", default="1,2", help="torch thread counts for the throughput tables "
+                   "(--threads: those of the load-test server)")
     p.add_argument("--run", default="default", help="run directory, or 'default' (cached digits UNet)")
     p.add_argument("--frames", type=int, default=None, help="clip length (default 160, quick 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3, quick 1)")
@@ -65,21 +72,21 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--rcfg-model", default="both", choices=("small", "large", "both"),
                    help="models of the cost section: small (the --run model), large (32x32 RGB UNet), both")
     p.add_argument("--large-frames", type=int, default=None, help="clip length for the large model (default 32, quick 4)")
-    a = p.parse_args(argv)
-    names = [v.strip() for v in a.sections.split(",") if v.strip()]
+
+
+def _sections(spec: str) -> set:
+    names = [v.strip() for v in spec.split(",") if v.strip()]
     if names == ["all"]:
         names = list(SECTIONS)
     bad = [v for v in names if v not in SECTIONS]
     if bad or not names:
-        raise ValueError(f"unknown --sections {', '.join(bad) or repr(a.sections)}; valid: all, {', '.join(SECTIONS)}")
-    a.section_set = set(names)
-    return a
+        raise ValueError(f"unknown --sections {', '.join(bad) or repr(spec)}; valid: all, {', '.join(SECTIONS)}")
+    return set(names)
 
 
 # ----------------------------------------------------------------------------- throughput
 def _time_pipeline(pipe, clip: torch.Tensor, filt=None) -> Dict[str, Any]:
     """Push the clip back to back; returns fps, latencies (s), calls/rows per output, skipped."""
-    from ..stream.filter import SimilarityFilter  # noqa: F401  (type only)
 
     pipe.reset(seed=0)
     if filt is not None:
@@ -130,8 +137,6 @@ def _inv_median(seconds: List[float]) -> Optional[float]:
 
 
 def _bench_configs(model, clip, configs, repeats: int, threads: int) -> List[Dict[str, Any]]:
-    from ..stream.filter import SimilarityFilter
-    from ..stream.pipeline import StreamBatchPipeline
 
     torch.set_num_threads(threads)
     pipes = []
@@ -168,7 +173,6 @@ def _bench_configs(model, clip, configs, repeats: int, threads: int) -> List[Dic
 # ----------------------------------------------------------------------------- cost section
 def _large_model(spec: Dict[str, Any], seed: int = 0) -> torch.nn.Module:
     """A randomly initialised UNet (``conv_out`` re-initialised so that velocities are not all zero)."""
-    from ..models import UNet
 
     torch.manual_seed(seed)
     m = UNet(**spec)
@@ -215,7 +219,6 @@ def _cost_line(model, rows_list, reps: int, seed: int = 0) -> List[Dict[str, Any
 
 def _predicted_ratio(line: List[Dict[str, Any]], rcfg: str, n: int, key: str = "ms_cpu") -> Optional[float]:
     """``cost(2n) / cost(rows of rcfg)`` from the measured cost line (None when a size was not timed)."""
-    from ..stream.pipeline import rows_per_call
 
     ms = {d["rows"]: d[key] for d in line}
     a, b = ms.get(rows_per_call("full", n)), ms.get(rows_per_call(rcfg, n))
@@ -255,7 +258,6 @@ def _cost_section(name: str, model, clip: torch.Tensor, label: Optional[int], ns
 
 
 def _cost_md(results: List[Dict[str, Any]], rows_list, repeats: int, guidance: float) -> List[str]:
-    from ..stream.pipeline import rows_per_call
 
     lo, hi = rows_list[-3], rows_list[-1]
     md = ["## RCFG where a call's cost grows with its rows (cost section, 1 thread)", "",
@@ -413,8 +415,6 @@ async def _client(url: str, frames: List[str], res: Dict[str, Any], idle_s: floa
 
 
 def _load_test(run: str, n_clients: int, n_frames: int, threads: int, rate: Optional[float], quick: bool) -> Dict[str, Any]:
-    from ..stream.clips import builtin_clip
-    from ..stream.server import encode_png
 
     port = _free_port()
     cmd = [sys.executable, "-m", "straightflow.cli", "--threads", str(threads), "serve", run, "--port", str(port),
@@ -543,24 +543,14 @@ def _plot(rows: List[Dict[str, Any]], motion: Dict[str, Any], path: Path) -> Non
     plt.close(fig)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    a = _parse(argv)
-    from .. import checkpoint
-    from ..cli import machine_line
-    from ..io import save_json
-    from ..stream import resolve_run
-    from ..stream.clips import builtin_clip, static_mask
-    from ..stream.filter import cosine_similarity
-    from ..stream.pipeline import MotionStrength
-
+def run(a: argparse.Namespace) -> int:
     quick = a.quick
-    sec = a.section_set
+    sec = _sections(a.sections)
     n_frames = a.frames or (16 if quick else 160)
     repeats = a.repeats or (1 if quick else 3)
     load_frames = a.load_frames or (60 if quick else 1000)
     thread_list = [int(v) for v in a.thread_list.split(",") if v.strip()] if not quick else [1]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = a.out
     run = str(resolve_run(a.run))
     model = checkpoint.load(run)
     c, h, w = model.sample_shape
@@ -568,7 +558,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     move, hold = (10, 6) if quick else (24, 16)
     clip = builtin_clip(n_frames, h, c, move=move, hold=hold)
     t_start = time.time()
-    cmd = "straightflow bench stream " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = a.command
 
     def cfg(mode, n, rcfg="none", filt=None):
         return {"mode": mode, "n": n, "rcfg": rcfg, "strength": a.strength, "guidance": a.guidance, "label": label,
@@ -643,7 +633,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return next((b for b in rows if b["mode"] == "stream" and b["rcfg"] == "full" and b["n"] == r["n"]
                      and b["threads"] == r["threads"]), None)
 
-    md = [f"# straightflow bench stream", "", f"Command: `{cmd}`  ", f"Date: {date.today().isoformat()}  ",
+    md = header("straightflow bench stream", cmd)[:-2] + [
           f"Machine: {machine_line()} (throughput tables at {', '.join(map(str, thread_list))} thread(s); "
           "cost section at 1 thread)  ",
           f"Sections: {', '.join(v for v in SECTIONS if v in sec)}  ",
@@ -703,8 +693,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _plot(throughput, motion, out / "stream.png")
     if cost:
         _plot_cost(cost, out / "rcfg_cost.png")
-    (out / "stream.md").write_text("\n".join(md))
-    save_json(out / "stream.json", {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
+    write_report(out, "stream", "\n".join(md), {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
                                     "run": run, "frames": n_frames, "repeats": repeats,
                                     "sections": [v for v in SECTIONS if v in sec],
                                     "throughput": throughput + rcfg_rows + filter_rows, "stream_batch": throughput,
@@ -716,5 +705,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+SUITE = register_suite("stream", "Stream Batch, residual CFG, similarity filter, motion-aware strength, server load test",
+                       _arguments, run, doc=__doc__.split("\n\n")[0])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``straightflow bench stream ARGS``."""
+    return run_suite("stream", argv)

@@ -18,9 +18,9 @@ run each; a contender's time is its median ms/step over the repeats, with the in
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -28,18 +28,15 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["bench_train", "cpu_model"]
+from .. import plotting
+from ..data import toy_2d
+from ..flow import Flow
+from ..models import MLP
+from ..system import cpu_model
+from ..train import Trainer
+from .harness import register_suite, run_suite, write_report
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+__all__ = ["bench_train"]
 
 
 def _peer_cfm():
@@ -66,16 +63,12 @@ def bench_train(
     depth: int = 4,
     n_data: int = 50_000,
     lr: float = 1e-3,
+    command: str = "",
 ) -> str:
     """Time one training step of each contender; write ``train.md`` and ``train.png`` to ``out_dir``.
 
     Returns the Markdown report. No timing is asserted anywhere; the numbers depend on the machine.
     """
-    from ..data import toy_2d
-    from ..flow import Flow
-    from ..models import MLP
-    from ..train import Trainer
-
     if steps < 1 or repeats < 1 or batch_size < 1 or threads < 1:
         raise ValueError("steps, repeats, batch_size and threads must be >= 1")
     out = Path(out_dir)
@@ -180,6 +173,7 @@ def bench_train(
     lines = [
         "# Training-step overhead",
         "",
+        *([f"Command: `{command}`", ""] if command else []),
         f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch.set_num_threads({threads}); "
         f"torch {torch.__version__}; {_dt.date.today().isoformat()}.{load}",
         "",
@@ -198,21 +192,16 @@ def bench_train(
         else:
             lines.append(f"| {name} ({note}) | n/a | n/a | n/a |")
     md = "\n".join(lines) + "\n"
-    (out / "train.md").write_text(md)
+    write_report(out, "train", md)
     _plot(out / "train.png", stats, base, threads)
     return md
 
 
 def _plot(path: Path, stats: Dict[str, Tuple[float, float, float, float]], base: float, threads: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = list(stats)
     med = np.array([stats[k][0] for k in names])
     err = np.array([[stats[k][0] - stats[k][2] for k in names], [stats[k][3] - stats[k][0] for k in names]])
-    fig = Figure(figsize=(7, 3.2 + 0.3 * len(names)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
+    fig, ax = plotting.pyplot().subplots(figsize=(7, 3.2 + 0.3 * len(names)))
     ypos = np.arange(len(names))
     ax.barh(ypos, med, xerr=err, color=["#888888"] + ["#3a78c2"] * (len(names) - 1), capsize=3)
     ax.set_yticks(ypos, labels=names)
@@ -223,4 +212,27 @@ def _plot(path: Path, stats: Dict[str, Tuple[float, float, float, float]], base:
     ax.set_xlabel(f"ms per training step (median, IQR bars; {threads} thread(s))")
     ax.set_xlim(0, med.max() * 1.25)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plotting.save_figure(fig, path)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=300, help="steps per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(a: argparse.Namespace) -> int:
+    steps, repeats = (min(a.steps, 30), min(a.repeats, 2)) if a.quick else (a.steps, a.repeats)
+    print(bench_train(a.out, steps=steps, repeats=repeats, threads=a.threads, batch_size=a.batch_size, seed=a.seed,
+                      command=a.command))
+    return 0
+
+
+SUITE = register_suite("train", "training-step overhead against a bare PyTorch loop, torchcfm and flow_matching",
+                       _arguments, run, doc=__doc__.split("\n\n")[0])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``straightflow bench train ARGS``."""
+    return run_suite("train", argv)

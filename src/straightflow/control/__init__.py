@@ -4,25 +4,16 @@
 - :mod:`.editing` — inversion, RF-Inversion controlled ODEs, class-swap editing;
 - :mod:`.operators` — measurement operators (inpainting, super-resolution, deblurring);
 - :mod:`.inverse` — FlowChef, DPS-style, FLAIR-like and PMRF restoration;
-- :mod:`.scaling`, :mod:`.adjoint`, :mod:`.rewards` — inference-time scaling and adjoint gradients.
+- :mod:`.scaling`, :mod:`.rewards` — inference-time scaling against a reward;
+- :mod:`.adjoint` — adjoint gradients through sampling (constant memory).
 """
 from __future__ import annotations
 
-from . import editing, guidance, inverse, operators  # noqa: F401
+from . import adjoint, editing, guidance, inverse, operators, rewards, scaling  # noqa: F401
+from .adjoint import SoftLabelModel, odeint_adjoint, optimise_noise  # noqa: F401
 from .editing import ControlledVelocity, class_swap_edit, rf_edit, rf_invert  # noqa: F401
 from .guidance import GuidanceSchedule, ScheduledGuidance, make_guidance  # noqa: F401
 from .inverse import PMRF, RestoreResult, dps, flair, flowchef, restore  # noqa: F401
 from .operators import make_operator  # noqa: F401
-
-import importlib as _importlib
-
-for _name in ("rewards", "scaling", "adjoint"):  # built alongside: inference-time scaling, adjoint gradients
-    try:
-        globals()[_name] = _importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_name}":
-            raise
-
-from .adjoint import SoftLabelModel, odeint_adjoint, optimise_noise  # noqa: F401,E402
-from .rewards import parse_reward  # noqa: F401,E402
-from .scaling import SearchResult, best_of_n, rbf, search, smc  # noqa: F401,E402
+from .rewards import parse_reward  # noqa: F401
+from .scaling import SearchResult, best_of_n, rbf, search, smc  # noqa: F401

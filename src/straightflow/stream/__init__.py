@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
+from ..checkpoint import load
+from ..runs import cached_run
 from .clips import builtin_clip, load_clip
 from .filter import SimilarityFilter, skip_probability
 from .pipeline import RCFG_MODES, CountingModel, MotionStrength, StreamBatchPipeline, StreamOutput, rows_per_call
+from .offline import run_stream
 from .queues import LatestQueue, StreamRunner
 
 __all__ = [
     "StreamBatchPipeline", "StreamOutput", "MotionStrength", "CountingModel", "RCFG_MODES", "rows_per_call",
     "SimilarityFilter", "skip_probability", "LatestQueue", "StreamRunner", "builtin_clip", "load_clip",
-    "default_run", "resolve_run", "DEFAULT_MODEL_STEPS",
+    "default_run", "resolve_run", "load_stream_model", "run_stream", "DEFAULT_MODEL_STEPS",
 ]
 
 DEFAULT_MODEL_STEPS = 1000
@@ -31,19 +34,12 @@ def _cache_dir() -> Path:
 def default_run(steps: int = DEFAULT_MODEL_STEPS, progress: bool = True) -> Path:
     """The default streaming model: a class-conditional UNet (32 channels) trained on digits, once, cached.
 
-    Lives in ``$STRAIGHTFLOW_CACHE/stream_model/digits-unet32-<steps>``; an interrupted training
-    resumes from its checkpoint on the next call.
+    Lives in ``$STRAIGHTFLOW_CACHE/stream_model/digits-unet32-<steps>``
+    (:func:`straightflow.runs.cached_run`); an interrupted training resumes on the next call.
     """
-    from ..cli import train_run
-
-    run = _cache_dir() / "stream_model" / f"digits-unet32-{int(steps)}"
-    if not ((run / "model.safetensors").is_file() and (run / "done").is_file()):
-        train_run("digits", str(run), int(steps), batch_size=128, lr=1e-3, warmup=100, lr_schedule="cosine",
-                  ema=0.999, ckpt_every=200, seed=0, progress=progress)
-        from ..io import atomic_write_bytes
-
-        atomic_write_bytes(run / "done", b"trained\n")
-    return run
+    recipe = {"data": "digits", "steps": int(steps), "batch_size": 128, "lr": 1e-3, "warmup": 100,
+              "lr_schedule": "cosine", "ema": 0.999, "ckpt_every": 200, "seed": 0}
+    return cached_run(_cache_dir() / "stream_model" / f"digits-unet32-{int(steps)}", recipe, progress=progress)
 
 
 def resolve_run(run: Union[str, os.PathLike, None]) -> Path:
@@ -55,3 +51,12 @@ def resolve_run(run: Union[str, os.PathLike, None]) -> Path:
         raise FileNotFoundError(f"{p} is not a run directory (no config.json); train one with `straightflow train "
                                 "--data digits --out RUN` or pass `default` for the cached digits model")
     return p
+
+
+def load_stream_model(run: Union[str, os.PathLike, None]):
+    """The image model of ``run`` (a run directory or ``default``), checked to work on images (C, H, W)."""
+    model = load(resolve_run(run))
+    shape = getattr(model, "sample_shape", None)
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"streaming needs an image model (C, H, W); the model of {run} has sample shape {shape}")
+    return model

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 
 from .. import checkpoint
+from ..images.fast import available as fast_samplers, sample_to_files
+from ..images.latent import is_latent_run, load_latent, train_latent_flow
+from . import flags
 
 _DATA_HELP = "shapes32, digits, mnist, another data set name, or a path (.npz/.npy, IDX, image folder)"
 
 
 def cmd_latent(a) -> int:
-    from .latent import train_latent_flow
-
     if a.ae_steps < 1 or a.flow_steps < 1:
         raise ValueError(f"--ae-steps and --flow-steps must be >= 1, got {a.ae_steps} and {a.flow_steps}")
     res = train_latent_flow(
@@ -27,9 +28,6 @@ def cmd_latent(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from .fast import sample_to_files
-    from .latent import is_latent_run, load_latent
-
     model = load_latent(a.run, device=a.device) if is_latent_run(a.run) else checkpoint.load(a.run, device=a.device)
     summary = sample_to_files(model, a.n, a.out, batch=a.batch, solver=a.solver, steps=a.steps, grid=a.grid,
                               label=a.label, seed=a.seed, compile=a.compile, bf16=a.bf16, device=a.device,
@@ -56,9 +54,9 @@ def register(sub) -> None:
     p.add_argument("--hflip", action="store_true", help="mirror augmentation (only for mirror-invariant data)")
     p.add_argument("--unconditional", action="store_true")
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quiet", action="store_true")
+    flags.add_seed(p)
+    flags.add_device(p)
+    flags.add_quiet(p)
     p.set_defaults(fn=cmd_latent)
 
     g = sub.add_parser("generate", help="sample a pixel or latent run to PNG files + samples.npz (batched, resumable)")
@@ -66,17 +64,15 @@ def register(sub) -> None:
     g.add_argument("--n", type=int, default=64)
     g.add_argument("--out", required=True)
     g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--solver", default="euler", choices=["euler", "midpoint", "heun"])
+    g.add_argument("--solver", default="euler", choices=fast_samplers(), help="a sync-free fast sampler")
     g.add_argument("--steps", type=int, default=16)
     g.add_argument("--grid", default="uniform")
     g.add_argument("--label", type=int, default=None, help="class label (default: cycle through the classes)")
-    g.add_argument("--seed", type=int, default=0)
+    flags.add_seed(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the velocity model")
     g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (state stays fp32)")
     g.add_argument("--no-png", action="store_true", help="only write samples.npz")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--quiet", action="store_true")
+    flags.add_device(g)
+    flags.add_quiet(g)
     g.set_defaults(fn=cmd_generate)
 
-
-__all__ = ["register", "cmd_latent", "cmd_generate"]

@@ -1,11 +1,17 @@
-"""CLI for one-step models: ``straightflow distill`` and ``straightflow meanflow``.
+"""``straightflow pairs | reflow | distill | meanflow``: straighten and compress a flow.
 
-``register(sub)`` adds both subcommands to the main parser's subparsers (called from
-``straightflow.straighten.cli``). Each command trains, then prints quality at NFE 1 and 2
-(exact W2 for vectors, classifier Fréchet distance for images, each beside its
-data-vs-data floor) and writes it to ``OUT/onestep_report.md``.
+    straightflow pairs RUN --n 8192 --out pairs/ [--solver rk4 --steps 32 --shard-size 1024]
+    straightflow reflow RUN --pairs 8192 --solver rk4 --steps 32 --out runs/2rf [--train-steps 2000]
+                        [--improved] [--anneal] [--guidance W]
+    straightflow distill SOURCE --out runs/1step --k 1 [--student-hidden 64]
+    straightflow meanflow --data moons --out runs/mf [--split]
 
-Conditional straightening (InstaFlow with class labels) from the command line::
+``pairs`` and ``reflow`` resume after a kill (rerun the same command) and run under ``torchrun``
+(pairs are split across ranks by shard; training uses DDP). ``distill`` and ``meanflow`` print
+quality at NFE 1 and 2 (exact W2 for vectors, classifier Fréchet distance for images, each beside
+its data-vs-data floor) and write it to ``OUT/onestep_report.md``.
+
+Conditional straightening (InstaFlow with class labels)::
 
     straightflow reflow TEACHER --guidance 2 --pairs 8192 --out rf2   # the 2-RF learns the guided flow
     straightflow distill rf2 --out onestep --k 1                      # pairs from the 2-RF (labels cycle)
@@ -17,24 +23,122 @@ The student takes ``y`` and samples in one step without guidance (library:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+from .. import checkpoint, data as sfdata, metrics, paths, report
+from ..checkpoint import run_info
+from ..losses import available as loss_names
+from ..models import build_model, count_parameters
+from ..runs import default_model_config
+from ..solvers import available as solver_names, sample
+from ..straighten.distill import distill, slimflow_distill
+from ..straighten.meanflow import MeanFlow, SplitMeanFlow, init_from_velocity, sample_mean
+from ..straighten.pairs import generate_pairs, load_pairs
+from ..straighten.reflow import reflow, straightness_report
+from ..system import machine_line
+from ..time import available as time_names
+from ..train import train
+from . import flags
+
+
+def _labels_for(model, choice: str):
+    if choice == "auto":
+        return "cycle" if getattr(model, "num_classes", None) else None
+    return None if choice == "none" else choice
+
+
+def _main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _maybe_init_dist() -> bool:
+    """Under torchrun, create the process group once so pair generation and training share it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
+def _add_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", default="rk4", help=f"one of: {', '.join(solver_names())}")
+    p.add_argument("--steps", type=int, default=32, help="solver steps per pair")
+    p.add_argument("--grid", default="uniform", help="sampling grid name")
+    p.add_argument("--labels", default="auto", choices=["auto", "none", "cycle", "random"],
+                   help="class labels of the pairs (auto: cycle for a class-conditional teacher)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale of the teacher")
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--pair-batch-size", type=int, default=None, help="rows integrated at once (default: a shard)")
+    flags.add_seed(p)
+    flags.add_quiet(p)
+
+
+def _generate(a, teacher, n: int, out: Path) -> dict:
+    return generate_pairs(teacher, out, n, solver=a.solver, steps=a.steps, grid=a.grid,
+                          labels=_labels_for(teacher, a.labels), guidance=a.guidance, shard_size=a.shard_size,
+                          seed=a.seed, path=run_info(teacher).path, batch_size=a.pair_batch_size,
+                          progress=not a.quiet)
+
+
+def cmd_pairs(a) -> int:
+    teacher = checkpoint.load(a.run)
+    m = _generate(a, teacher, a.n, Path(a.out))
+    if _main_rank():
+        print(f"{m['n']} pairs in {m['num_shards']} shard(s) at {a.out}: {m['solver']}, {m['steps']} steps, "
+              f"NFE {m['nfe_per_pair']} per pair, {m['total_nfe']} in total")
+    return 0
+
+
+def cmd_reflow(a) -> int:
+    owns = _maybe_init_dist()
+    try:
+        teacher = checkpoint.load(a.run)
+        teacher.run_config["run_dir"] = str(a.run)
+        teacher_path = run_info(teacher).path
+        out = Path(a.out)
+        m = _generate(a, teacher, a.pairs, out / "pairs")
+        ds = load_pairs(out / "pairs")
+        path = a.path or teacher_path
+        anneal = None
+        if a.anneal or a.anneal_steps:
+            anneal = {"warmup": a.anneal_steps or max(1, a.train_steps // 2), "kind": a.anneal_kind}
+        res = reflow(teacher, ds, a.train_steps, out=out, improved=a.improved, init=a.init, path=path,
+                     time_dist=a.time_dist, loss=a.loss, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                     anneal=anneal, progress=not a.quiet, device=a.device)
+        if not _main_rank():
+            return 0
+        before = straightness_report(teacher, a.eval_n, a.eval_steps, a.seed, path=teacher_path,
+                                     guidance=a.guidance)
+        after = straightness_report(res.model, a.eval_n, a.eval_steps, a.seed, path=path)
+        summary = {"pairs": {"n": m["n"], "solver": m["solver"], "steps": m["steps"],
+                            "nfe_per_pair": m["nfe_per_pair"], "total_nfe": m["total_nfe"]},
+                  "train_steps": a.train_steps, "final_loss": res.final_loss,
+                  "before": before, "after": after}
+        (out / "reflow_report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"pairs: {m['n']} x NFE {m['nfe_per_pair']} = {m['total_nfe']} teacher evaluations "
+              f"({m['solver']}, {m['steps']} steps); training: {a.train_steps} steps, final loss {res.final_loss:.4f}")
+        print(f"straightness ({a.eval_steps}-step Euler, {a.eval_n} samples): before {before['straightness']:.4g}, "
+              f"after {after['straightness']:.4g}")
+        print(f"first-order deviation: before {before['first_order']:.4g}, after {after['first_order']:.4g}")
+        print(f"k-RF written to {out} (report: {out / 'reflow_report.json'})")
+        return 0
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 EVAL_NFES = (1, 2)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
 def _reference(source: Optional[str], n: int, fallback: Optional[Tensor]):
     """Held-out data for ``source`` (a data set name / file), else ``fallback`` (teacher samples)."""
-    from .. import data as sfdata
-    from .. import report
-
     if source is not None:
         return report.reference_data(source, max(2 * n, 4)), f"held-out {source}"
     if fallback is None:
@@ -43,8 +147,6 @@ def _reference(source: Optional[str], n: int, fallback: Optional[Tensor]):
 
 
 def _score(samples: Tensor, ref, seed: int, extractor: str) -> Tuple[str, float, float]:
-    from .. import metrics, report
-
     rep = metrics.evaluate(samples, ref.x, metric=report.default_metric(ref.x), seed=seed, extractor=extractor)
     return rep.name, rep.value, rep.floor
 
@@ -53,9 +155,6 @@ def eval_onestep(model: nn.Module, ref, nfes: Sequence[int] = EVAL_NFES, n: int 
                  mean: bool = False, extractor: str = "digits") -> List[Dict[str, Any]]:
     """Sample ``n`` points at each NFE (Euler, or :func:`~.meanflow.sample_mean` when ``mean``) from
     the same seeded noise (random labels if conditional) and score them against ``ref``."""
-    from ..solvers import sample
-    from .meanflow import sample_mean
-
     g = torch.Generator().manual_seed(seed)
     shape = tuple(ref.x.shape[1:])
     noise = torch.randn((n, *shape), generator=g)
@@ -80,8 +179,6 @@ def rows_markdown(rows: Sequence[Dict[str, Any]], sampler: str) -> str:
 
 
 def _write_report(out: Path, title: str, lines: List[str]) -> str:
-    from ..cli import machine_line
-
     md = "\n".join([f"# {title}", "", f"Machine: {machine_line()}", ""] + lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "onestep_report.md").write_text(md)
@@ -113,12 +210,6 @@ def _student_config(base: Dict[str, Any], a) -> Tuple[Dict[str, Any], bool]:
 
 
 def cmd_distill(a) -> int:
-    from .. import checkpoint
-    from ..cli import default_model_config
-    from ..models import build_model, count_parameters
-    from .distill import distill, slimflow_distill
-    from .pairs import generate_pairs, load_pairs
-
     src = Path(a.source)
     if not src.is_dir():
         raise ValueError(f"{src}: not found; expected a pairs directory (manifest.json) or a run directory (config.json)")
@@ -133,11 +224,11 @@ def cmd_distill(a) -> int:
     else:
         raise ValueError(f"{src}: neither a pairs directory (manifest.json) nor a run directory (config.json)")
     teacher = checkpoint.load(teacher_run) if teacher_run else None
-    tcfg = teacher.run_config if teacher is not None else {}
+    tinfo = run_info(teacher) if teacher is not None else None
     if a.perceptual > 0 and teacher is not None and len(getattr(teacher, "sample_shape", ())) != 3:
         raise ValueError(f"--perceptual compares classifier features of images; this teacher's samples have shape "
                          f"{tuple(teacher.sample_shape)}. Use --perceptual 0 for 2D/vector data")
-    data_source = a.data or tcfg.get("data_source")
+    data_source = a.data or (tinfo.data_source if tinfo is not None else None)
     if pairs_dir is None:
         pairs_dir = out / "pairs"
         labels = "cycle" if getattr(teacher, "num_classes", None) else None
@@ -146,7 +237,7 @@ def cmd_distill(a) -> int:
         print(f"[distill] generating {a.pairs} pairs with {a.solver} x {a.teacher_steps} steps into {pairs_dir}",
               flush=True)
         generate_pairs(teacher, pairs_dir, a.pairs, solver=a.solver, steps=a.teacher_steps, labels=labels,
-                       guidance=a.guidance, seed=a.seed, path=tcfg.get("flow", {}).get("path", "linear"),
+                       guidance=a.guidance, seed=a.seed, path=tinfo.path,
                        progress=not a.quiet)
     pairs = load_pairs(pairs_dir)
     shape = tuple(pairs.x1.shape[1:])
@@ -154,12 +245,11 @@ def cmd_distill(a) -> int:
     if teacher is not None:
         base_cfg = dict(teacher.config)
     else:
-        ns = argparse.Namespace(hidden=256, depth=4, base_channels=32)
-        base_cfg = default_model_config(shape, num_classes, ns)
+        base_cfg = default_model_config(shape, num_classes)
     cfg, smaller = _student_config(base_cfg, a)
     student = build_model(cfg)
     kw = dict(batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed, warmup=a.warmup,
-              ckpt_every=a.ckpt_every, progress=not a.quiet)
+              ckpt_every=a.ckpt_every, device=a.device, progress=not a.quiet)
     extra = {"data_source": data_source} if data_source else {}
     if smaller and teacher is not None and a.guide_weight > 0:
         method = f"SlimFlow flow-guided distillation (guide weight {a.guide_weight:g})"
@@ -186,22 +276,14 @@ def cmd_distill(a) -> int:
 
 
 def cmd_meanflow(a) -> int:
-    from .. import data as sfdata
-    from ..cli import default_model_config
-    from ..models import build_model
-    from ..train import train
-    from .meanflow import MeanFlow, SplitMeanFlow, init_from_velocity
-
     ds = sfdata.load_dataset(a.data, n=a.n, seed=a.seed)
     num_classes = ds.num_classes if (ds.y is not None and not a.unconditional) else None
     if not num_classes:
         ds = sfdata.Dataset(ds.x, name=ds.name)
-    ns = argparse.Namespace(hidden=a.hidden, depth=a.depth, base_channels=a.base_channels)
-    cfg = dict(default_model_config(ds.shape, num_classes, ns), mean_flow=True, time_scale=a.time_scale)
+    cfg = dict(default_model_config(ds.shape, num_classes, hidden=a.hidden, depth=a.depth,
+                                    base_channels=a.base_channels), mean_flow=True, time_scale=a.time_scale)
     model = build_model(cfg)
     if a.init:
-        from .. import checkpoint
-
         init_from_velocity(model, checkpoint.load(a.init))
     if a.split:
         obj = SplitMeanFlow(model, time_dist=a.time_dist or "uniform", boundary_ratio=a.boundary_ratio)
@@ -209,7 +291,7 @@ def cmd_meanflow(a) -> int:
         obj = MeanFlow(model, time_dist=a.time_dist, ratio=a.ratio, adaptive_p=a.adaptive_p)
     method = obj.name
     res = train(obj, ds, steps=a.steps, out=a.out, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-                ema_decay=a.ema, seed=a.seed, ckpt_every=a.ckpt_every, progress=not a.quiet,
+                ema_decay=a.ema, seed=a.seed, ckpt_every=a.ckpt_every, device=a.device, progress=not a.quiet,
                 extra_config={"data_source": a.data, "straighten": {"method": method}})
     ref, ref_name = _reference(a.data, a.n_eval, None)
     rows = eval_onestep(res.model, ref, EVAL_NFES, n=a.n_eval, seed=a.seed, mean=True, extractor=a.extractor)
@@ -219,27 +301,42 @@ def cmd_meanflow(a) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- parser
-
-
 def _train_args(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    flags.add_train(p, steps=steps, schedule=False)
     p.add_argument("--n-eval", type=int, default=1000, help="samples scored at NFE 1 and 2")
     p.add_argument("--extractor", default="digits", help="classifier for the image metric: digits or mnist")
-    p.add_argument("--quiet", action="store_true")
 
 
 def register(sub) -> None:
-    """Add ``distill`` and ``meanflow`` to the ``straightflow`` command's subparsers."""
-    from ..losses import available as loss_names
-    from ..solvers import available as solver_names
-    from ..time import available as time_names
+    """``pairs``, ``reflow``, ``distill`` and ``meanflow``."""
+    p = sub.add_parser("pairs", help="generate reflow (noise, sample) pairs from a run (resumable, torchrun-parallel)")
+    p.add_argument("run", help="teacher run directory")
+    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="pairs directory (rerun the same command to resume)")
+    _add_pair_args(p)
+    p.set_defaults(fn=cmd_pairs)
+
+    r = sub.add_parser("reflow", help="k-rectified flow: generate pairs from RUN, train the next flow, report straightness")
+    r.add_argument("run", help="teacher run directory (the (k-1)-RF)")
+    r.add_argument("--pairs", type=int, default=8192, help="number of pairs (written to OUT/pairs)")
+    r.add_argument("--out", required=True, help="output run directory (resumes if it holds a state)")
+    _add_pair_args(r)
+    r.add_argument("--train-steps", type=int, default=2000)
+    r.add_argument("--improved", action="store_true",
+                   help="Lee et al. 2024: U-shaped times, pseudo-Huber + 1/t weighting, init from the teacher")
+    r.add_argument("--anneal", action="store_true", help="SlimFlow annealing reflow (beta 1 -> 0 over half the run)")
+    r.add_argument("--anneal-steps", type=int, default=None, help="annealing length in steps (implies --anneal)")
+    r.add_argument("--anneal-kind", default="linear", choices=["linear", "cosine"])
+    r.add_argument("--init", default="teacher", choices=["teacher", "scratch"])
+    r.add_argument("--path", default=None, help=f"training path (default: the teacher's); one of {', '.join(paths.available())}")
+    r.add_argument("--time-dist", default=None, help="override the training time distribution")
+    r.add_argument("--loss", default=None, help="override the loss")
+    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--lr", type=float, default=1e-3)
+    flags.add_device(r)
+    r.add_argument("--eval-n", type=int, default=1024, help="trajectories for the straightness report")
+    r.add_argument("--eval-steps", type=int, default=16, help="Euler steps for the straightness report")
+    r.set_defaults(fn=cmd_reflow)
 
     d = sub.add_parser("distill", help="distil teacher pairs (or a teacher run) into a k-step / one-step student",
                        description="k-step distillation (Liu et al. 2022; InstaFlow) of stored teacher pairs; with "

@@ -1,0 +1,110 @@
+"""Flag groups shared by the commands, declared once: seeds, devices, model and training recipes,
+solvers and grids. Each ``add_*`` adds a group to a sub-command's parser; the matching reader
+turns the parsed namespace back into the library's keyword arguments.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Tuple
+
+from .. import coupling, grids, losses, paths, time as sftime
+from ..checkpoint import RunInfo, load, run_info
+from ..solvers import available as solver_names
+
+__all__ = ["ints", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
+           "add_path_recipe", "add_solver", "train_kwargs", "load_run"]
+
+
+def ints(s: str) -> List[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def int_pair(s: str) -> Tuple[int, int]:
+    """``"300,600"`` -> ``(300, 600)``."""
+    v = ints(s)
+    if len(v) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated integers, got {s!r}")
+    return v[0], v[1]
+
+
+def float_pair(s: str) -> List[float]:
+    """``"0.3,0.7"`` -> ``[0.3, 0.7]``."""
+    try:
+        v = [float(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {s!r}") from None
+    if len(v) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers, got {s!r}")
+    return v
+
+
+def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
+    p.add_argument("--seed", type=int, default=default, help="random seed (same seed, same output)")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--device", default=default, help="torch device: cpu, cuda, cuda:1, mps")
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    """The default model's size: MLP ``--hidden``/``--depth`` (vectors), UNet ``--base-channels`` (images)."""
+    p.add_argument("--hidden", type=int, default=256, help="MLP width (vector data)")
+    p.add_argument("--depth", type=int, default=4, help="MLP residual blocks (vector data)")
+    p.add_argument("--base-channels", type=int, default=32, help="UNet base channels (image data)")
+    p.add_argument("--unconditional", action="store_true", help="ignore labels even if the data has them")
+
+
+def add_path_recipe(p: argparse.ArgumentParser) -> None:
+    """The flow-matching objective: path, training-time distribution, loss, coupling."""
+    p.add_argument("--path", default="linear", help=f"one of: {', '.join(paths.available())}")
+    p.add_argument("--time-dist", default="uniform", help=f"one of: {', '.join(sftime.available())}")
+    p.add_argument("--loss", default="mse", help=f"one of: {', '.join(losses.available())}")
+    p.add_argument("--coupling", default="independent", help=f"one of: {', '.join(coupling.available())}")
+
+
+def add_train(p: argparse.ArgumentParser, steps: int = 5000, batch_size: int = 256, lr: float = 1e-3,
+              warmup: int = 100, ema: float = 0.999, ckpt_every: int = 1000, schedule: bool = True) -> None:
+    """Training settings (:class:`straightflow.train.TrainSettings`), seed, device and ``--quiet``."""
+    p.add_argument("--steps", type=int, default=steps, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=warmup, help="linear learning-rate warm-up steps")
+    if schedule:
+        p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+        p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the saved weights (0: no EMA)")
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N steps (resume after a kill)")
+    add_seed(p)
+    add_device(p)
+    add_quiet(p)
+
+
+def train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
+    """The settings of :func:`add_train` as keyword arguments of :func:`straightflow.runs.train_run`."""
+    kw = {"batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "ema": a.ema, "ckpt_every": a.ckpt_every,
+          "seed": a.seed, "device": a.device, "progress": not a.quiet}
+    if hasattr(a, "lr_schedule"):
+        kw.update(lr_schedule=a.lr_schedule, grad_clip=a.grad_clip)
+    return kw
+
+
+def add_solver(p: argparse.ArgumentParser, solver: str = "euler", steps: int = 8, grid: bool = True) -> None:
+    """``--solver`` (any registered name), ``--steps`` and ``--grid``."""
+    p.add_argument("--solver", default=solver, help=f"one of: {', '.join(solver_names())}")
+    p.add_argument("--steps", type=int, default=steps, help="solver steps (NFE = steps x evaluations per step)")
+    if grid:
+        p.add_argument("--grid", default="uniform", help=f"one of: {', '.join(grids.available())}")
+
+
+def load_run(run: str, device: str = "cpu") -> Tuple[Any, RunInfo]:
+    """``(model, RunInfo)`` of a run directory (clear errors for a missing or broken one)."""
+    model = load(run, device=device)
+    return model, run_info(model)

@@ -1,0 +1,54 @@
+"""The ``straightflow`` command: a fixed table of command families, each a module with ``register(sub)``.
+
+Every choice (data set, model, path, time distribution, loss, coupling, solver, grid, metric,
+method, suite) is read from the registries the library uses, so ``--help``, ``straightflow list``
+and the error messages name exactly what works. Library errors (bad names, broken run
+directories, bad values) are printed as one ``error: ...`` line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import List, Optional
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..registry import UnknownNameError
+from . import bench, control, core, demo, images, straighten, stream
+
+# (module, its register function), in the order ``--help`` lists the commands
+COMMANDS = (
+    core.register,        # train, sample, invert, eval
+    demo.register,        # demo
+    bench.register,       # bench SUITE
+    straighten.register,  # pairs, reflow, distill, meanflow
+    control.register,     # edit, restore, search
+    images.register,      # latent, generate
+    stream.register,      # serve, stream
+    core.register_list,   # list
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="straightflow", description="Rectified flow and flow matching: train, straighten, "
+                                "sample fast, control, stream and measure.")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    a.command = "straightflow " + shlex.join(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        return int(a.fn(a) or 0)
+    except (UnknownNameError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
