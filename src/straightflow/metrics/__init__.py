@@ -81,3 +81,7 @@ def __getattr__(name: str) -> Any:
     if name in _LIVE:
         return getattr(_LIVE[name], name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LIVE))
