@@ -24,6 +24,7 @@ import torch
 
 from .dataset import Dataset, DataError, PathLike
 
+
 # ----------------------------------------------------------------------------- array conversion
 
 _SHAPES_ACCEPTED = (

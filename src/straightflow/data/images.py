@@ -23,6 +23,7 @@ from torch import Tensor
 from .dataset import Dataset, DataError, PathLike, _check_n, _np_rng
 from .files import load_array
 
+
 # ----------------------------------------------------------------------------- digits
 
 
@@ -144,7 +145,6 @@ def random_hflip(x: Tensor, p: float = 0.5, generator: Optional[torch.Generator]
     flip = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device)
     flip = (flip < p).to(x.device)[:, None, None, None]
     return torch.where(flip, x.flip(-1), x)
-
 
 
 # ----------------------------------------------------------------------------- MNIST

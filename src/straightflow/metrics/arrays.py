@@ -14,6 +14,7 @@ from torch import Tensor
 
 ArrayLike = Union[Tensor, np.ndarray]
 
+
 def _to_numpy64(x: ArrayLike, what: str = "x") -> np.ndarray:
     """Any tensor/array -> float64 numpy array of shape (N, D) (flattened), NaN-checked."""
     if isinstance(x, Tensor):

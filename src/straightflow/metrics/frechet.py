@@ -53,7 +53,6 @@ def frechet_distance(feat_a: ArrayLike, feat_b: ArrayLike, eps: float = 1e-6) ->
     return max(fd, 0.0)
 
 
-
 def _as_digit_images(x: ArrayLike, what: str) -> Tensor:
     t = torch.as_tensor(x).detach().to("cpu", torch.float32)
     if t.ndim == 2:  # (N, D) with D a square: flattened 1-channel images
