@@ -1,0 +1,176 @@
+"""Computing calibrations, or reusing stored ones: :func:`calibrate` and the built-in kinds.
+
+:func:`calibrate` returns the calibration for ``(kind, solver, nfe)`` stored beside the model
+when its weights fingerprint still matches (no model evaluation at all); otherwise it draws the
+calibration batch, computes the RK4 reference trajectory on it, hands both to the kind's
+registered function (:data:`~.calibration.CALIBRATION_KINDS`), and saves the result.
+
+Built-in kinds (registered here):
+
+- ``boss``: the BOSS grid for one solver (:func:`~.boss.boss_grid`), scored by the endpoint
+  RMSE ``sqrt(mean((x - x_ref(1))^2))`` on the calibration batch and on a held-out batch;
+- ``search``: the searched per-step schedule over a list of candidate solvers
+  (:func:`~.search.search_schedule`).
+
+Adding a kind is registering one function: ``@register_calibration_kind("name")`` on
+``fn(request: CalibrationRequest) -> Calibration``.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import load as load_run
+from ..paths import PathLike as PathSpec
+from ..paths import get_path
+from .base import NoiseLike, _check_deterministic, _noise, _rmse
+from .boss import boss_grid
+from .calibration import (
+    CALIBRATION_KINDS,
+    Calibration,
+    CalibrationRequest,
+    _canon_solver,
+    load_calibration,
+    model_fingerprint,
+    register_calibration_kind,
+    save_calibration,
+)
+from .reference import _reference_end, reference_trajectory
+from .search import run_schedule, search_schedule
+
+
+# ====================================================================== built-in kinds
+@register_calibration_kind("boss")
+def _calibrate_boss(req: CalibrationRequest) -> Calibration:
+    """A BOSS grid for ``req.solver``, scored on the calibration and the held-out batch."""
+    model, x, ref, cond, path, seed = req.model, req.x, req.reference, req.cond, req.path, req.seed
+    holdout, holdout_cond = req.holdout, req.holdout_cond
+    spec = _check_deterministic(req.solver)
+    grid, info = boss_grid(model, x, req.nfe, spec.name, cond=cond, path=path, reference=ref,
+                           return_info=True, **req.options)
+    steps = grid.numel() - 1
+    r = run_schedule(model, x, grid, spec.name, cond=cond, path=path)
+    xh = _noise(holdout, seed + 1) if holdout is not None else _noise(tuple(x.shape), seed + 1)
+    hcond = holdout_cond if holdout_cond is not None else (cond if holdout is None else None)
+    href, hcalls = _reference_end(model, xh, req.fine_steps, hcond)
+    rh = run_schedule(model, xh, grid, spec.name, cond=hcond, path=path)
+    settings = dict(holdout_batch=int(xh.shape[0]), calibration_nfe=info["calibration_nfe"] + r.nfe,
+                    holdout_nfe=hcalls + rh.nfe, candidates=info["candidates"])
+    return Calibration(kind="boss", solver=spec.name, nfe=r.nfe, times=grid.tolist(), solvers=[spec.name] * steps,
+                       grid="boss", calib_rmse=_rmse(r.x, ref.end), holdout_rmse=_rmse(rh.x, href),
+                       reference=settings, info={"local_cost": info["local_cost"], "true_nfe": r.nfe})
+
+
+@register_calibration_kind("search", solver_list=True)
+def _calibrate_search(req: CalibrationRequest) -> Calibration:
+    """The searched schedule over the ``+``-joined candidates in ``req.solver``."""
+    x, holdout, seed, options = req.x, req.holdout, req.seed, req.options
+    label = req.solver
+    cands = label.split("+")
+    sch = search_schedule(req.model, x, req.nfe, candidates=cands, holdout=holdout, cond=req.cond,
+                          holdout_cond=req.holdout_cond, path=req.path,
+                          seed=seed, reference=req.reference, **options)
+    settings = dict(calibration_nfe=sch.calibration_nfe, holdout_batch=(
+        int(x.shape[0]) if holdout is None else int(_noise(holdout, seed + 1).shape[0])))
+    return Calibration(kind="search", solver=label, nfe=sch.nfe, times=sch.times.tolist(), solvers=sch.solvers,
+                       grid=sch.grid, calib_rmse=sch.calib_rmse, holdout_rmse=sch.holdout_rmse,
+                       reference=settings,
+                       info={"best_single": sch.best_single, "true_nfe": sch.nfe,
+                             "candidates_scored": sch.candidates_scored,
+                             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
+                                if isinstance(v, (int, float, str, tuple, list))}})
+
+
+# ====================================================================== calibrate
+def _default_shape(model, batch: int) -> Tuple[int, ...]:
+    shape = getattr(model, "sample_shape", None)
+    if shape is None and hasattr(model, "dim") and isinstance(getattr(model, "dim"), int):
+        shape = (model.dim,)
+    if shape is None:
+        raise ValueError("give noise_or_shape (the model has no sample_shape)")
+    return (batch, *tuple(shape))
+
+
+@torch.no_grad()
+def calibrate(
+    run_dir_or_model: Any,
+    kind: str,
+    solver: Union[str, Sequence[str]],
+    nfe: int,
+    noise_or_shape: Optional[NoiseLike] = None,
+    *,
+    run_dir: Optional[Union[str, os.PathLike]] = None,
+    cond: Optional[Dict[str, Any]] = None,
+    holdout: Optional[NoiseLike] = None,
+    holdout_cond: Optional[Dict[str, Any]] = None,
+    fine_steps: int = 256,
+    path: PathSpec = "linear",
+    seed: int = 0,
+    batch: int = 256,
+    recompute: bool = False,
+    save: bool = True,
+    **options,
+) -> Calibration:
+    """Load the calibration for (kind, solver, nfe) beside the model, or compute and save it.
+
+    ``run_dir_or_model`` is a run directory (the model is loaded from it only if a computation is
+    needed) or a model (then ``run_dir=`` says where to cache; without it nothing is cached).
+    ``kind="boss"``: :func:`boss_grid` for ``solver``; ``kind="search"``: :func:`search_schedule`
+    with ``candidates=solver`` (a sequence, or a ``+``-joined string; ``grids=`` etc. in
+    ``options``); any other name in :func:`calibration_kinds` runs its registered function. A
+    stored file is reused, with no model evaluation, when its weights fingerprint matches; a
+    mismatch (retrained weights) recomputes and overwrites it.
+    """
+    spec = CALIBRATION_KINDS.get(kind)  # an unknown kind: UnknownNameError listing the registered names
+    kind = spec.name
+    if isinstance(run_dir_or_model, (str, os.PathLike)):
+        run_dir = Path(run_dir_or_model)
+        model = None
+        fp = model_fingerprint(run_dir)
+    else:
+        model = run_dir_or_model
+        fp = model_fingerprint(model)
+    label = _canon_solver(kind, solver)
+    if run_dir is not None and not recompute:
+        cal = load_calibration(run_dir, kind, label, nfe, fingerprint=fp)
+        if cal is not None:
+            return cal
+    if model is None:
+        model = load_run(run_dir)
+    x = _noise(noise_or_shape if noise_or_shape is not None else _default_shape(model, batch), seed)
+    ref = reference_trajectory(model, x, fine_steps, cond)
+    settings = {"solver": "rk4", "fine_steps": fine_steps, "calib_batch": int(x.shape[0]),
+                "seed": seed, "path": str(get_path(path).config())}
+    cal = spec.fn(CalibrationRequest(
+        model=model, x=x, reference=ref, solver=label, nfe=nfe, cond=cond, holdout=holdout,
+        holdout_cond=holdout_cond, fine_steps=fine_steps, path=path, seed=seed, options=options))
+    cal.reference = {**settings, **cal.reference}  # the kind's own settings after the common ones
+    cal.fingerprint = fp
+    cal.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # the file is named by the requested budget so that the same request finds it again
+    cal.nfe = int(nfe)
+    if run_dir is not None and save:
+        save_calibration(run_dir, cal)
+    return cal
+
+
+def calibrated_grid(
+    run_dir_or_model: Any, solver: str, nfe: int, noise_or_shape: Optional[NoiseLike] = None, **kw
+) -> Tensor:
+    """The BOSS grid for ``solver`` at ``nfe`` from ``run_dir/calibrations`` (computed and saved on
+    the first call, reused after). Use it as ``sample(model, noise, solver=solver, grid=...)``."""
+    return calibrate(run_dir_or_model, "boss", solver, nfe, noise_or_shape, **kw).grid_tensor
+
+
+def calibrated_schedule(
+    run_dir_or_model: Any, nfe: int, candidates: Sequence[str] = ("euler", "midpoint", "heun"),
+    noise_or_shape: Optional[NoiseLike] = None, **kw
+) -> Calibration:
+    """The searched schedule for ``candidates`` at ``nfe`` (cached like :func:`calibrated_grid`);
+    sample with ``cal.run(model, noise)``."""
+    return calibrate(run_dir_or_model, "search", list(candidates), nfe, noise_or_shape, **kw)

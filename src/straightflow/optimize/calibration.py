@@ -1,0 +1,247 @@
+"""Calibrations: the stored record, the registry of calibration kinds, the files beside a model.
+
+A :class:`Calibration` is an optimised schedule (time grid + one solver per step + scores) for
+one request ``(kind, solver, nfe)``. It is stored as JSON at
+``run_dir/calibrations/<kind>-<solver>-nfe<k>.json`` (:func:`calibration_path`; solver names
+canonicalised, a solver list ``+``-joined) together with a fingerprint of the weights,
+``sha256`` over the sorted ``(name, dtype, shape, bytes)`` of the state dict
+(:func:`model_fingerprint`), and reused only while the weights are unchanged.
+
+Kinds. ``CALIBRATION_KINDS`` registers how each kind is computed: a function
+``fn(request: CalibrationRequest) -> Calibration`` (see :func:`register_calibration_kind`);
+:func:`straightflow.optimize.calibrate` dispatches through it and
+:func:`calibration_kinds` lists the names. The built-in kinds, ``boss`` and ``search``, are
+registered by :mod:`.calibrated`, which the package always imports.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import unwrap
+from ..grids import validate_grid
+from ..io import CheckpointError, load_json, load_tensors, save_json
+from ..paths import PathLike as PathSpec
+from ..registry import Registry
+from ..solvers import SampleResult
+from ..solvers.base import SOLVERS
+from .base import NoiseLike
+from .reference import ReferenceTrajectory
+from .search import run_schedule
+
+CALIBRATION_DIR = "calibrations"
+MODEL_FILE = "model.safetensors"
+_FORMAT_VERSION = 1
+
+
+@dataclass
+class Calibration:
+    """A stored optimised schedule: what it is for, the grid, the per-step solvers and its scores.
+
+    ``kind``: ``"boss"`` (a BOSS grid for one solver), ``"search"`` (a searched schedule;
+    ``solver`` is then the ``+``-joined candidate list) or another registered kind
+    (:func:`calibration_kinds`). ``times`` has ``len(solvers) + 1``
+    entries. ``fingerprint`` identifies the weights it was computed for (:func:`model_fingerprint`).
+    """
+
+    kind: str
+    solver: str
+    nfe: int
+    times: List[float]
+    solvers: List[str]
+    grid: str = ""
+    calib_rmse: Optional[float] = None
+    holdout_rmse: Optional[float] = None
+    reference: Dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    created: str = ""
+    info: Dict[str, Any] = field(default_factory=dict)
+    version: int = _FORMAT_VERSION
+
+    @property
+    def grid_tensor(self) -> Tensor:
+        return validate_grid(torch.tensor(self.times, dtype=torch.float64), direction=1)
+
+    @property
+    def steps(self) -> int:
+        return len(self.solvers)
+
+    def run(self, model, x, cond=None, **kw) -> SampleResult:
+        """Sample with this calibration (:func:`run_schedule`)."""
+        return run_schedule(model, x, self.grid_tensor, self.solvers, cond=cond, **kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a calibration must be a JSON object, got {type(d).__name__}")
+        names = set(cls.__dataclass_fields__)
+        missing = {"kind", "solver", "nfe", "times", "solvers"} - set(d)
+        if missing:
+            raise ValueError(f"calibration lacks {sorted(missing)}")
+        cal = cls(**{k: v for k, v in d.items() if k in names})
+        if len(cal.times) != len(cal.solvers) + 1:
+            raise ValueError(f"calibration has {len(cal.times)} times for {len(cal.solvers)} steps")
+        cal.grid_tensor  # validates
+        return cal
+
+
+# ====================================================================== kinds
+@dataclass
+class CalibrationRequest:
+    """What :func:`~straightflow.optimize.calibrate` hands a calibration kind.
+
+    ``x`` is the calibration batch (noise at t = 0) and ``reference`` its RK4 reference
+    trajectory (``fine_steps`` steps); ``solver`` is the canonical solver label (for a kind
+    registered with ``solver_list=True``, the ``+``-joined candidate list); ``holdout`` /
+    ``holdout_cond`` are the held-out batch (tensor or shape; ``None``: like ``x``, drawn with
+    ``seed + 1``) and its conditioning; ``options`` are the extra keyword arguments of
+    ``calibrate``.
+    """
+
+    model: Callable
+    x: Tensor
+    reference: ReferenceTrajectory
+    solver: str
+    nfe: int
+    cond: Optional[Dict[str, Any]] = None
+    holdout: Optional[NoiseLike] = None
+    holdout_cond: Optional[Dict[str, Any]] = None
+    fine_steps: int = 256
+    path: PathSpec = "linear"
+    seed: int = 0
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CalibrationKind:
+    """A registered calibration kind: its name, its function, and whether ``solver`` is a list."""
+
+    name: str
+    fn: Callable[[CalibrationRequest], Calibration]
+    solver_list: bool = False
+
+
+CALIBRATION_KINDS: Registry[CalibrationKind] = Registry("calibration kind")
+
+
+def register_calibration_kind(
+    name: str, solver_list: bool = False
+) -> Callable[[Callable[[CalibrationRequest], Calibration]], Callable[[CalibrationRequest], Calibration]]:
+    """Register ``fn(request) -> Calibration`` as calibration kind ``name`` (a decorator).
+
+    The function computes the calibration for ``request`` (a :class:`CalibrationRequest`) and
+    returns it with ``kind``, ``solver``, ``times``, ``solvers`` and its scores filled in; in
+    ``Calibration.reference`` it may put kind-specific settings (e.g. the held-out batch size),
+    which :func:`~straightflow.optimize.calibrate` appends to the common ones (reference solver,
+    steps, batch, seed, path) before it sets the fingerprint, the date and the requested ``nfe``
+    and saves the file. ``solver_list=True``: the kind takes a list of solvers (a sequence or a
+    ``+``-joined string), named ``a+b+c`` in the file name.
+    """
+
+    def deco(fn: Callable[[CalibrationRequest], Calibration]) -> Callable[[CalibrationRequest], Calibration]:
+        CALIBRATION_KINDS.register(name)(CalibrationKind(name.lower(), fn, solver_list))
+        return fn
+
+    return deco
+
+
+def calibration_kinds() -> List[str]:
+    """Names accepted as ``kind`` by :func:`~straightflow.optimize.calibrate`."""
+    return CALIBRATION_KINDS.names()
+
+
+# ====================================================================== files beside the model
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", s)
+
+
+def _takes_solver_list(kind: str) -> bool:
+    """True for a kind registered with ``solver_list=True`` (exact name, as the file name uses it)."""
+    return kind in CALIBRATION_KINDS.names() and CALIBRATION_KINDS.get(kind).solver_list
+
+
+def _canon_solver(kind: str, solver: Union[str, Sequence[str]]) -> str:
+    if isinstance(solver, str):
+        parts = solver.split("+") if _takes_solver_list(kind) else [solver]
+    else:
+        parts = list(solver)
+    return "+".join(SOLVERS.canonical(p) if p in SOLVERS else p for p in parts)
+
+
+def calibration_path(run_dir: Union[str, os.PathLike], kind: str, solver: Union[str, Sequence[str]], nfe: int) -> Path:
+    """``run_dir/calibrations/<kind>-<solver>-nfe<k>.json`` (solver names canonicalised)."""
+    return Path(run_dir) / CALIBRATION_DIR / f"{_sanitize(kind)}-{_sanitize(_canon_solver(kind, solver))}-nfe{int(nfe)}.json"
+
+
+def _hash_state(state: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def model_fingerprint(model_or_run_dir: Any) -> str:
+    """Identify a model's weights: SHA-256 over the sorted (name, dtype, shape, bytes) of its
+    state dict. A run directory is fingerprinted from its ``model.safetensors`` the same way, so a
+    model loaded from the run and the run directory itself agree. Objects with a
+    ``fingerprint()`` method use it; the Gaussian-mixture oracle hashes its parameters and path."""
+    if isinstance(model_or_run_dir, (str, os.PathLike)):
+        return _hash_state(load_tensors(Path(model_or_run_dir) / MODEL_FILE))
+    m = model_or_run_dir
+    fp = getattr(m, "fingerprint", None)
+    if callable(fp):
+        return str(fp())
+    if hasattr(m, "state_dict") and callable(m.state_dict):
+        inner = unwrap(m) if isinstance(m, torch.nn.Module) else m
+        return _hash_state(inner.state_dict())
+    if all(hasattr(m, a) for a in ("means", "covs", "weights", "path")):  # GaussianMixtureFlow
+        state = {"means": m.means, "covs": m.covs, "weights": m.weights}
+        cfg = m.path.config() if hasattr(m.path, "config") else repr(m.path)
+        return _hash_state(state) + "|path=" + hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+    raise TypeError(f"cannot fingerprint a {type(m).__name__}: give an nn.Module, a run directory, "
+                    "or an object with a fingerprint() method")
+
+
+def save_calibration(run_dir: Union[str, os.PathLike], cal: Calibration) -> Path:
+    """Write ``cal`` to :func:`calibration_path` atomically; returns the path."""
+    p = calibration_path(run_dir, cal.kind, cal.solver, cal.nfe)
+    save_json(p, cal.to_dict())
+    return p
+
+
+def load_calibration(
+    run_dir: Union[str, os.PathLike], kind: str, solver: Union[str, Sequence[str]], nfe: int,
+    fingerprint: Optional[str] = None, model: Any = None,
+) -> Optional[Calibration]:
+    """The stored calibration, or None when there is none, it is unreadable, or its fingerprint
+    does not match the weights: ``fingerprint`` if given, else ``model``'s, else the run's
+    ``model.safetensors`` (None when none of these exists: an unverifiable file is not reused)."""
+    p = calibration_path(run_dir, kind, solver, nfe)
+    if not p.is_file():
+        return None
+    try:
+        cal = Calibration.from_dict(load_json(p))
+    except (CheckpointError, ValueError, TypeError) as e:
+        warnings.warn(f"ignoring unreadable calibration {p}: {e}")
+        return None
+    if fingerprint is None:
+        if model is not None:
+            fingerprint = model_fingerprint(model)
+        elif (Path(run_dir) / MODEL_FILE).is_file():
+            fingerprint = model_fingerprint(run_dir)
+        else:
+            return None
+    return cal if cal.fingerprint == fingerprint else None
