@@ -23,7 +23,12 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class SolverSpec:
-    """A registered solver: the function and what the benchmarks and the CLI need to know."""
+    """A registered solver: the function and what the benchmarks and the CLI need to know.
+
+    ``cost(steps, **options)`` is the exact NFE when it is not ``evals_per_step * steps`` (warm-up
+    steps, a cheaper last step); ``adaptive`` solvers choose their own steps from an error
+    estimate, so their NFE is known only after the solve (``SampleResult.nfe``).
+    """
 
     name: str
     fn: Callable
@@ -32,7 +37,8 @@ class SolverSpec:
     stochastic: bool = False
     needs_path: bool = False
     doc: str = ""
-    cost: Optional[Callable[..., int]] = None  # exact NFE for (steps, **options) when not evals_per_step * steps
+    cost: Optional[Callable[..., int]] = None
+    adaptive: bool = False
 
     def nfe(self, steps: int, **options) -> int:
         """Velocity evaluations for ``steps`` steps with these solver options (warm-ups included)."""
@@ -51,18 +57,20 @@ class SolverSpec:
 SOLVERS: Registry = Registry("solver")
 
 
-def register_solver(name: str, order: int, evals_per_step: int, aliases=(), stochastic: bool = False,
-                    needs_path: bool = False):
+def register_solver(name: str, order: int, evals_per_step: int, aliases: Sequence[str] = (), stochastic: bool = False,
+                    needs_path: bool = False, cost: Optional[Callable[..., int]] = None,
+                    adaptive: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` under ``name`` with its order and cost per step.
 
     ``stochastic`` solvers receive ``generator=``; ``needs_path`` solvers (those working in log-SNR
     or with data/noise predictions) receive ``path=`` (an :class:`~straightflow.paths.AffinePath`).
+    ``cost`` and ``adaptive``: see :class:`SolverSpec`.
     """
 
-    def deco(fn):
+    def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         SOLVERS.register(name, aliases=aliases)(
-            SolverSpec(name, fn, order, evals_per_step, stochastic, needs_path, doc))
+            SolverSpec(name, fn, order, evals_per_step, stochastic, needs_path, doc, cost, adaptive))
         return fn
 
     return deco
