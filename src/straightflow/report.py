@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import data as sfdata
 from . import metrics
-from .solvers import get_solver, sample
+from .solvers import get_solver, initial_noise, sample
 
 
 @dataclass
@@ -46,8 +46,7 @@ def sample_like(model, n: int, shape: Sequence[int], seed: int, solver: str, ste
                 num_classes: Optional[int] = None, grid: str = "uniform", guidance: Optional[float] = None,
                 batch_size: int = 2000, path: Any = "linear") -> tuple:
     """Draw ``n`` samples in batches from seeded noise (uniform random labels if conditional)."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, *shape), generator=g)
+    noise, g = initial_noise((n, *shape), seed)
     y = torch.randint(num_classes, (n,), generator=g) if num_classes else None
     outs, nfe = [], 0
     with torch.no_grad():

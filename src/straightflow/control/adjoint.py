@@ -6,8 +6,9 @@ solves ``da/dt = -a^T dv/dx`` backwards from ``a(1) = dL/dx1``, and
     dL/dx0 = a(0),   dL/dc = int_0^1 a^T dv/dc dt,   dL/dtheta = int_0^1 a^T dv/dtheta dt.
 
 :func:`odeint_adjoint` integrates ``x`` forward with a fixed-step explicit Runge-Kutta solver
-(``euler``, ``midpoint``, ``heun``, ``rk4``) keeping no graph, then integrates the augmented state
-``(x, a, g_c, g_theta)`` backwards with the same solver and grid, re-integrating ``x`` backwards
+(a tableau of :mod:`straightflow.solvers.rk`: ``euler``, ``midpoint``, ``heun``, ``rk3``, ``rk4``, one
+:func:`~straightflow.solvers.rk.rk_step` per step) keeping no graph, then integrates the augmented
+state ``(x, a, g_c, g_theta)`` backwards with the same tableau and grid, re-integrating ``x`` backwards
 too; every stage is one vector-Jacobian product ``torch.autograd.grad(v, (x, c, theta), a)`` on a
 one-evaluation graph that is freed at once, so memory does not grow with the number of steps.
 It is a ``torch.autograd.Function``: ``odeint_adjoint(...)`` composes with any loss and optimiser.
@@ -24,24 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from ..grids import make_grid
+from ..solvers.rk import Tableau, get_tableau, rk_step
+from ..solvers.rk import available as rk_tableaux
 
 __all__ = ["TABLEAUS", "odeint_adjoint", "odeint_unrolled", "adjoint_gradients", "optimise_noise",
            "NoiseOptResult", "SoftLabelModel"]
 
-# Explicit Runge-Kutta tableaus (c, A, b).
-TABLEAUS: Dict[str, Tuple[List[float], List[List[float]], List[float]]] = {
-    "euler": ([0.0], [[]], [1.0]),
-    "midpoint": ([0.0, 0.5], [[], [0.5]], [0.0, 1.0]),
-    "heun": ([0.0, 1.0], [[], [1.0]], [0.5, 0.5]),
-    "rk4": ([0.0, 0.5, 0.5, 1.0], [[], [0.5], [0.0, 0.5], [0.0, 0.0, 1.0]], [1 / 6, 1 / 3, 1 / 3, 1 / 6]),
-}
-
-
-def _tableau(solver: str):
-    key = str(solver).lower()
-    if key not in TABLEAUS:
-        raise ValueError(f"unknown adjoint solver {solver!r}; valid: {', '.join(TABLEAUS)} (fixed-step explicit RK)")
-    return TABLEAUS[key]
+TABLEAUS: Dict[str, Tableau] = {name: get_tableau(name) for name in rk_tableaux()}
+"""The solvers the adjoint accepts: every tableau of :data:`straightflow.solvers.rk.TABLEAUX` (looked up
+with :func:`~straightflow.solvers.rk.get_tableau`, which lists the valid names for an unknown one)."""
 
 
 def _grid(steps: Optional[int], grid) -> List[float]:
@@ -52,35 +44,26 @@ def _grid(steps: Optional[int], grid) -> List[float]:
     return make_grid(grid, None if not isinstance(grid, str) else steps).tolist()
 
 
-def _call(model: Callable, x: Tensor, t: float, cond: Dict[str, Any]) -> Tensor:
-    tb = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-    return model(x, tb, **cond)
+def _velocity(model: Callable, cond: Dict[str, Any]) -> Callable[[Tensor, float, int], Tensor]:
+    """``f(x, t, i) = model(x, t_batch, **cond)`` for :func:`~straightflow.solvers.rk.rk_step`."""
+
+    def f(x: Tensor, t: float, i: int = -1) -> Tensor:
+        return model(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device), **cond)
+
+    return f
 
 
-def _rk_step(model, x: Tensor, t: float, h: float, cond, tab) -> Tensor:
-    c, A, b = tab
-    ks: List[Tensor] = []
-    for i in range(len(b)):
-        xi = x
-        for j, aij in enumerate(A[i]):
-            if aij != 0.0:
-                xi = xi + (h * aij) * ks[j]
-        ks.append(_call(model, xi, t + c[i] * h, cond))
-    out = x
-    for bi, ki in zip(b, ks):
-        if bi != 0.0:
-            out = out + (h * bi) * ki
-    return out
+def _solve(f: Callable, x: Tensor, ts: List[float], tab: Tableau) -> Tensor:
+    for i, (t, tn) in enumerate(zip(ts[:-1], ts[1:])):
+        x = rk_step(f, x, t, tn - t, tab, i=i)
+    return x
 
 
 def odeint_unrolled(model: Callable, x0: Tensor, steps: Optional[int] = None, solver: str = "rk4",
                     cond: Optional[Dict[str, Any]] = None, grid=None) -> Tensor:
     """The same fixed-step solver, differentiated by plain backprop (the graph of every step is kept)."""
-    tab, ts, cond = _tableau(solver), _grid(steps, grid), dict(cond or {})
-    x = x0
-    for t, tn in zip(ts[:-1], ts[1:]):
-        x = _rk_step(model, x, t, tn - t, cond, tab)
-    return x
+    tab, ts, cond = get_tableau(solver), _grid(steps, grid), dict(cond or {})
+    return _solve(_velocity(model, cond), x0, ts, tab)
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -92,9 +75,7 @@ class _AdjointSolve(torch.autograd.Function):
         cond = dict(static)
         cond.update({k: v for k, v in zip(keys, tensors[:n_cond])})
         with torch.no_grad():
-            x = x0
-            for t, tn in zip(ts[:-1], ts[1:]):
-                x = _rk_step(model, x, t, tn - t, cond, tab)
+            x = _solve(_velocity(model, cond), x0, ts, tab)
         ctx.spec = spec
         ctx.params = tensors[n_cond:]  # the parameters themselves (leaves), so VJPs hit the live graph
         ctx.save_for_backward(x, *tensors[:n_cond])
@@ -105,7 +86,6 @@ class _AdjointSolve(torch.autograd.Function):
         model, ts, tab, keys, static, n_cond = ctx.spec
         saved = ctx.saved_tensors
         x, cvals, params = saved[0].detach(), list(saved[1:]), list(ctx.params)
-        c_nodes, A, b = tab
         a = grad_x1.detach()
         g_c = [torch.zeros_like(v) for v in cvals]
         g_p = [torch.zeros_like(p) for p in params]
@@ -117,35 +97,29 @@ class _AdjointSolve(torch.autograd.Function):
                 cr = [v.detach().requires_grad_(True) for v in cvals]
                 cond = dict(static)
                 cond.update(dict(zip(keys, cr)))
-                v = _call(model, xr, t, cond)
+                v = _velocity(model, cond)(xr, t)
                 wrt = [xr, *cr, *params]
                 grads = torch.autograd.grad(v, wrt, grad_outputs=as_, allow_unused=True)
             grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
             return v.detach(), -grads[0], [-g for g in grads[1:1 + n_cond]], [-g for g in grads[1 + n_cond:]]
 
-        for t, tp in zip(reversed(ts[1:]), reversed(ts[:-1])):
-            h = tp - t  # negative: integrate from t back to tp
-            kx: List[Tensor] = []
-            ka: List[Tensor] = []
-            for i in range(len(b)):
-                xi, ai = x, a
-                for j, aij in enumerate(A[i]):
-                    if aij != 0.0:
-                        xi = xi + (h * aij) * kx[j]
-                        ai = ai + (h * aij) * ka[j]
-                vx, va, vc, vp = field(xi, ai, t + c_nodes[i] * h)
-                kx.append(vx)
-                ka.append(va)
-                bi = b[i]
-                if bi != 0.0:
-                    for acc, k in zip(g_c, vc):
-                        acc.add_(k, alpha=h * bi)
-                    for acc, k in zip(g_p, vp):
-                        acc.add_(k, alpha=h * bi)
-            for bi, kxi, kai in zip(b, kx, ka):
-                if bi != 0.0:
-                    x = x + (h * bi) * kxi
-                    a = a + (h * bi) * kai
+        # (x, a) integrate backwards together as one stacked state with the forward tableau; the
+        # integrals dL/dc, dL/dtheta are the same quadrature of their stages, h sum_j b_j k_j,
+        # accumulated as rk_step evaluates the stages (in order, so stage j gets weight b_j)
+        for i in reversed(range(len(ts) - 1)):
+            h = ts[i] - ts[i + 1]  # negative: integrate from t_{i+1} back to t_i
+            weights = iter(tab.b)
+
+            def augmented(z: Tensor, t: float, _i: int) -> Tensor:
+                vx, va, vc, vp = field(z[0], z[1], t)
+                w = h * next(weights)
+                if w != 0.0:
+                    for acc, k in zip(g_c + g_p, vc + vp):
+                        acc.add_(k, alpha=w)
+                return torch.stack([vx, va])
+
+            z = rk_step(augmented, torch.stack([x, a]), ts[i + 1], h, tab, i=i)
+            x, a = z[0], z[1]
         return (None, a, *g_c, *g_p)
 
 
@@ -171,7 +145,7 @@ def odeint_adjoint(model: Callable, x0: Tensor, steps: Optional[int] = None, sol
     """
     if not torch.is_tensor(x0) or not x0.is_floating_point():
         raise TypeError("x0 must be a floating-point tensor")
-    tab, ts = _tableau(solver), _grid(steps, grid)
+    tab, ts = get_tableau(solver), _grid(steps, grid)
     cond = dict(cond or {})
     keys = sorted(k for k, v in cond.items() if torch.is_tensor(v) and v.is_floating_point())
     static = {k: v for k, v in cond.items() if k not in keys}
@@ -256,7 +230,7 @@ def optimise_noise(model: Callable, reward: Callable[[Tensor], Tensor], x0: Tens
     NFE per iteration: ``stages * steps`` forward + as many VJPs backward."""
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
-    stages = len(_tableau(solver)[2])
+    stages = get_tableau(solver).stages
     z = x0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     history: List[float] = []

@@ -31,18 +31,19 @@ import torch
 from torch import Tensor
 
 from ..grids import GridLike, make_grid
-from ..solvers import get_solver, invert, sample, solve
+from ..solvers import available, get_solver, invert, sample, solve
 from ..solvers.guidance import ClassifierFreeGuidance
+from ..solvers.noise import initial_noise
 
 __all__ = ["ControlledVelocity", "rf_invert", "rf_edit", "class_swap_edit", "EditResult",
            "inversion_roundtrip", "deterministic_solvers"]
 
 
-def deterministic_solvers(exclude: Sequence[str] = ("dopri5",)) -> list:
-    """Registered solvers usable for inversion (deterministic; adaptive ones excluded by default)."""
-    from ..solvers import available
-
-    return [n for n in available() if not get_solver(n).stochastic and n not in exclude]
+def deterministic_solvers(exclude: Sequence[str] = (), adaptive: bool = False) -> list:
+    """Registered solvers usable for inversion: deterministic ones, adaptive ones (``spec.adaptive``)
+    only with ``adaptive=True``, minus the names in ``exclude``."""
+    return [n for n in available() if not get_solver(n).stochastic and (adaptive or not get_solver(n).adaptive)
+            and n not in exclude]
 
 
 class ControlledVelocity:
@@ -109,7 +110,7 @@ def rf_invert(model: Callable, x1: Tensor, gamma: float = 0.5, noise: Optional[T
     if spec.stochastic:
         raise ValueError(f"solver {spec.name!r} is stochastic; inversion needs a deterministic solver")
     if noise is None:
-        noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=x1.dtype).to(x1.device)
+        noise, _ = initial_noise(x1.shape, seed, dtype=x1.dtype, device=x1.device)
     g = make_grid(grid, steps, t0=float(t_stop), t1=1.0).flip(0)
     f = ControlledVelocity(model, noise, gamma, target_time=0, window=window) if gamma > 0 else model
     res = solve(f, x1, g, spec.name, cond=cond, return_trajectory=return_trajectory)
@@ -175,8 +176,8 @@ def class_swap_edit(model: Callable, x_src: Tensor, y_src: Union[Tensor, int], y
     t_k = float(tail[0])
     with torch.no_grad():
         if gamma > 0:
-            z = torch.randn(x_src.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=x_src.dtype)
-            f_inv = ControlledVelocity(model, z.to(x_src.device), gamma, target_time=0)
+            z, _ = initial_noise(x_src.shape, seed, dtype=x_src.dtype, device=x_src.device)
+            f_inv = ControlledVelocity(model, z, gamma, target_time=0)
         else:
             f_inv = model
         inv = solve(f_inv, x_src, tail.flip(0), spec.name, cond={"y": ys})

@@ -30,8 +30,11 @@ Methods (each returns a :class:`RestoreResult`: images, NFE, wall time, peak mem
   predictor ``f(A^+ y) ~ E[x | y]`` trained with MSE, then a rectified flow from
   ``f(y) + sigma_s eps`` to the clean image; sampling starts at the predictor's output.
 
-NFE counts velocity-network evaluations (a DPS step is one forward + one backward: NFE 1, the
-backward is reported in ``info['backward_passes']``; PMRF adds its predictor call to ``nfe``).
+The methods are registered by name in :data:`INVERSE_METHODS` (:func:`restore` dispatches through
+it). NFE counts velocity-network evaluations through
+:class:`~straightflow.solvers.base.CountedVelocity` (a guided model is charged the rows it computes;
+a DPS step is one forward + one backward: NFE 1, the backward is reported in
+``info['backward_passes']``; PMRF adds its predictor call to ``nfe``).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the level before the call; on CPU
 the peak of live tensor bytes allocated during the call, from ``torch.profiler`` allocation
@@ -42,18 +45,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..grids import make_grid
+from ..registry import Registry, UnknownNameError
+from ..solvers.base import CountedVelocity
+from ..solvers.noise import initial_noise
+from ..solvers.rk import EULER, rk_step
 from .operators import Operator
 
 __all__ = ["RestoreResult", "flowchef", "dps", "flair", "flair_calibration", "PMRF", "restore", "METHODS",
-           "peak_memory", "operator_norm2"]
-
-METHODS = ("flowchef", "dps", "flair", "pmrf")
+           "INVERSE_METHODS", "available_methods", "peak_memory", "operator_norm2"]
 
 
 @dataclass
@@ -101,28 +106,19 @@ def operator_norm2(op: Operator) -> float:
     return _NORMS[key]
 
 
-def _tb(t: float, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-
-
-def _noise(y_like: Tensor, shape, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn((y_like.shape[0], *shape), generator=g, dtype=y_like.dtype).to(y_like.device)
-
-
 # ----------------------------------------------------------------------------- FlowChef
 def _flowchef(model, op: Operator, y: Tensor, steps: int = 50, step_size: float = 1.0, inner: int = 1,
               cond: Optional[Dict[str, Any]] = None, seed: int = 0, x0: Optional[Tensor] = None):
-    cond = dict(cond or {})
-    x = _noise(y, op.shape, seed) if x0 is None else x0.clone()
+    """FlowChef (Patel et al. 2024): ``x <- x - s grad_{x1_hat} 1/2 ||A x1_hat - y||^2`` (``inner`` times,
+    no network gradient), then the Euler step ``x + h v`` with the pre-steering ``v``."""
+    x = initial_noise((y.shape[0], *op.shape), seed, dtype=y.dtype, device=y.device)[0] if x0 is None else x0.clone()
     ts = make_grid("uniform", steps).tolist()
     s = float(step_size) / operator_norm2(op)
-    nfe = 0
+    f = CountedVelocity(model, cond, check_finite=False)
     for i in range(steps):
         t, h = ts[i], ts[i + 1] - ts[i]
         with torch.no_grad():
-            v = model(x, _tb(t, x), **cond)
-        nfe += 1
+            v = f(x, t, i)
         if i < steps - 1:
             for _ in range(inner):
                 x1_hat = (x + (1.0 - t) * v).detach().requires_grad_(True)  # a leaf: no network graph
@@ -130,30 +126,32 @@ def _flowchef(model, op: Operator, y: Tensor, steps: int = 50, step_size: float 
                     loss = 0.5 * (op(x1_hat) - y).pow(2).sum()
                     (g,) = torch.autograd.grad(loss, x1_hat)
                 x = x - s * g
-        x = (x + h * v).detach()
-    return x, nfe, {"step_size": float(step_size), "inner": inner, "backward_passes": 0}
+        x = rk_step(f, x, t, h, EULER, k1=v).detach()
+    return x, f.nfe, {"step_size": float(step_size), "inner": inner, "backward_passes": 0}
 
 
 # ----------------------------------------------------------------------------- DPS
 def _dps(model, op: Operator, y: Tensor, steps: int = 50, step_size: float = 1.0,
          cond: Optional[Dict[str, Any]] = None, seed: int = 0, x0: Optional[Tensor] = None):
-    cond = dict(cond or {})
-    x = _noise(y, op.shape, seed) if x0 is None else x0.clone()
+    """DPS-style (Chung et al. 2023): the Euler step ``x + h v`` minus ``zeta / ||A x1_hat - y||``
+    times ``grad_x ||A x1_hat(x) - y||^2``, backpropagated through the network."""
+    x = initial_noise((y.shape[0], *op.shape), seed, dtype=y.dtype, device=y.device)[0] if x0 is None else x0.clone()
     ts = make_grid("uniform", steps).tolist()
-    nfe = 0
+    f = CountedVelocity(model, cond, check_finite=False)
     for i in range(steps):
         t, h = ts[i], ts[i + 1] - ts[i]
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            v = model(xr, _tb(t, xr), **cond)
+            v = f(xr, t, i)
             x1_hat = xr + (1.0 - t) * v
             res = (op(x1_hat) - y).pow(2).flatten(1).sum(1)  # (B,) ||A x1_hat - y||^2
             (g,) = torch.autograd.grad(res.sum(), xr)
-        nfe += 1
-        zeta = float(step_size) / res.detach().sqrt().clamp_min(1e-8)  # DPS: zeta_i = zeta / ||y - A x1_hat||
-        x = (x + h * v.detach() - zeta.reshape(-1, *([1] * (x.ndim - 1))) * g).detach() if i < steps - 1 \
-            else (x + h * v.detach()).detach()
-    return x, nfe, {"step_size": float(step_size), "backward_passes": steps}
+        x = rk_step(f, x, t, h, EULER, k1=v.detach())
+        if i < steps - 1:
+            zeta = float(step_size) / res.detach().sqrt().clamp_min(1e-8)  # DPS: zeta_i = zeta / ||y - A x1_hat||
+            x = x - zeta.reshape(-1, *([1] * (x.ndim - 1))) * g
+        x = x.detach()
+    return x, f.nfe, {"step_size": float(step_size), "backward_passes": steps}
 
 
 # ----------------------------------------------------------------------------- FLAIR
@@ -163,11 +161,12 @@ def flair_calibration(model, x_clean: Tensor, steps: int = 50, t_range: Tuple[fl
     """Regulariser weights ``w_t ∝ 1 / E||x1_hat(x_t) - x1||^2`` at FLAIR's times, normalised to mean 1
     (the model's offline denoising accuracy on clean images ``x_clean``; costs ``steps`` NFE once)."""
     ts = torch.linspace(t_range[0], t_range[1], steps).tolist()
-    n = torch.randn(x_clean.shape, generator=torch.Generator().manual_seed(int(seed)), dtype=x_clean.dtype)
+    n = initial_noise(x_clean.shape, seed, dtype=x_clean.dtype, device=x_clean.device)[0]
+    f = CountedVelocity(model, cond, check_finite=False)
     errs = []
     for t in ts:
         xt = t * x_clean + (1 - t) * n
-        v = model(xt, _tb(t, xt), **dict(cond or {}))
+        v = f(xt, t)
         errs.append(float((xt + (1 - t) * v - x_clean).pow(2).mean()))
     w = 1.0 / (torch.tensor(errs, dtype=torch.float64) + 1e-6)
     return (w / w.mean()).float()
@@ -176,21 +175,22 @@ def flair_calibration(model, x_clean: Tensor, steps: int = 50, t_range: Tuple[fl
 def _flair(model, op: Operator, y: Tensor, steps: int = 50, reg_weight: float = 0.5, data_steps: int = 5,
            t_range: Tuple[float, float] = (0.02, 0.98), t_project: float = 0.3, sigma_y: float = 0.0,
            calibration: Optional[Tensor] = None, cond: Optional[Dict[str, Any]] = None, seed: int = 0):
-    cond = dict(cond or {})
+    """A small FLAIR (Erbach et al. 2025): variational updates of ``mu`` with the flow-matching
+    regulariser ``w_t (mu - x1_hat)``, trajectory adjustment and hard data consistency."""
     mu = (op.pinv(y) if op.exact_pinv else op.adjoint(y)).detach()
-    n = _noise(y, op.shape, seed)
+    n = initial_noise((y.shape[0], *op.shape), seed, dtype=y.dtype, device=y.device)[0]
     ts = torch.linspace(t_range[0], t_range[1], steps).tolist()
     if calibration is not None and len(calibration) != steps:
         raise ValueError(f"flair: calibration has {len(calibration)} weights for {steps} steps")
     lr_data = 1.0 / operator_norm2(op)
     m = y[0].numel()
     stop = (float(sigma_y) ** 2) * m  # early stopping: residual at the noise level (per image)
-    nfe, data_iters = 0, 0
+    f = CountedVelocity(model, cond, check_finite=False)
+    data_iters = 0
     for i, t in enumerate(ts):
         xt = t * mu + (1 - t) * n
         with torch.no_grad():
-            v = model(xt, _tb(t, xt), **cond)
-        nfe += 1
+            v = f(xt, t, i)
         x1_hat = xt + (1 - t) * v
         w = float(reg_weight) * (float(calibration[i]) if calibration is not None else 1.0)
         mu = mu - min(w, 1.0) * (mu - x1_hat)          # regulariser step (SDS gradient, no backprop)
@@ -204,8 +204,8 @@ def _flair(model, op: Operator, y: Tensor, steps: int = 50, reg_weight: float = 
                 break
             mu = mu - lr_data * active * op.adjoint(r)
             data_iters += 1
-    return mu.detach(), nfe, {"reg_weight": reg_weight, "data_steps": data_steps, "data_iterations": data_iters,
-                              "t_project": t_project, "calibrated": calibration is not None, "backward_passes": 0}
+    return mu.detach(), f.nfe, {"reg_weight": reg_weight, "data_steps": data_steps, "data_iterations": data_iters,
+                                "t_project": t_project, "calibrated": calibration is not None, "backward_passes": 0}
 
 
 # ----------------------------------------------------------------------------- PMRF
@@ -308,33 +308,50 @@ class PMRF:
         from ..solvers import sample
 
         start = self.posterior_mean(y)
-        g = torch.Generator().manual_seed(int(seed))
-        x0 = start + self.sigma_s * torch.randn(start.shape, generator=g, dtype=start.dtype).to(start.device)
+        x0 = start + self.sigma_s * initial_noise(start.shape, seed, dtype=start.dtype, device=start.device)[0]
         res = sample(self.flow_model, x0, solver="euler", steps=steps)
         return res.x, res.nfe + 1, {"flow_nfe": res.nfe, "predictor_calls": 1, "sigma_s": self.sigma_s,
                                     "backward_passes": 0, "posterior_mean": start}
 
 
 # ----------------------------------------------------------------------------- one entry point
+def _pmrf(model, op: Operator, y: Tensor, **kw):
+    """PMRF (Ohayon et al. 2025): ``model`` is a fitted :class:`PMRF`; see :meth:`PMRF.fit`."""
+    if not isinstance(model, PMRF):
+        raise ValueError("method 'pmrf' needs a fitted PMRF object as model (see PMRF.fit)")
+    return model._restore(y, **kw)
+
+
+_METHODS = (("flowchef", _flowchef), ("dps", _dps), ("flair", _flair), ("pmrf", _pmrf))
+INVERSE_METHODS: Registry = Registry("restoration method")
+"""``run(model, op, y, **kw) -> (x, nfe, info)`` of every restoration method, by name."""
+for _name, _run in _METHODS:
+    INVERSE_METHODS.register(_name)(_run)
+
+METHODS: Tuple[str, ...] = tuple(name for name, _ in _METHODS)
+"""The restoration method names, in the order the CLI and the benchmarks list them."""
+
+
+def available_methods() -> List[str]:
+    """Names :func:`restore` accepts."""
+    return list(METHODS)
+
+
 def restore(method: str, model, op: Operator, y: Tensor, memory: bool = True, **kw) -> RestoreResult:
     """Run ``method`` (one of :data:`METHODS`) and time it; with ``memory`` measure its peak memory in
     a second identical run. ``model`` is the velocity model (a fitted :class:`PMRF` for ``pmrf``)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown restoration method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "pmrf":
-        if not isinstance(model, PMRF):
-            raise ValueError("method 'pmrf' needs a fitted PMRF object as model (see PMRF.fit)")
-        fn = lambda: model._restore(y, **kw)  # noqa: E731
-    else:
-        core = {"flowchef": _flowchef, "dps": _dps, "flair": _flair}[method]
-        fn = lambda: core(model, op, y, **kw)  # noqa: E731
+    if method not in INVERSE_METHODS:
+        raise UnknownNameError(f"unknown restoration method {method!r}; valid: {', '.join(METHODS)}")
+    name = INVERSE_METHODS.canonical(method)
+    run = INVERSE_METHODS.get(name)
+    fn = lambda: run(model, op, y, **kw)  # noqa: E731
     t0 = time.perf_counter()
     x, nfe, info = fn()
     seconds = time.perf_counter() - t0
     peak = None
     if memory:
         _, peak = peak_memory(fn, y.device)
-    return RestoreResult(x, nfe, seconds, peak, {"method": method, "operator": op.name, **info})
+    return RestoreResult(x, nfe, seconds, peak, {"method": name, "operator": op.name, **info})
 
 
 def flowchef(model, op: Operator, y: Tensor, steps: int = 50, step_size: float = 1.0, inner: int = 1,

@@ -36,8 +36,8 @@ from torch import Tensor
 from ..grids import make_grid
 from ..solvers import SampleResult, get_solver, sample, solve
 from ..solvers.base import CountedVelocity
+from ..solvers.noise import initial_noise
 from ..time import shift_time
-from .fast import initial_noise
 
 __all__ = ["bottleneck_sample", "UP_MODES"]
 
@@ -110,7 +110,7 @@ def bottleneck_sample(
         raise ValueError(f"stage_shift must be three positive numbers, got {list(stage_shift)}")
     if up_mode not in UP_MODES:
         raise ValueError(f"unknown up_mode {up_mode!r}; valid: {', '.join(UP_MODES)}")
-    x, generator = initial_noise(noise, generator, seed)
+    x, generator = initial_noise(noise, seed, generator)
     if generator is None:
         generator = torch.Generator(device=x.device).manual_seed(0 if seed is None else int(seed))
     if x.ndim != 4:

@@ -1,11 +1,12 @@
 """GPU-ready sampling: fixed-step loops without host synchronisation, ``torch.compile``, bf16, files.
 
-:func:`fast_solve` runs euler / midpoint / heun on a time grid held as a device tensor: step sizes
-and times are tensor slices (``ts[i]``, ``ts[i + 1] - ts[i]``), never Python floats pulled from the
-device, and nothing in the loop calls ``.item()``, ``bool(tensor)`` or a NaN check, so a CUDA
-stream never waits for the host and the loop can be captured in a CUDA graph (``torch.compile(...,
-mode="reduce-overhead")``). The NFE is known statically (``evals_per_step * steps``). Finiteness is
-checked once, after the loop (``check_finite``).
+:func:`fast_solve` runs the samplers of :data:`FAST_SAMPLERS` (euler / midpoint / heun, each a Butcher
+tableau stepped by :func:`~straightflow.solvers.rk.rk_step`) on a time grid held as a device tensor:
+step sizes and times are 0-d tensor slices (``ts[i]``, ``ts[i + 1] - ts[i]``), never Python floats
+pulled from the device, and nothing in the loop calls ``.item()``, ``bool(tensor)`` or a NaN check,
+so a CUDA stream never waits for the host and the loop can be captured in a CUDA graph
+(``torch.compile(..., mode="reduce-overhead")``). The NFE is known statically (``evals_per_step *
+steps``). Finiteness is checked once, after the loop (``check_finite``).
 
 ``bf16=True`` runs the *model* under ``torch.autocast(dtype=torch.bfloat16)`` while the state ``x``
 and the updates stay in the input dtype (float32): the velocity is cast back before it touches the
@@ -26,8 +27,9 @@ from __future__ import annotations
 import io as _io
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -35,15 +37,48 @@ from torch import Tensor, nn
 
 from ..grids import make_grid
 from ..io import atomic_write_bytes
+from ..registry import Registry, UnknownNameError
 from ..solvers import SampleResult
 from ..solvers.base import NonFiniteError
+from ..solvers.noise import initial_noise
+from ..solvers.rk import EULER, HEUN, MIDPOINT, Tableau, rk_step
 from ..time import resolution_shift
 
-__all__ = ["FAST_SOLVERS", "fast_solve", "fast_sample", "compile_model", "sample_to_files", "shift_for",
-           "shifted_grid_for", "can_compile"]
+__all__ = ["FAST_SAMPLERS", "FAST_SOLVERS", "FastSampler", "available_samplers", "fast_solve", "fast_sample",
+           "compile_model", "sample_to_files", "shift_for", "shifted_grid_for", "can_compile"]
 
-FAST_SOLVERS: Dict[str, int] = {"euler": 1, "midpoint": 2, "heun": 2}
-"""Solvers of the fast loop and their velocity evaluations per step."""
+
+@dataclass(frozen=True)
+class FastSampler:
+    """A sampler of the sync-free loop: one Butcher tableau, ``evals_per_step`` = its stages."""
+
+    name: str
+    tableau: Tableau
+
+    @property
+    def evals_per_step(self) -> int:
+        return self.tableau.stages
+
+
+_SAMPLERS = (FastSampler("euler", EULER), FastSampler("midpoint", MIDPOINT), FastSampler("heun", HEUN))
+FAST_SAMPLERS: Registry = Registry("fast sampler")
+for _s in _SAMPLERS:
+    FAST_SAMPLERS.register(_s.name)(_s)
+
+FAST_SOLVERS: Dict[str, int] = {s.name: s.evals_per_step for s in _SAMPLERS}
+"""Samplers of the fast loop and their velocity evaluations per step (from :data:`FAST_SAMPLERS`)."""
+
+
+def available_samplers() -> List[str]:
+    """Names :func:`fast_sample` accepts, in registration order."""
+    return [s.name for s in _SAMPLERS]
+
+
+def _sampler(name: str) -> FastSampler:
+    if name not in FAST_SAMPLERS:
+        raise UnknownNameError(f"fast sampling supports {', '.join(available_samplers())}; got {name!r} "
+                               "(use straightflow.sample for the other solvers)")
+    return FAST_SAMPLERS.get(name)
 
 
 def shift_for(resolution: Union[int, Sequence[int]], base_resolution: Union[int, Sequence[int]] = 32) -> float:
@@ -73,8 +108,9 @@ def compile_model(model: nn.Module, mode: Optional[str] = None, backend: str = "
     return torch.compile(model, mode=mode, backend=backend, dynamic=False)
 
 
-def _velocity(model: Callable, cond: Dict[str, Any], bf16: bool, device_type: str) -> Callable[[Tensor, Tensor], Tensor]:
-    def f(x: Tensor, t: Tensor) -> Tensor:
+def _velocity(model: Callable, cond: Dict[str, Any], bf16: bool,
+              device_type: str) -> Callable[[Tensor, Tensor, int], Tensor]:
+    def f(x: Tensor, t: Tensor, i: int = -1) -> Tensor:
         tb = t.expand(x.shape[0])
         if bf16:
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
@@ -87,40 +123,17 @@ def _velocity(model: Callable, cond: Dict[str, Any], bf16: bool, device_type: st
 
 def fast_solve(model: Callable, x: Tensor, ts: Tensor, solver: str = "euler", cond: Optional[Dict[str, Any]] = None,
                bf16: bool = False) -> Tensor:
-    """Integrate ``dx/dt = model(x, t, **cond)`` along the tensor grid ``ts`` with no host syncs.
+    """Integrate ``dx/dt = model(x, t, **cond)`` along the tensor grid ``ts`` with no host syncs:
+    ``x <- rk_step(x, t_i, h_i)`` with the sampler's tableau and ``t_i``, ``h_i = t_{i+1} - t_i`` 0-d tensors.
 
     ``ts`` must be a 1-D tensor on ``x``'s device (any dtype; it is cast to ``x.dtype`` once).
     """
-    if solver not in FAST_SOLVERS:
-        raise ValueError(f"fast sampling supports {', '.join(FAST_SOLVERS)}; got {solver!r} "
-                         "(use straightflow.sample for the other solvers)")
+    tableau = _sampler(solver).tableau
     ts = ts.to(device=x.device, dtype=x.dtype)
     f = _velocity(model, dict(cond or {}), bf16, x.device.type)
-    n = ts.shape[0] - 1
-    for i in range(n):
-        t, h = ts[i], ts[i + 1] - ts[i]
-        if solver == "euler":
-            x = x + h * f(x, t)
-        elif solver == "midpoint":
-            k1 = f(x, t)
-            x = x + h * f(x + 0.5 * h * k1, t + 0.5 * h)
-        else:  # heun
-            k1 = f(x, t)
-            k2 = f(x + h * k1, ts[i + 1])
-            x = x + 0.5 * h * (k1 + k2)
+    for i in range(ts.shape[0] - 1):
+        x = rk_step(f, x, ts[i], ts[i + 1] - ts[i], tableau, i=i)
     return x
-
-
-def initial_noise(noise: Union[Tensor, Sequence[int]], generator: Optional[torch.Generator] = None,
-                  seed: Optional[int] = None):
-    """``(x0, generator)``: ``noise`` itself when it is a tensor, else N(0, I) of that shape drawn from
-    ``generator`` (a CPU one seeded with ``seed`` when None, returned so that callers can go on
-    drawing from it)."""
-    if torch.is_tensor(noise):
-        return noise, generator
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    return torch.randn(tuple(int(s) for s in noise), generator=generator), generator
 
 
 @torch.no_grad()
@@ -143,24 +156,21 @@ def fast_sample(
 
     ``compile=True`` wraps ``model`` with :func:`compile_model` (the first call pays the
     compilation); pass an already compiled model to reuse it across calls. ``.nfe`` is
-    ``FAST_SOLVERS[solver] * steps``.
+    ``evals_per_step * steps`` of the sampler (:data:`FAST_SAMPLERS`).
     """
-    if solver not in FAST_SOLVERS:
-        raise ValueError(f"fast sampling supports {', '.join(FAST_SOLVERS)}; got {solver!r}")
+    sampler = _sampler(solver)
     is_tensor = isinstance(grid, Tensor) or isinstance(grid, (list, tuple))
     g = make_grid(grid, None if is_tensor else steps, **(grid_options or {}))
     if float(g[0]) > float(g[-1]):
         raise ValueError("fast_sample integrates towards the data (increasing t)")
-    x, generator = initial_noise(noise, generator, seed)
-    if device is not None:
-        x = x.to(device)
+    x, generator = initial_noise(noise, seed, generator, device=device)
     cond = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in (cond or {}).items()}
     net = compile_model(model) if compile else model
     out = fast_solve(net, x, g, solver, cond=cond, bf16=bf16)
     if check_finite and not bool(torch.isfinite(out).all()):
         raise NonFiniteError(f"fast sampling ({solver}) produced NaN/Inf")
     steps_done = g.numel() - 1
-    return SampleResult(x=out, nfe=FAST_SOLVERS[solver] * steps_done, times=g,
+    return SampleResult(x=out, nfe=sampler.evals_per_step * steps_done, times=g,
                         info={"solver": solver, "steps": steps_done, "bf16": bf16, "compiled": bool(compile)})
 
 
@@ -247,8 +257,7 @@ def sample_to_files(
             if part.is_file():
                 bar.update(hi - lo)
                 continue
-            g = torch.Generator().manual_seed(int(seed) + b)
-            noise = torch.randn((hi - lo, *shape), generator=g)
+            noise, _ = initial_noise((hi - lo, *shape), seed=int(seed) + b)
             cond = {}
             y = None
             if k:

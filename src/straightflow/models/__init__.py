@@ -18,6 +18,7 @@ from .autoencoder import Autoencoder
 from .blockwise import BlockwiseFlow
 from .dit import DiT
 from .mlp import MLP
+from .shape import sample_shape
 from .unet import UNet
 
 MODELS: Registry = Registry("model")
@@ -29,7 +30,7 @@ MODELS.register("autoencoder", aliases=("ae",))(Autoencoder)
 
 __all__ = [
     "MODELS", "MLP", "UNet", "DiT", "Autoencoder", "BlockwiseFlow", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
-    "build_model", "available", "count_parameters",
+    "build_model", "available", "count_parameters", "sample_shape",
 ]
 
 

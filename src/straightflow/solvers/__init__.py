@@ -5,7 +5,7 @@ count. ``sample`` accepts any velocity callable ``v = model(x, t, **cond)``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -21,9 +21,10 @@ from . import multistep  # noqa: F401  (registers ab2, ab3, ab4, plms/pndm, hb, 
 from . import adaptive  # noqa: F401  (registers dopri5)
 from . import sde  # noqa: F401  (registers sde/euler_maruyama)
 from .guidance import ClassifierFreeGuidance
+from .noise import initial_noise
 
 __all__ = ["sample", "invert", "available", "get_solver", "SampleResult", "NonFiniteError",
-           "register_solver", "SolverSpec", "ClassifierFreeGuidance", "solve"]
+           "register_solver", "SolverSpec", "ClassifierFreeGuidance", "solve", "initial_noise", "CountedVelocity"]
 
 
 def available() -> list:
@@ -33,17 +34,6 @@ def available() -> list:
 
 def get_solver(name: str) -> SolverSpec:
     return SOLVERS.get(name)
-
-
-def _noise(noise: Union[Tensor, Sequence[int]], seed: Optional[int], generator: Optional[torch.Generator]) -> Tensor:
-    if torch.is_tensor(noise):
-        if not noise.is_floating_point():
-            raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
-        return noise
-    shape = tuple(int(s) for s in noise)
-    if generator is None:
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    return torch.randn(shape, generator=generator)
 
 
 def solve(
@@ -119,7 +109,7 @@ def sample(
     evaluations per sample, guided rows included) and ``.trajectory`` when asked.
     """
     SOLVERS.canonical(solver)  # fail on a bad name before any work
-    x = _noise(noise, seed, generator)
+    x, _ = initial_noise(noise, seed, generator)
     if generator is None and seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
     g = make_grid(grid, None if _is_explicit(grid) else steps, t0=t0, t1=t1, **(grid_options or {}))

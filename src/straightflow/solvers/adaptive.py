@@ -3,7 +3,7 @@
 The grid only gives the interval and the times at which the state is reported: the solver picks
 its own steps from the error estimate, so its cost is whatever ``f`` counts (``res.nfe``), not
 ``evals_per_step * steps``. Run it in float64 for references: in float32 tolerances below about
-1e-6 are not reachable.
+1e-6 are not reachable. Registered with ``adaptive=True``: :func:`.multistep.exact_nfe` refuses it.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from .base import register_solver
 
 __all__ = ["dopri5"]
 
-# Dormand & Prince (1980) tableau; the 5th-order weights are the last row of A (FSAL).
+# Dormand & Prince (1980) tableau; the 5th-order weights are the last row of A (FSAL). It stays here,
+# not in .rk: the step needs the embedded error weights _E and reuses its last stage (FSAL), which
+# rk.rk_step (one fixed-step update) does not do.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _A = (
     (),
@@ -45,7 +47,7 @@ def _rms(x):
     return float(x.reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt().max()) if x.ndim > 1 else float(x.pow(2).mean().sqrt())
 
 
-@register_solver("dopri5", order=5, evals_per_step=6, aliases=("dormand_prince", "rk45"))
+@register_solver("dopri5", order=5, evals_per_step=6, aliases=("dormand_prince", "rk45"), adaptive=True)
 def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
            max_steps: int = 100_000, hit_grid: bool = True):
     """Adaptive Dormand-Prince 5(4) (Dormand & Prince 1980) with FSAL and a PI step-size controller.

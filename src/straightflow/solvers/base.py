@@ -9,7 +9,7 @@ grid time (it builds the trajectory).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -23,7 +23,12 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class SolverSpec:
-    """A registered solver: the function and what the benchmarks and the CLI need to know."""
+    """A registered solver: the function and what the benchmarks and the CLI need to know.
+
+    ``cost(steps, **options)`` is the exact NFE when it is not ``evals_per_step * steps`` (warm-up
+    steps, a cheaper last step); ``adaptive`` solvers choose their own steps from an error
+    estimate, so their NFE is known only after the solve (``SampleResult.nfe``).
+    """
 
     name: str
     fn: Callable
@@ -32,7 +37,8 @@ class SolverSpec:
     stochastic: bool = False
     needs_path: bool = False
     doc: str = ""
-    cost: Optional[Callable[..., int]] = None  # exact NFE for (steps, **options) when not evals_per_step * steps
+    cost: Optional[Callable[..., int]] = None
+    adaptive: bool = False
 
     def nfe(self, steps: int, **options) -> int:
         """Velocity evaluations for ``steps`` steps with these solver options (warm-ups included)."""
@@ -51,18 +57,20 @@ class SolverSpec:
 SOLVERS: Registry = Registry("solver")
 
 
-def register_solver(name: str, order: int, evals_per_step: int, aliases=(), stochastic: bool = False,
-                    needs_path: bool = False):
+def register_solver(name: str, order: int, evals_per_step: int, aliases: Sequence[str] = (), stochastic: bool = False,
+                    needs_path: bool = False, cost: Optional[Callable[..., int]] = None,
+                    adaptive: bool = False) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` under ``name`` with its order and cost per step.
 
     ``stochastic`` solvers receive ``generator=``; ``needs_path`` solvers (those working in log-SNR
     or with data/noise predictions) receive ``path=`` (an :class:`~straightflow.paths.AffinePath`).
+    ``cost`` and ``adaptive``: see :class:`SolverSpec`.
     """
 
-    def deco(fn):
+    def deco(fn: Callable) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         SOLVERS.register(name, aliases=aliases)(
-            SolverSpec(name, fn, order, evals_per_step, stochastic, needs_path, doc))
+            SolverSpec(name, fn, order, evals_per_step, stochastic, needs_path, doc, cost, adaptive))
         return fn
 
     return deco
@@ -90,33 +98,43 @@ def lincomb(terms: Sequence[Tuple[float, Tensor]]) -> Tensor:
 
 
 class CountedVelocity:
-    """``f(x, t, i)``: evaluates ``model(x, t_batch, **cond)``, counts NFE, checks finiteness.
+    """``f(x, t, i)``: evaluates ``model(x, t_batch, **cond)``, counts the evaluations, checks finiteness.
 
-    ``nfe`` counts evaluations of the whole batch; a model that really computes several rows per
-    sample (classifier-free guidance batches conditional and unconditional rows) declares
-    ``evals_per_call`` and is charged that many. ``check_finite`` costs a pass over the output
-    and one host sync per call: :func:`straightflow.solvers.solve` runs its loop unchecked and
-    replays a failed solve with the check on, to name the step.
+    ``t`` may be a Python float, a 0-d or 1-element tensor (broadcast to the batch) or a ``(B,)``
+    tensor. Counters: ``calls`` (model calls), ``nfe`` (evaluations per sample: a model that
+    really computes several rows per sample, like classifier-free guidance batching conditional
+    and unconditional rows, declares ``evals_per_call`` and is charged that many) and ``rows``
+    (batch rows computed, ``B * evals_per_call`` summed over calls); ``reset()`` zeroes them.
+    Keyword arguments of a call are conditioning added to ``cond`` for that call only.
+    ``check_finite`` costs a pass over the output and one host sync per call:
+    :func:`straightflow.solvers.solve` runs its loop unchecked and replays a failed solve with the
+    check on, to name the step.
     """
 
     def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None, check_finite: bool = True) -> None:
         self.model = model
         self.cond = dict(cond or {})
         self.check_finite = check_finite
-        self.nfe = 0
+        self.nfe = self.calls = self.rows = 0
 
-    def __call__(self, x: Tensor, t: Tensor | float, i: int = -1) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
-        v = self.model(x, tb, **self.cond)
-        self.nfe += int(getattr(self.model, "evals_per_call", 1))
+    def reset(self) -> None:
+        self.nfe = self.calls = self.rows = 0
+
+    def __call__(self, x: Tensor, t: Union[Tensor, float], i: int = -1, **cond: Any) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
+        tb = t.expand(x.shape[0]) if t.numel() == 1 else t
+        v = self.model(x, tb, **({**self.cond, **cond} if cond else self.cond))
+        evals = int(getattr(self.model, "evals_per_call", 1))  # read after the call: guidance may change it
+        self.calls += 1
+        self.nfe += evals
+        self.rows += evals * int(x.shape[0])
         if v.shape != x.shape:
             raise ValueError(f"velocity model returned shape {tuple(v.shape)} for input {tuple(x.shape)}")
         # one reduction + one host sync: the sum is finite iff every entry is, barring overflow of
         # the sum itself, which the exact check below rules out before raising
         if self.check_finite and not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
             raise NonFiniteError(
-                f"velocity became NaN/Inf at step {i} (t = {float(t.reshape(-1)[0]):.6g}); "
+                f"velocity became NaN/Inf at step {i} (t = {float(t[0]):.6g}); "
                 "check the model, the input noise, and the conditioning"
             )
         return v

@@ -35,10 +35,9 @@ import torch
 
 from ..paths import AffinePath
 from .base import lincomb, register_solver
-from .dpm import _path, _x1_coefs, _x1_fast
+from .logsnr import alpha_sigma, as_path, x1_coefficients, x1_from_velocity
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(24)
-_ZERO = 1e-12
 
 
 def _quadrature(s: float, t: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -70,9 +69,8 @@ def _lagrange(nodes: Sequence[float]) -> List[np.ndarray]:
 
 
 def _coefs(path: AffinePath, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    tt = torch.as_tensor(t, dtype=torch.float64)
-    a, s = path.alpha(tt).numpy(), path.sigma(tt).numpy()
-    return np.where(np.abs(a) < _ZERO, 0.0, a), np.where(np.abs(s) < _ZERO, 0.0, s)
+    a, s = alpha_sigma(path, t)
+    return a.numpy(), s.numpy()
 
 
 _CACHE: Dict[tuple, Tuple[float, List[float]]] = {}
@@ -114,16 +112,16 @@ def _step_weights(path: AffinePath, s: float, t: float, nodes: Sequence[float]) 
 def _deis(f, x, ts, path, order: int, corrector: bool, lower_order_final: bool, callback):
     if order not in (1, 2, 3):
         raise ValueError(f"deis order must be 1, 2 or 3, got {order!r}")
-    path = _path(path)
+    path = as_path(path)
     n = len(ts) - 1
     a_all, s_all = _coefs(path, np.asarray(ts, dtype=np.float64))
     tdt = dict(dtype=x.dtype, device=x.device)
-    cm = _x1_coefs(path, ts)
+    cm = x1_coefficients(path, ts)
     hist: list = []   # (tau, m), newest first
     prev = None       # (x_s, history used as the corrector's older nodes)
     for i in range(n):
         v = f(x, ts[i], i)
-        m = _x1_fast(cm[i], x, v)
+        m = x1_from_velocity(cm[i], x, v)
         if prev is not None:
             x_s, older = prev
             if corrector:

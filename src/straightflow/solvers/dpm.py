@@ -19,8 +19,8 @@ Endpoints. On the linear path ``alpha(0) = 0`` (``lam = -inf``) and ``sigma(1) =
 ``sigma_s > 0``; a step that starts at ``sigma_s = 0`` (inversion from t = 1) uses the equal DDIM
 form ``alpha_t m_s + sigma_t x0_hat_s``. A step that starts or ends at an infinite ``lam`` has an
 infinite ``h``, so it is always first order, and an evaluation at an infinite ``lam`` is never
-used as history (the multistep methods warm up again after it). Values of alpha, sigma below
-1e-12 count as 0 (``cos(pi / 2)`` is 6e-17 in floating point, not 0).
+used as history (the multistep methods warm up again after it). The log-SNR helpers (``lam``,
+``x1_hat``, ``H_k``, the first-order step, the warm-up orders) are in :mod:`.logsnr`.
 
 Inversion (decreasing ``ts``, ``h < 0``) uses the same formulas and is supported by every method
 here.
@@ -28,162 +28,35 @@ here.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
 
 import torch
+from torch import Tensor
 
-from ..paths import AffinePath, get_path
+from ..paths import AffinePath
 from .base import lincomb, register_solver
-
-_ZERO = 1e-12
-
-
-# ---------------------------------------------------------------------- shared helpers
-def _ab(path: AffinePath, t: float) -> Tuple[float, float, float]:
-    """``alpha, sigma, lam`` at ``t`` as Python floats (float64), tiny values snapped to 0."""
-    tt = torch.tensor(float(t), dtype=torch.float64)
-    a, s = float(path.alpha(tt)), float(path.sigma(tt))
-    a = 0.0 if abs(a) < _ZERO else a
-    s = 0.0 if abs(s) < _ZERO else s
-    if a <= 0.0:
-        lam = -math.inf
-    elif s <= 0.0:
-        lam = math.inf
-    else:
-        lam = math.log(a) - math.log(s)
-    return a, s, lam
+from .logsnr import (alpha_sigma_lambda, as_path, derivative_weights, first_order_step, hphi, order_now, push_history,
+                     t_of_lambda, x1_coefficients, x1_from_velocity)
 
 
-def _ab_grid(path: AffinePath, ts) -> List[Tuple[float, float, float]]:
-    """:func:`_ab` for every grid time in one vectorised evaluation."""
-    tt = torch.as_tensor(ts, dtype=torch.float64)
-    A, S = path.alpha(tt).tolist(), path.sigma(tt).tolist()
-    out = []
-    for a, s in zip(A, S):
-        a = 0.0 if abs(a) < _ZERO else a
-        s = 0.0 if abs(s) < _ZERO else s
-        lam = -math.inf if a <= 0.0 else (math.inf if s <= 0.0 else math.log(a) - math.log(s))
-        out.append((a, s, lam))
-    return out
-
-
-def _x1_coefs(path: AffinePath, ts) -> List[Tuple[float, float]]:
-    """``(c_x, c_v)`` with ``x1_hat = c_x x + c_v v`` at every grid time (the path's 2x2 inverse)."""
-    tt = torch.as_tensor(ts, dtype=torch.float64)
-    a, s, da, ds = path.alpha(tt), path.sigma(tt), path.d_alpha(tt), path.d_sigma(tt)
-    det = a * ds - s * da
-    det = torch.where(det.abs() < _ZERO, torch.full_like(det, _ZERO) * torch.where(det < 0, -1.0, 1.0), det)
-    return list(zip((ds / det).tolist(), (-s / det).tolist()))
-
-
-def _x1_fast(c, x, v):
-    cx, cv = c
-    return torch.add(x, v, alpha=cv) if cx == 1.0 else lincomb([(cx, x), (cv, v)])
-
-
-def _derivative_weights(lams: List[float]) -> List[List[float]]:
-    """Weights ``w[d][j]`` with ``m^{(d+1)}(lam_0) = sum_j w[d][j] m_j`` for the interpolating
-    polynomial through ``(lams[j], m_j)`` (newest first; at most 3 points): the divided
-    differences of :func:`_derivatives` as scalars, so a step is one linear combination."""
-    if len(lams) == 1:
-        return []
-    l0, l1 = lams[0], lams[1]
-    f01 = [1.0 / (l0 - l1), -1.0 / (l0 - l1), 0.0]
-    if len(lams) == 2:
-        return [f01[:2]]
-    l2 = lams[2]
-    f12 = [0.0, 1.0 / (l1 - l2), -1.0 / (l1 - l2)]
-    f012 = [(a - b) / (l0 - l2) for a, b in zip(f01, f12)]
-    return [[a + (l0 - l1) * b for a, b in zip(f01, f012)], [2.0 * b for b in f012]]
-
-
-def _t_of_lam(path: AffinePath, lam: float) -> float:
-    """Time with ``log(alpha / sigma) = lam`` (the path's ``t_from_log_snr`` of ``2 lam``)."""
-    return float(path.t_from_log_snr(torch.tensor(2.0 * lam, dtype=torch.float64)))
-
-
-def _hphi(k: int, h: float) -> float:
-    """``H_k(h) = h^k phi_k(-h) = int_0^h e^{u - h} u^{k-1} / (k-1)! du`` (series for |h| < 1)."""
-    if abs(h) < 1.0:
-        term, total = h**k / math.factorial(k), 0.0
-        for j in range(40):
-            total += term
-            term *= -h / (k + j + 1)
-        return total
-    val = -math.expm1(-h)  # H_1
-    for j in range(1, k):
-        val = h**j / math.factorial(j) - val  # H_{j+1} = h^j / j! - H_j
-    return val
-
-
-def _x1(path: AffinePath, v, x, t: float):
+def _x1(path: AffinePath, v: Tensor, x: Tensor, t: float) -> Tensor:
     return path.velocity_to_x1(v, x, torch.as_tensor(t, dtype=x.dtype, device=x.device))
-
-
-def _first_order(path, x, m, v, t_s, ab_s, ab_t):
-    """``x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) m_s`` in its finite ratio form."""
-    a_s, s_s, _ = ab_s
-    a_t, s_t, _ = ab_t
-    if s_s > 0.0:
-        r = s_t / s_s
-        return r * x + (a_t - a_s * r) * m
-    # sigma_s = 0 (lam_s = +inf, inversion starting at the data): DDIM with both predictions
-    x0 = path.velocity_to_x0(v, x, torch.as_tensor(t_s, dtype=x.dtype, device=x.device))
-    return a_t * m + s_t * x0
-
-
-def _derivatives(hist: List[Tuple[float, object]]):
-    """``lam``-derivatives of the interpolating polynomial through ``hist`` (newest last) at the
-    newest point: ``[m', m'']`` (as many as ``len(hist) - 1``, at most 2)."""
-    (l0, m0) = hist[-1]
-    if len(hist) == 1:
-        return []
-    (l1, m1) = hist[-2]
-    f01 = (m0 - m1) / (l0 - l1)
-    if len(hist) == 2:
-        return [f01]
-    (l2, m2) = hist[-3]
-    f12 = (m1 - m2) / (l1 - l2)
-    f012 = (f01 - f12) / (l0 - l2)
-    return [f01 + (l0 - l1) * f012, 2.0 * f012]
-
-
-def _push_history(hist: List[Tuple[float, object]], lam: float, m, order: int) -> List[Tuple[float, object]]:
-    """Append ``(lam, m)`` keeping the newest ``order`` points; an evaluation at infinite ``lam``
-    (t = 0 or t = 1) is unusable as history, so it empties it (the multistep method warms up again)."""
-    return (hist + [(lam, m)])[-order:] if math.isfinite(lam) else []
-
-
-def _order_now(order: int, n_hist: int, i: int, n: int, lower_order_final: bool, lam_s: float, lam_t: float) -> int:
-    """Order of step ``i`` of ``n``: history-limited (warm-up), lower on the last steps when
-    ``lower_order_final`` and ``n < 15`` (as the reference implementations do), 1 at infinite lam."""
-    k = min(order, max(n_hist, 1))
-    if lower_order_final and n < 15:
-        k = min(k, n - i)
-    if not (math.isfinite(lam_s) and math.isfinite(lam_t)):
-        k = 1
-    return k
-
-
-def _path(path) -> AffinePath:
-    return get_path("linear" if path is None else path)
 
 
 # ---------------------------------------------------------------------- multistep
 def _multistep(f, x, ts, path, order, lower_order_final, callback):
-    path = _path(path)
+    path = as_path(path)
     n = len(ts) - 1
-    ab = _ab_grid(path, ts)
-    cm = _x1_coefs(path, ts)
+    ab = alpha_sigma_lambda(path, ts)
+    cm = x1_coefficients(path, ts)
     hist: list = []  # (lam, x1_hat) at finite lam, newest last
     for i in range(n):
         v = f(x, ts[i], i)
-        m = _x1_fast(cm[i], x, v)
+        m = x1_from_velocity(cm[i], x, v)
         (a_s, s_s, lam_s), (a_t, s_t, lam_t) = ab[i], ab[i + 1]
-        hist = _push_history(hist, lam_s, m, order)
-        k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
+        hist = push_history(hist, lam_s, m, order)
+        k = order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
         if s_s <= 0.0:  # from the data (inversion): DDIM with both predictions
-            x = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
+            x = first_order_step(path, x, m, v, ts[i], ab[i], ab[i + 1])
         else:
             # x_t = r x_s + (a_t - a_s r) m_s + a_t [H_2 m' + H_3 m''], m^(d) = sum_j w[d][j] m_j
             r = s_t / s_s
@@ -191,8 +64,8 @@ def _multistep(f, x, ts, path, order, lower_order_final, callback):
             coef = [a_t - a_s * r] + [0.0] * (len(pts) - 1)
             if k >= 2:
                 h = lam_t - lam_s
-                for d, w in enumerate(_derivative_weights([p[0] for p in pts])):
-                    hk = a_t * _hphi(d + 2, h)
+                for d, w in enumerate(derivative_weights([p[0] for p in pts])):
+                    hk = a_t * hphi(d + 2, h)
                     coef = [c + hk * wj for c, wj in zip(coef, w)]
             x = lincomb([(r, x)] + [(c, p[1]) for c, p in zip(coef, pts)])
         if callback is not None:
@@ -235,32 +108,32 @@ def dpmpp_3m(f, x, ts, callback=None, path=None, lower_order_final: bool = True)
 
 # ---------------------------------------------------------------------- singlestep
 def _singlestep(f, x, ts, path, order, r1, callback):
-    path = _path(path)
+    path = as_path(path)
     n = len(ts) - 1
-    ab = [_ab(path, t) for t in ts]
+    ab = alpha_sigma_lambda(path, ts)
     for i in range(n):
-        s, t = ts[i], ts[i + 1]
+        s = ts[i]
         v = f(x, s, i)
         m = _x1(path, v, x, s)
-        x_t = _first_order(path, x, m, v, s, ab[i], ab[i + 1])
+        x_t = first_order_step(path, x, m, v, s, ab[i], ab[i + 1])
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
         if math.isfinite(lam_s) and math.isfinite(lam_t):
             h = lam_t - lam_s
             if order == 2:
-                t_u = _t_of_lam(path, lam_s + r1 * h)
-                ab_u = _ab(path, t_u)
-                x_u = _first_order(path, x, m, v, s, ab[i], ab_u)
+                t_u = t_of_lambda(path, lam_s + r1 * h)
+                ab_u = alpha_sigma_lambda(path, [t_u])[0]
+                x_u = first_order_step(path, x, m, v, s, ab[i], ab_u)
                 m_u = _x1(path, f(x_u, t_u, i), x_u, t_u)
-                x_t = x_t + ab[i + 1][0] * (_hphi(2, h) / (r1 * h)) * (m_u - m)
+                x_t = x_t + ab[i + 1][0] * (hphi(2, h) / (r1 * h)) * (m_u - m)
             else:
                 q1, q2 = r1, 2.0 / 3.0
-                t_1, t_2 = _t_of_lam(path, lam_s + q1 * h), _t_of_lam(path, lam_s + q2 * h)
-                ab_1, ab_2 = _ab(path, t_1), _ab(path, t_2)
-                x_1 = _first_order(path, x, m, v, s, ab[i], ab_1)
+                t_1, t_2 = t_of_lambda(path, lam_s + q1 * h), t_of_lambda(path, lam_s + q2 * h)
+                ab_1, ab_2 = alpha_sigma_lambda(path, [t_1, t_2])
+                x_1 = first_order_step(path, x, m, v, s, ab[i], ab_1)
                 m_1 = _x1(path, f(x_1, t_1, i), x_1, t_1)
-                x_2 = _first_order(path, x, m, v, s, ab[i], ab_2) + ab_2[0] * (_hphi(2, q2 * h) / (q1 * h)) * (m_1 - m)
+                x_2 = first_order_step(path, x, m, v, s, ab[i], ab_2) + ab_2[0] * (hphi(2, q2 * h) / (q1 * h)) * (m_1 - m)
                 m_2 = _x1(path, f(x_2, t_2, i), x_2, t_2)
-                x_t = x_t + ab[i + 1][0] * (_hphi(2, h) / (q2 * h)) * (m_2 - m)
+                x_t = x_t + ab[i + 1][0] * (hphi(2, h) / (q2 * h)) * (m_2 - m)
         x = x_t
         if callback is not None:
             callback(i + 1, ts[i + 1], x)

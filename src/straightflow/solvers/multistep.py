@@ -11,12 +11,12 @@ Notation: ``h_i = t_{i+1} - t_i``, ``f_i = v(x_i, t_i)``.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import math
+from functools import partial
 from typing import List, Sequence
 
 from .base import SOLVERS, register_solver
+from .rk import HEUN, RK3, RK4, rk_step
 
 __all__ = ["ab_coefficients", "exact_nfe", "steps_for_nfe", "ab2", "ab3", "ab4", "plms", "hb", "ghvb", "heun_pc"]
 
@@ -71,20 +71,7 @@ def _ghvb_weights(m: int, beta: float) -> List[float]:
 
 # ----------------------------------------------------------------------------- Runge-Kutta warm-up
 
-def _rk_step(f, x, t, h, i, k1, order: int):
-    """One explicit RK step of ``order`` 1-4 from ``(x, t)`` whose first stage ``k1 = f(x, t)`` is given."""
-    if order == 1:
-        return x + h * k1
-    if order == 2:  # Heun
-        return x + 0.5 * h * (k1 + f(x + h * k1, t + h, i))
-    if order == 3:  # Kutta's third-order method
-        k2 = f(x + 0.5 * h * k1, t + 0.5 * h, i)
-        k3 = f(x + h * (2 * k2 - k1), t + h, i)
-        return x + (h / 6) * (k1 + 4 * k2 + k3)
-    k2 = f(x + 0.5 * h * k1, t + 0.5 * h, i)  # classic RK4
-    k3 = f(x + 0.5 * h * k2, t + 0.5 * h, i)
-    k4 = f(x + h * k3, t + h, i)
-    return x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+_WARMUP_RK = {2: HEUN, 3: RK3, 4: RK4}  # the warm-up's explicit RK of each order (Heun, Kutta, classic)
 
 
 def _warmup_plan(k: int, warmup: str, steps: int) -> List[tuple]:
@@ -104,6 +91,28 @@ def _warmup_plan(k: int, warmup: str, steps: int) -> List[tuple]:
     return plan
 
 
+def _check_steps(steps: int) -> int:
+    n = int(steps)
+    if n < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return n
+
+
+def _adams_cost(k: int, steps: int, warmup: str = "minimal", **_) -> int:
+    """Exact NFE of an order-``k`` Adams method: 1 per AB step, ``order`` per RK warm-up step
+    (``ab3`` 10 steps = 11 NFE, ``plms`` 20 steps = 29 NFE)."""
+    return sum(1 if kind == "ab" else order for kind, order in _warmup_plan(k, warmup, _check_steps(steps)))
+
+
+def _plms_cost(steps: int, **_) -> int:
+    return _adams_cost(4, steps, "rk4")
+
+
+def _heun_pc_cost(steps: int, exact_steps: int = 1, **_) -> int:
+    n, e = _check_steps(steps), int(exact_steps)
+    return 2 * n if n <= e else n + e
+
+
 def _adams(f, x, ts, callback, k: int, warmup: str):
     hist_t, hist_f = [], []
     for i, (kind, order) in enumerate(_warmup_plan(k, warmup, len(ts) - 1)):
@@ -112,7 +121,7 @@ def _adams(f, x, ts, callback, k: int, warmup: str):
         hist_f.insert(0, f(x, t, i))
         del hist_t[k:], hist_f[k:]
         if kind == "rk":
-            x = _rk_step(f, x, t, h, i, hist_f[0], order)
+            x = rk_step(f, x, t, h, _WARMUP_RK[order], k1=hist_f[0], i=i)
         else:
             b = ab_coefficients(hist_t[:order], ts[i + 1])
             x = x + h * sum(bj * fj for bj, fj in zip(b, hist_f[:order]))
@@ -123,7 +132,8 @@ def _adams(f, x, ts, callback, k: int, warmup: str):
 
 # ----------------------------------------------------------------------------- Adams-Bashforth
 
-@register_solver("ab2", order=2, evals_per_step=1, aliases=("adams_bashforth2",))
+@register_solver("ab2", order=2, evals_per_step=1, aliases=("adams_bashforth2",),
+                 cost=partial(_adams_cost, 2))
 def ab2(f, x, ts, callback=None, warmup: str = "minimal"):
     """Adams-Bashforth 2 with variable steps: ``x_{n+1} = x_n + h_n (b_0 f_n + b_1 f_{n-1})``.
 
@@ -135,7 +145,8 @@ def ab2(f, x, ts, callback=None, warmup: str = "minimal"):
     return _adams(f, x, ts, callback, 2, warmup)
 
 
-@register_solver("ab3", order=3, evals_per_step=1, aliases=("adams_bashforth3",))
+@register_solver("ab3", order=3, evals_per_step=1, aliases=("adams_bashforth3",),
+                 cost=partial(_adams_cost, 3))
 def ab3(f, x, ts, callback=None, warmup: str = "minimal"):
     """Adams-Bashforth 3 with variable steps: ``x_{n+1} = x_n + h_n sum_{j<3} b_j f_{n-j}``.
 
@@ -146,7 +157,8 @@ def ab3(f, x, ts, callback=None, warmup: str = "minimal"):
     return _adams(f, x, ts, callback, 3, warmup)
 
 
-@register_solver("ab4", order=4, evals_per_step=1, aliases=("adams_bashforth4",))
+@register_solver("ab4", order=4, evals_per_step=1, aliases=("adams_bashforth4",),
+                 cost=partial(_adams_cost, 4))
 def ab4(f, x, ts, callback=None, warmup: str = "minimal"):
     """Adams-Bashforth 4 with variable steps: ``x_{n+1} = x_n + h_n sum_{j<4} b_j f_{n-j}``.
 
@@ -157,7 +169,7 @@ def ab4(f, x, ts, callback=None, warmup: str = "minimal"):
     return _adams(f, x, ts, callback, 4, warmup)
 
 
-@register_solver("plms", order=4, evals_per_step=1, aliases=("pndm",))
+@register_solver("plms", order=4, evals_per_step=1, aliases=("pndm",), cost=_plms_cost)
 def plms(f, x, ts, callback=None):
     """PNDM's pseudo linear multistep (Liu et al. 2022): three RK4 warm-up steps, then 4th-order AB.
 
@@ -249,7 +261,8 @@ def ghvb(f, x, ts, callback=None, order: float = 1.5):
 
 # ----------------------------------------------------------------------------- FlowTurbo
 
-@register_solver("heun_pc", order=2, evals_per_step=1, aliases=("flowturbo", "pseudo_corrector"))
+@register_solver("heun_pc", order=2, evals_per_step=1, aliases=("flowturbo", "pseudo_corrector"),
+                 cost=_heun_pc_cost)
 def heun_pc(f, x, ts, callback=None, exact_steps: int = 1):
     """Heun with FlowTurbo's pseudo corrector (Zhao et al. 2024, "FlowTurbo"): 1 NFE per step.
 
@@ -276,35 +289,19 @@ def heun_pc(f, x, ts, callback=None, exact_steps: int = 1):
 
 # ----------------------------------------------------------------------------- exact cost
 
-def _cost(name: str, steps: int, **options) -> int:
-    """Exact velocity evaluations of this module's solvers (warm-up steps cost more than one).
-
-    ``plms`` 20 steps = 29 NFE, ``ab3`` 10 steps = 11 NFE; attached to the registry entries as
-    ``SolverSpec.cost`` so ``spec.nfe(steps)`` and ``spec.steps_for_nfe(nfe)`` are exact.
-    """
-    n = int(steps)
-    if n < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if name in ("ab2", "ab3", "ab4", "plms"):
-        k = int(name[-1]) if name != "plms" else 4
-        warm = "rk4" if name == "plms" else options.get("warmup", "minimal")
-        return sum(1 if kind == "ab" else order for kind, order in _warmup_plan(k, warm, n))
-    e = int(options.get("exact_steps", 1))  # heun_pc
-    return 2 * n if n <= e else n + e
-
-
-for _name in ("ab2", "ab3", "ab4", "plms", "heun_pc"):
-    SOLVERS.get(_name).cost = partial(_cost, _name)
+def _fixed_step(solver: str):
+    spec = SOLVERS.get(solver)
+    if spec.adaptive:
+        raise ValueError(f"{spec.name} is adaptive: its cost is known only after the solve (SampleResult.nfe)")
+    return spec
 
 
 def exact_nfe(solver: str, steps: int, **options) -> int:
-    """Exact velocity evaluations of any registered fixed-step ``solver`` for ``steps`` steps."""
-    spec = SOLVERS.get(solver)
-    if spec.name == "dopri5":
-        raise ValueError("dopri5 is adaptive: its cost is known only after the solve (SampleResult.nfe)")
-    return spec.nfe(int(steps), **options)
+    """Exact velocity evaluations of any registered fixed-step ``solver`` for ``steps`` steps
+    (``SolverSpec.nfe``: ``cost(steps, **options)`` where declared, else ``evals_per_step * steps``)."""
+    return _fixed_step(solver).nfe(int(steps), **options)
 
 
 def steps_for_nfe(solver: str, nfe: int, **options) -> int:
-    """Largest step count whose exact cost does not exceed ``nfe`` (at least 1)."""
-    return SOLVERS.get(solver).steps_for_nfe(nfe, **options)
+    """Largest step count of a fixed-step ``solver`` whose exact cost does not exceed ``nfe`` (at least 1)."""
+    return _fixed_step(solver).steps_for_nfe(nfe, **options)

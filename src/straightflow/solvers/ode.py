@@ -1,74 +1,62 @@
 """Classic one-step ODE solvers on a time grid (Euler, midpoint, Heun, RK4).
 
-Each function integrates ``dx/dt = v(x, t)`` over ``ts`` with ``h = t_{i+1} - t_i`` and calls
-``callback(i + 1, t_{i+1}, x)`` after each step.
+Each integrates ``dx/dt = v(x, t)`` over ``ts`` with ``h = t_{i+1} - t_i``, one
+:func:`~.rk.rk_step` of its Butcher tableau per step, and calls ``callback(i + 1, t_{i+1}, x)``
+after each step.
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable, Optional, Sequence
 
-from .base import SOLVERS, register_solver
+from torch import Tensor
+
+from .base import register_solver
+from .rk import EULER, HEUN, MIDPOINT, RK4, Tableau, rk_step
 
 
-@register_solver("euler", order=1, evals_per_step=1)
-def euler(f, x, ts, callback=None):
-    """Euler: ``x_{i+1} = x_i + h v(x_i, t_i)`` (the rectified-flow sampler, Liu et al. 2022)."""
-    for i in range(len(ts) - 1):
-        x = torch.add(x, f(x, ts[i], i), alpha=ts[i + 1] - ts[i])  # one fused pass
+def _rk(f: Callable, x: Tensor, ts: Sequence[float], callback: Optional[Callable], tableau: Tableau,
+        last: Optional[Tableau] = None) -> Tensor:
+    """Every step by ``tableau`` (the last one by ``last`` when given)."""
+    n = len(ts) - 1
+    for i in range(n):
+        tab = last if (last is not None and i == n - 1) else tableau
+        x = rk_step(f, x, ts[i], ts[i + 1] - ts[i], tab, i=i)
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return x
 
 
+@register_solver("euler", order=1, evals_per_step=1)
+def euler(f: Callable, x: Tensor, ts: Sequence[float], callback: Optional[Callable] = None) -> Tensor:
+    """Euler: ``x_{i+1} = x_i + h v(x_i, t_i)`` (the rectified-flow sampler, Liu et al. 2022)."""
+    return _rk(f, x, ts, callback, EULER)
+
+
 @register_solver("midpoint", order=2, evals_per_step=2, aliases=("rf_solver", "rf-solver"))
-def midpoint(f, x, ts, callback=None):
+def midpoint(f: Callable, x: Tensor, ts: Sequence[float], callback: Optional[Callable] = None) -> Tensor:
     """Explicit midpoint: ``x_{i+1} = x_i + h v(x_i + h/2 v(x_i, t_i), t_i + h/2)``.
 
     This is RF-Solver's second-order update (Wang et al. 2024, "Taming Rectified Flow").
     """
-    for i in range(len(ts) - 1):
-        h = ts[i + 1] - ts[i]
-        k1 = f(x, ts[i], i)
-        x = x + h * f(x + 0.5 * h * k1, ts[i] + 0.5 * h, i)
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
-    return x
+    return _rk(f, x, ts, callback, MIDPOINT)
 
 
-@register_solver("heun", order=2, evals_per_step=2)
-def heun(f, x, ts, callback=None, final_euler: bool = False):
+def _heun_cost(steps: int, final_euler: bool = False, **_) -> int:
+    return 2 * steps - (1 if final_euler else 0)
+
+
+@register_solver("heun", order=2, evals_per_step=2, cost=_heun_cost)
+def heun(f: Callable, x: Tensor, ts: Sequence[float], callback: Optional[Callable] = None,
+         final_euler: bool = False) -> Tensor:
     """Heun (trapezoidal predictor-corrector): ``x~ = x_i + h k1``, ``x_{i+1} = x_i + h/2 (k1 + v(x~, t_{i+1}))``.
 
     ``final_euler=True`` takes a first-order last step (as Karras et al. 2022 do when the last
     time is singular); it then costs one evaluation less.
     """
-    n = len(ts) - 1
-    for i in range(n):
-        h = ts[i + 1] - ts[i]
-        k1 = f(x, ts[i], i)
-        if final_euler and i == n - 1:
-            x = x + h * k1
-        else:
-            k2 = f(x + h * k1, ts[i + 1], i)
-            x = x + 0.5 * h * (k1 + k2)
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
-    return x
-
-
-SOLVERS.get("heun").cost = lambda steps, final_euler=False, **_: 2 * steps - (1 if final_euler else 0)
+    return _rk(f, x, ts, callback, HEUN, last=EULER if final_euler else None)
 
 
 @register_solver("rk4", order=4, evals_per_step=4)
-def rk4(f, x, ts, callback=None):
+def rk4(f: Callable, x: Tensor, ts: Sequence[float], callback: Optional[Callable] = None) -> Tensor:
     """Classic 4th-order Runge-Kutta: ``x_{i+1} = x_i + h/6 (k1 + 2 k2 + 2 k3 + k4)``."""
-    for i in range(len(ts) - 1):
-        t, h = ts[i], ts[i + 1] - ts[i]
-        k1 = f(x, t, i)
-        k2 = f(x + 0.5 * h * k1, t + 0.5 * h, i)
-        k3 = f(x + 0.5 * h * k2, t + 0.5 * h, i)
-        k4 = f(x + h * k3, t + h, i)
-        x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
-    return x
+    return _rk(f, x, ts, callback, RK4)

@@ -1,7 +1,7 @@
 """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
 Diffusion Models") with the data prediction ``x1_hat``, for any affine path.
 
-Notation as in :mod:`.dpm`: ``lam = log(alpha / sigma)``, ``m = x1_hat``, ``h = lam_t - lam_s``,
+Notation as in :mod:`.dpm` and :mod:`.logsnr`: ``lam = log(alpha / sigma)``, ``m = x1_hat``, ``h = lam_t - lam_s``,
 ``H_k(h) = h^k phi_k(-h)``. With earlier points ``r_j = (lam_j - lam_s) / h`` and
 ``D_j = (m_j - m_s) / r_j``:
 
@@ -31,7 +31,8 @@ import math
 import numpy as np
 
 from .base import lincomb, register_solver
-from .dpm import _ab_grid, _first_order, _hphi, _order_now, _path, _push_history, _x1_coefs, _x1_fast
+from .logsnr import (alpha_sigma_lambda, as_path, first_order_step, hphi, order_now, push_history, x1_coefficients,
+                     x1_from_velocity)
 
 _VARIANTS = ("bh1", "bh2")
 
@@ -46,7 +47,7 @@ def _rhos(rs, h: float, bh: float):
     if p == 1:
         return [0.5]
     R = np.array([[r ** (nn - 1) for r in rs] for nn in range(1, p + 1)], dtype=np.float64)
-    b = np.array([math.factorial(nn) * _hphi(nn + 1, h) / (h**nn * bh) for nn in range(1, p + 1)])
+    b = np.array([math.factorial(nn) * hphi(nn + 1, h) / (h**nn * bh) for nn in range(1, p + 1)])
     return np.linalg.solve(R, b).tolist()
 
 
@@ -75,15 +76,15 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
         raise ValueError(f"UniPC variant must be one of {_VARIANTS}, got {variant!r}")
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
-    path = _path(path)
+    path = as_path(path)
     n = len(ts) - 1
-    ab = _ab_grid(path, ts)
-    cm = _x1_coefs(path, ts)
+    ab = alpha_sigma_lambda(path, ts)
+    cm = x1_coefficients(path, ts)
     hist: list = []  # (lam, x1_hat) at finite lam, newest last
     prev = None      # (x at the start of the last step, order used, its history points)
     for i in range(n):
         v = f(x, ts[i], i)
-        m = _x1_fast(cm[i], x, v)
+        m = x1_from_velocity(cm[i], x, v)
         if prev is not None:
             x_s, k, pts = prev
             lam_s, lam_t = ab[i - 1][2], ab[i][2]
@@ -95,11 +96,11 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
             if callback is not None:
                 callback(i, ts[i], x)
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
-        hist = _push_history(hist, lam_s, m, order)
-        k = _order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
+        hist = push_history(hist, lam_s, m, order)
+        k = order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
         pts = hist[-k:] if hist else []
         if ab[i][1] <= 0.0:  # from the data (inversion): DDIM with both predictions
-            x_new = _first_order(path, x, m, v, ts[i], ab[i], ab[i + 1])
+            x_new = first_order_step(path, x, m, v, ts[i], ab[i], ab[i + 1])
         else:
             h = lam_t - lam_s
             bh = _b(h, variant) if k >= 2 else 0.0

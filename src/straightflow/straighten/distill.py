@@ -42,6 +42,8 @@ from torch import Tensor, nn
 
 from ..coupling import PairDataset, get_coupling
 from ..losses import Loss, get_loss
+from ..models import sample_shape
+from ..solvers import initial_noise, sample
 from ..solvers.guidance import ClassifierFreeGuidance
 from ..train import TrainResult, train
 
@@ -63,13 +65,6 @@ def distill_targets(x0: Tensor, x1: Tensor, i: Tensor, k: int) -> Tuple[Tensor, 
     return t, xt, x1 - x0
 
 
-def _sample_shape(model: Any) -> Optional[Tuple[int, ...]]:
-    shape = getattr(model, "sample_shape", None)
-    if shape is None and isinstance(getattr(model, "dim", None), int):
-        shape = (model.dim,)
-    return None if shape is None else tuple(int(s) for s in shape)
-
-
 class DistillObjective:
     """k-step distillation on stored pairs (see the module docstring); a trainer objective.
 
@@ -85,7 +80,7 @@ class DistillObjective:
             raise ValueError(f"k (number of student Euler steps) must be an int >= 1, got {k!r}")
         if not (math.isfinite(perceptual) and perceptual >= 0):
             raise ValueError(f"perceptual weight must be >= 0, got {perceptual}")
-        shape = _sample_shape(model)
+        shape = sample_shape(model, required=False)
         if perceptual > 0 and shape is not None and len(shape) != 3:
             raise ValueError(f"the perceptual loss compares classifier features of images (C, H, W); this model's "
                              f"samples have shape {shape} (vectors). Use perceptual=0 for 2D/vector data")
@@ -324,13 +319,9 @@ def make_pairs(model: Callable, n: int, solver: str = "rk4", steps: int = 32, la
     :func:`straightflow.straighten.pairs.generate_pairs`). ``labels``: None, ``"cycle"``
     (``i mod num_classes``) or an integer tensor (n,); ``guidance``: CFG scale. The returned
     dataset's ``total_nfe`` attribute is the velocity evaluations spent (per row, times n)."""
-    from ..solvers import sample
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    shp = tuple(shape) if shape is not None else _sample_shape(model)
-    if shp is None:
-        raise ValueError("cannot infer the sample shape of this model; pass shape=")
+    shp = sample_shape(model, shape)
     num_classes = getattr(model, "num_classes", None)
     y: Optional[Tensor] = None
     if isinstance(labels, str):
@@ -345,8 +336,7 @@ def make_pairs(model: Callable, n: int, solver: str = "rk4", steps: int = 32, la
             raise ValueError(f"labels has {y.shape[0]} entries for n = {n}")
     if guidance is not None and y is None:
         raise ValueError("guidance needs labels ('cycle' or a tensor)")
-    g = torch.Generator().manual_seed(int(seed))
-    x0 = torch.randn((n, *shp), generator=g, dtype=dtype)
+    x0, _ = initial_noise((n, *shp), seed, dtype=dtype)
     x1s, nfe = [], 0
     for i in range(0, n, batch_size):
         cond = None if y is None else {"y": y[i:i + batch_size]}

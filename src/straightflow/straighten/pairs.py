@@ -51,8 +51,9 @@ from torch import Tensor, nn
 
 from ..coupling import PairDataset
 from ..io import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from ..models import sample_shape
 from ..paths import get_path
-from ..solvers import get_solver, sample
+from ..solvers import get_solver, initial_noise, sample
 from ..solvers.guidance import ClassifierFreeGuidance
 
 __all__ = ["generate_pairs", "load_pairs", "StoredPairDataset", "shard_seed", "MANIFEST", "FORMAT"]
@@ -195,20 +196,6 @@ def _barrier(world: int) -> None:
 # ----------------------------------------------------------------------------- recipe
 
 
-def _infer_shape(model: Any, shape: Optional[Sequence[int]]) -> Tuple[int, ...]:
-    if shape is not None:
-        s = tuple(int(v) for v in shape)
-    elif getattr(model, "sample_shape", None) is not None:
-        s = tuple(int(v) for v in model.sample_shape)
-    elif isinstance(getattr(model, "dim", None), int):
-        s = (int(model.dim),)
-    else:
-        raise ValueError("cannot tell the sample shape of this model (no model.sample_shape / model.dim); pass shape=")
-    if not s or any(v < 1 for v in s):
-        raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {s}")
-    return s
-
-
 def _label_spec(model: Any, labels: Any, n: int) -> Tuple[str, Optional[int], Optional[Tensor]]:
     """-> (mode, num_classes, labels tensor for mode 'tensor')."""
     nc = getattr(model, "num_classes", None)
@@ -289,7 +276,7 @@ def generate_pairs(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     spec = get_solver(solver)  # UnknownNameError listing the valid solvers
     path_obj = get_path(path)
-    shp = _infer_shape(model, shape)
+    shp = sample_shape(model, shape)
     mode, num_classes, y_all = _label_spec(model, labels, n)
     if guidance is not None:
         guidance = float(guidance)
@@ -385,8 +372,7 @@ def _make_shard(model, k: int, recipe: Dict[str, Any], rsha: str, spec, path_obj
     start = k * size
     count = min(size, n - start)
     seed_k = shard_seed(recipe["seed"], k)
-    g = torch.Generator().manual_seed(seed_k)
-    x0 = torch.randn((count, *recipe["shape"]), generator=g, dtype=dtype)
+    x0, g = initial_noise((count, *recipe["shape"]), seed_k, dtype=dtype)
     y = _shard_labels(k, start, count, recipe["labels"], recipe["num_classes"], y_all, g)
     dev = _model_device(model)
     sgen = torch.Generator(device=dev).manual_seed(seed_k ^ 0x5DEECE66D) if spec.stochastic else None

@@ -35,8 +35,9 @@ from .. import checkpoint
 from ..flow import Flow
 from ..grids import make_grid
 from ..metrics import straightness
+from ..models import sample_shape
 from ..paths import get_path
-from ..solvers import SampleResult, sample
+from ..solvers import SampleResult, initial_noise, sample
 from ..solvers.base import CountedVelocity
 from ..solvers.guidance import ClassifierFreeGuidance
 from ..train import STATE_FILE, TrainResult, read_train_state, train
@@ -383,12 +384,9 @@ def straightness_report(
     (:func:`first_order_deviation`) of ``n`` trajectories from seeded noise, ``steps`` steps of
     ``solver``. ``labels="auto"`` cycles through the classes of a class-conditional model.
     Returns ``{"straightness", "first_order", "nfe", "n", "steps", "path"}``."""
-    from .pairs import _infer_shape
-
-    shp = _infer_shape(model, shape)
-    g = torch.Generator().manual_seed(int(seed))
+    shp = sample_shape(model, shape)
     dev = next((p.device for p in model.parameters()), torch.device("cpu")) if isinstance(model, nn.Module) else torch.device("cpu")
-    x0 = torch.randn((n, *shp), generator=g).to(dev)
+    x0, _ = initial_noise((n, *shp), seed, device=dev)
     nc = getattr(model, "num_classes", None)
     cond = None
     if isinstance(labels, str) and labels == "auto":

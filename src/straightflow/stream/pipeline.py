@@ -39,60 +39,84 @@ refinement), as in the paper. (The paper uses the RMS difference; ``metric="rms"
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..grids import make_grid
+from ..registry import Registry
+from ..solvers.base import CountedVelocity
 
 __all__ = [
-    "RCFG_MODES", "rows_per_call", "CountingModel", "MotionStrength", "StreamOutput", "StreamBatchPipeline",
-    "canonical_rcfg",
+    "RCFG_MODES", "RCFG", "RcfgMode", "rows_per_call", "CountingModel", "MotionStrength", "StreamOutput",
+    "StreamBatchPipeline", "canonical_rcfg", "available_rcfg_modes",
 ]
 
-RCFG_MODES = ("none", "self", "initialize", "full")
-_RCFG_ALIASES = {"none": "none", "self": "self", "self-negative": "self", "self_negative": "self",
-                 "initialize": "initialize", "onetime": "initialize", "one-time": "initialize",
-                 "onetime-negative": "initialize", "full": "full", "cfg": "full"}
+
+@dataclass(frozen=True)
+class RcfgMode:
+    """A residual-CFG mode: one steady-state Stream Batch call computes ``row_factor * n + extra_rows`` rows."""
+
+    name: str
+    row_factor: int
+    extra_rows: int
+    aliases: Tuple[str, ...] = ()
+
+    def rows(self, n: int) -> int:
+        return self.row_factor * n + self.extra_rows
+
+
+_MODES = (
+    RcfgMode("none", 1, 0),
+    RcfgMode("self", 1, 0, ("self-negative", "self_negative")),
+    RcfgMode("initialize", 1, 1, ("onetime", "one-time", "onetime-negative")),
+    RcfgMode("full", 2, 0, ("cfg",)),
+)
+RCFG: Registry = Registry("rcfg mode")
+for _m in _MODES:
+    RCFG.register(_m.name, aliases=_m.aliases)(_m)
+
+RCFG_MODES: Tuple[str, ...] = tuple(m.name for m in _MODES)
+"""The canonical RCFG modes (the registry :data:`RCFG` also knows their aliases)."""
+
+
+def available_rcfg_modes() -> List[str]:
+    """Canonical RCFG mode names, in the order of :data:`RCFG_MODES`."""
+    return list(RCFG_MODES)
 
 
 def canonical_rcfg(name: str) -> str:
     """The canonical RCFG mode for a name or alias; unknown names raise a ValueError listing the valid ones."""
-    key = str(name).lower()
-    if key not in _RCFG_ALIASES:
-        raise ValueError(f"unknown rcfg mode {name!r}; valid: {', '.join(RCFG_MODES)} "
-                         f"(aliases: {', '.join(sorted(set(_RCFG_ALIASES) - set(RCFG_MODES)))})")
-    return _RCFG_ALIASES[key]
+    return RCFG.canonical(str(name))
 
 
 def rows_per_call(rcfg: str, n: int) -> int:
     """Model batch rows of one steady-state Stream Batch call: none n, self n, initialize n + 1, full 2n."""
-    mode = canonical_rcfg(rcfg)
-    return {"none": n, "self": n, "initialize": n + 1, "full": 2 * n}[mode]
+    return RCFG.get(str(rcfg)).rows(n)
 
 
-class CountingModel:
-    """Wraps a velocity model and counts its calls and the batch rows it computed."""
+class CountingModel(CountedVelocity):
+    """A velocity model that counts its calls and the batch rows it computed (a
+    :class:`~straightflow.solvers.base.CountedVelocity` called with per-call conditioning, without
+    the finiteness check), keeps the batch size of each call in ``batch_sizes`` (the first 100000)
+    and forwards other attributes (``null_class``, ``num_classes``, ``sample_shape``, ...) to the model."""
 
     def __init__(self, model: Callable) -> None:
-        self.model = model
-        self.calls = 0
-        self.rows = 0
+        super().__init__(model, check_finite=False)
         self.batch_sizes: List[int] = []
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        self.calls += 1
-        self.rows += int(x.shape[0])
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(int(x.shape[0]))
-        return self.model(x, t, **cond)
+        return super().__call__(x, t, **cond)
 
     def reset(self) -> None:
-        self.calls, self.rows, self.batch_sizes = 0, 0, []
+        super().reset()
+        self.batch_sizes = []
 
-    def __getattr__(self, name: str) -> Any:  # null_class, num_classes, sample_shape, ...
+    def __getattr__(self, name: str) -> Any:
         if name == "model":
             raise AttributeError(name)
         return getattr(self.model, name)
