@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from straightflow.control import scaling as S
-from straightflow.control.rewards import (ClassLogProb, FunctionReward, RegionReward, as_reward, parse_reward)
+from straightflow.control.rewards import (ClassLogProb, RegionReward, as_reward, parse_reward)
 from straightflow.metrics import sliced_w2
 from straightflow.oracle import GaussianMixtureFlow
-from straightflow.paths import convert_velocity
 from straightflow.solvers import sample, solve
 
 

@@ -15,7 +15,7 @@ from straightflow.stream import pipeline
 
 def test_inverse_methods_registry():
     assert inverse.METHODS == ("flowchef", "dps", "flair", "pmrf") and isinstance(inverse.METHODS, tuple)
-    assert inverse.available_methods() == list(inverse.METHODS)
+    assert inverse.available() == list(inverse.METHODS)
     assert sorted(inverse.INVERSE_METHODS.names()) == sorted(inverse.METHODS)
     with pytest.raises(UnknownNameError, match="valid names: dps, flair, flowchef, pmrf"):
         inverse.INVERSE_METHODS.get("ddrm")
@@ -46,7 +46,7 @@ def test_inverse_methods_count_through_the_shared_counter():
 
 def test_fast_samplers_registry():
     assert fast.FAST_SOLVERS == {"euler": 1, "midpoint": 2, "heun": 2} and isinstance(fast.FAST_SOLVERS, dict)
-    assert list(fast.FAST_SOLVERS) == fast.available_samplers() == ["euler", "midpoint", "heun"]
+    assert list(fast.FAST_SOLVERS) == fast.available() == ["euler", "midpoint", "heun"]
     assert [fast.FAST_SAMPLERS.get(n).tableau for n in ("euler", "midpoint", "heun")] == [EULER, MIDPOINT, HEUN]
     with pytest.raises(UnknownNameError, match="valid names: euler, heun, midpoint"):
         fast.FAST_SAMPLERS.get("rk4")
@@ -74,7 +74,7 @@ def test_fast_solve_stays_on_tensors():
 
 def test_rcfg_registry():
     assert pipeline.RCFG_MODES == ("none", "self", "initialize", "full") and isinstance(pipeline.RCFG_MODES, tuple)
-    assert pipeline.available_rcfg_modes() == list(pipeline.RCFG_MODES)
+    assert pipeline.available() == list(pipeline.RCFG_MODES)
     aliases = {"self-negative": "self", "self_negative": "self", "onetime": "initialize", "one-time": "initialize",
                "onetime-negative": "initialize", "cfg": "full", "FULL": "full"}
     for name, canon in aliases.items():

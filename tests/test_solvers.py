@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import straightflow as sf
-from straightflow.oracle import GaussianMixtureFlow
 from straightflow.registry import UnknownNameError
-from straightflow.solvers import NonFiniteError, available, get_solver, invert, sample, solve
+from straightflow.solvers import NonFiniteError, available, get_solver, invert, sample
 from straightflow.grids import GridError
 
 

@@ -184,12 +184,13 @@ class RunInfo:
     ``data_source`` is what reloads the training data (``load_dataset(info.data_source)``): the
     recorded ``data_source`` (a data set name or a file), else the data's name. ``path`` is the
     flow's path config (a name or ``{"name": ..., **params}``; "linear" when none was recorded),
-    as :func:`straightflow.paths.get_path` takes it. ``shape`` is one sample's shape. ``objective``
+    as :func:`straightflow.paths.get_path` takes it. ``shape`` is one sample's shape (None when the
+    config does not record it, i.e. it was not written by the trainer). ``objective``
     is what the model was trained for (``"flow_matching"``, or e.g. ``"meanflow"`` for an
     average-velocity model, which few-step sampling should use through ``sample_mean``).
     """
 
-    shape: Tuple[int, ...]
+    shape: Optional[Tuple[int, ...]]
     data_source: str
     path: Any = "linear"
     num_classes: Optional[int] = None
@@ -208,10 +209,7 @@ class RunInfo:
         data = cfg.get("data") or {}
         model = cfg.get("model") or {}
         shape = data.get("shape")
-        if shape is None:
-            raise CheckpointError("the run's config.json has no data shape (config['data']['shape']); "
-                                  "it was not written by the straightflow trainer")
-        return cls(shape=tuple(int(s) for s in shape),
+        return cls(shape=None if shape is None else tuple(int(s) for s in shape),
                    data_source=str(cfg.get("data_source") or data.get("name") or ""),
                    path=(cfg.get("flow") or {}).get("path", "linear"),
                    num_classes=data.get("num_classes") if data.get("labels") else model.get("num_classes"),

@@ -6,7 +6,7 @@ Grids are float64 tensors. :func:`validate_grid` is the single place that checks
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor

@@ -105,7 +105,7 @@ def inversion_report(model, x0: Tensor, solvers: Sequence[str], nfes: Sequence[i
         rows = []
         for name in solvers:
             spec = get_solver(name)
-            if spec.stochastic or spec.name == "dopri5":
+            if spec.stochastic or spec.adaptive:
                 continue
             for nfe in nfes:
                 steps = spec.steps_for_nfe(nfe)

@@ -54,10 +54,8 @@ import argparse
 import copy
 import datetime as _dt
 import importlib
-import inspect
 import math
 import os
-import pkgutil
 import sys
 import time
 import types
@@ -70,17 +68,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import grids as sfgrids, metrics, solvers as S
+from .. import grids as sfgrids, metrics
 from ..checkpoint import run_info
 from ..optimize import bellman_path, boss_cost_table, reference_trajectory, run_schedule, search_schedule
 from ..oracle import GaussianMixtureFlow
 from ..paths import get_path
 from ..report import reference_data
-from ..solvers import available, get_solver, sample
+from ..solvers import CountedVelocity, available, get_solver, initial_noise, sample
 from ..system import machine_line
 from .harness import cached_model, command_line, log_to, register_suite, run_suite, write_report
 
-__all__ = ["bench_solvers", "DEFAULT_FIELDS", "DEFAULT_NFES", "make_peers", "discover_solvers"]
+__all__ = ["bench_solvers", "DEFAULT_FIELDS", "DEFAULT_NFES", "make_peers"]
 
 DEFAULT_FIELDS = ("oracle2d", "oracle64d", "checkerboard", "digits")
 DEFAULT_NFES = (2, 3, 4, 5, 6, 8, 10, 15, 20)
@@ -103,45 +101,6 @@ def _log(msg: str, progress: bool) -> None:
 
 
 # ============================================================================ solvers & counting
-def discover_solvers() -> Tuple[List[str], Dict[str, str]]:
-    """Import every ``straightflow.solvers`` submodule not yet imported (they register solvers
-    on import), so solvers being added are benchmarked before they are wired into the package.
-    Returns (modules imported now, {module: error} for those that failed)."""
-
-    loaded, failed = [], {}
-    for m in pkgutil.iter_modules(S.__path__):
-        name = f"{S.__name__}.{m.name}"
-        if name in sys.modules:
-            continue
-        try:
-            importlib.import_module(name)
-            loaded.append(m.name)
-        except Exception as e:  # a module in the middle of an edit must not stop the benchmark
-            failed[m.name] = f"{type(e).__name__}: {e}"
-    return loaded, failed
-
-
-def _is_adaptive(spec) -> bool:
-    """A solver whose step count is chosen by a tolerance (it takes ``rtol``)."""
-    try:
-        return "rtol" in inspect.signature(spec.fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-class Counter:
-    """Counts calls of a velocity ``v(x, t)``; ``t`` may be a float or a tensor (cast to x's dtype, (B,))."""
-
-    def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None) -> None:
-        self.model, self.cond, self.n = model, dict(cond or {}), 0
-
-    def __call__(self, x: Tensor, t) -> Tensor:
-        self.n += 1
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1)
-        tb = t.expand(x.shape[0]) if t.numel() == 1 else t
-        return self.model(x, tb, **self.cond)
-
-
 _STEPS_CACHE: Dict[Tuple[str, int], Optional[int]] = {}
 
 
@@ -376,7 +335,8 @@ class Field:
 
 
 def _noise(shape, seed: int, dtype: torch.dtype) -> Tensor:
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64).to(dtype)
+    """Noise drawn in float64 then cast, so the float32 fields see the oracle fields' numbers."""
+    return initial_noise(tuple(shape), seed=seed, dtype=torch.float64)[0].to(dtype)
 
 
 def _train_settings(kind: str, quick: bool) -> Dict[str, Any]:
@@ -569,11 +529,11 @@ def _peer_method(p: Peer, fld: Field) -> Method:
         steps = p.steps_for(nfe)
         if steps is None:
             return None
-        c = Counter(fld.model, cond)
+        c = CountedVelocity(fld.model, cond, check_finite=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             y = p.run(c, x.clone(), steps)
-        return y, c.n, {"steps": steps}
+        return y, c.calls, {"steps": steps}
 
     return Method(p.name, p.library, "peer", run)
 
@@ -587,9 +547,9 @@ def _bench_field(fld: Field, nfes: Sequence[int], peers: List[Peer], peer_info: 
     _log(f"{fld.name}: reference {fld.ref_desc}", progress)
     cal = _Calibration(fld, fine_steps)
     specs = [get_solver(s) for s in available()]
-    fixed = [s.name for s in specs if not s.stochastic and not _is_adaptive(s)]
+    fixed = [s.name for s in specs if not s.stochastic and not s.adaptive]
     skipped_solvers = {s.name: ("stochastic" if s.stochastic else "adaptive (separate table)")
-                       for s in specs if s.stochastic or _is_adaptive(s)}
+                       for s in specs if s.stochastic or s.adaptive}
     failures: List[str] = []
 
     # which named grids help which solver: probe on the calibration batch against its reference
@@ -667,7 +627,7 @@ def _adaptive_rows(fld: Field, peer_info, quick: bool, failures: List[str]) -> L
     tols = (1e-2, 1e-3) if quick else (1e-2, 1e-3, 1e-4)
     for s in available():
         spec = get_solver(s)
-        if spec.stochastic or not _is_adaptive(spec):
+        if spec.stochastic or not spec.adaptive:
             continue
         for tol in tols:
             try:
@@ -678,10 +638,10 @@ def _adaptive_rows(fld: Field, peer_info, quick: bool, failures: List[str]) -> L
     td = (peer_info.get("torchdiffeq") or {}).get("adaptive")
     if td is not None:
         for tol in tols:
-            c = Counter(fld.model, fld.cond)
+            c = CountedVelocity(fld.model, fld.cond, check_finite=False)
             try:
                 y = td(c, fld.noise.clone(), tol)
-                rows.append({"method": "torchdiffeq dopri5", "tol": tol, "nfe": c.n, "rmse": _rmse(y, fld.ref)})
+                rows.append({"method": "torchdiffeq dopri5", "tol": tol, "nfe": c.calls, "rmse": _rmse(y, fld.ref)})
             except Exception as e:
                 failures.append(f"torchdiffeq dopri5 tol {tol}: {type(e).__name__}: {e}")
     return rows
@@ -700,7 +660,7 @@ def _diffusers_check(fld: Field, peer_info, quick: bool, failures: List[str]) ->
         for key in ("shipped", "exact"):
             errs = {}
             for s in steps_list:
-                c = Counter(fld.model, fld.cond)
+                c = CountedVelocity(fld.model, fld.cond, check_finite=False)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     try:
@@ -803,11 +763,11 @@ def _overhead(peers: List[Peer], quick: bool, seed: int) -> Dict[str, Any]:
         st = p.steps_for(steps if p.nfe_of(steps) == steps else steps - 1) or steps
 
         def go(p=p, st=st):
-            c = Counter(lambda x, t: -x)
+            c = CountedVelocity(lambda x, t: -x, check_finite=False)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 p.run(c, x0, st)
-            return c.n
+            return c.calls
 
         contenders.append((p.name, go, pair[p.name]))
     times: Dict[str, List[float]] = {c[0]: [] for c in contenders}
@@ -1077,14 +1037,8 @@ def bench_solvers(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loaded, failed = discover_solvers()
         peers, peer_info, peers_skipped = make_peers()
         notes = []
-        if loaded:
-            notes.append("straightflow solver modules imported by the benchmark (not yet imported by "
-                         f"`straightflow.solvers`): {', '.join(loaded)}")
-        for mod, err in failed.items():
-            notes.append(f"straightflow solver module `{mod}` failed to import: {err}")
         rf = peer_info.get("rectified-flow") or {}
         if rf.get("note"):
             notes.append(f"rectified-flow: {rf['note']}")

@@ -8,7 +8,7 @@ import argparse
 from typing import Any, Dict, List, Tuple
 
 from .. import coupling, grids, losses, paths, time as sftime
-from ..checkpoint import RunInfo, load, run_info
+from ..checkpoint import CheckpointError, RunInfo, load, run_info
 from ..solvers import available as solver_names
 
 __all__ = ["ints", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
@@ -107,4 +107,8 @@ def add_solver(p: argparse.ArgumentParser, solver: str = "euler", steps: int = 8
 def load_run(run: str, device: str = "cpu") -> Tuple[Any, RunInfo]:
     """``(model, RunInfo)`` of a run directory (clear errors for a missing or broken one)."""
     model = load(run, device=device)
-    return model, run_info(model)
+    info = run_info(model)
+    if info.shape is None:
+        raise CheckpointError(f"{run}/config.json records no data shape (config['data']['shape']); "
+                              "it was not written by the straightflow trainer")
+    return model, info

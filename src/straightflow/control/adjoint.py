@@ -19,7 +19,7 @@ converge together as the steps grow; RK4 agrees to ~1e-6 in a few tens of steps)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -58,7 +58,7 @@ from ..solvers.rk import EULER, rk_step
 from .operators import Operator
 
 __all__ = ["RestoreResult", "flowchef", "dps", "flair", "flair_calibration", "PMRF", "restore", "METHODS",
-           "INVERSE_METHODS", "available_methods", "peak_memory", "operator_norm2"]
+           "INVERSE_METHODS", "available", "peak_memory", "operator_norm2"]
 
 
 @dataclass
@@ -332,7 +332,7 @@ METHODS: Tuple[str, ...] = tuple(name for name, _ in _METHODS)
 """The restoration method names, in the order the CLI and the benchmarks list them."""
 
 
-def available_methods() -> List[str]:
+def available() -> List[str]:
     """Names :func:`restore` accepts."""
     return list(METHODS)
 

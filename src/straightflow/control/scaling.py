@@ -35,7 +35,7 @@ from torch import Tensor
 from ..grids import make_grid
 from ..paths import AffinePath, PathLike, convert_velocity, get_path
 from ..registry import Registry
-from ..solvers import get_solver, solve
+from ..solvers import CountedVelocity, get_solver, initial_noise, solve
 from ..solvers.sde import euler_maruyama
 from .rewards import ClassLogProb, RegionReward, as_reward
 
@@ -64,22 +64,18 @@ class SearchResult:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-class _Counted:
-    """Velocity wrapper counting rows (NFE per output = rows / outputs) and refusing to overspend."""
+class _Counted(CountedVelocity):
+    """The counted velocity (rows computed: NFE per output = rows / outputs) refusing to overspend."""
 
     def __init__(self, velocity: Callable, limit_rows: int) -> None:
-        self.velocity, self.limit, self.rows, self.calls = velocity, int(limit_rows), 0, 0
+        super().__init__(velocity, check_finite=False)
+        self.limit = int(limit_rows)
 
-    def __call__(self, x: Tensor, t: Tensor, **cond) -> Tensor:
-        per = int(getattr(self.velocity, "evals_per_call", 1))
+    def __call__(self, x: Tensor, t: Union[Tensor, float], i: int = -1, **cond: Any) -> Tensor:
+        per = int(getattr(self.model, "evals_per_call", 1))
         if self.rows + per * x.shape[0] > self.limit:
             raise BudgetExceeded(f"{self.rows} + {per * x.shape[0]} rows would exceed the budget of {self.limit}")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
-        v = self.velocity(x, tb, **cond)
-        self.rows += int(getattr(self.velocity, "evals_per_call", 1)) * x.shape[0]
-        self.calls += 1
-        return v
+        return super().__call__(x, t, i, **cond)
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -154,10 +150,6 @@ def _index_cond(cond: Dict[str, Any], idx: Tensor, rows: int) -> Dict[str, Any]:
     return {k: (v[idx] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == rows else v) for k, v in cond.items()}
 
 
-def _gen(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:
-    return generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else int(seed))
-
-
 def _check_budget(budget: int, n: int) -> Tuple[int, int]:
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ValueError(f"budget must be an integer >= 1 (velocity evaluations per output), got {budget!r}")
@@ -215,7 +207,6 @@ def best_of_n(model: Callable, reward: Callable, shape: Sequence[int], budget: i
     one with the highest reward. ``N * nfe(steps) <= budget``; by default ``steps = min(10, budget)``
     and ``N = budget // nfe(steps)``. ``info["candidate_rewards"]`` holds all (n, N) rewards."""
     budget, n = _check_budget(budget, n)
-    gen = _gen(seed, generator)
     solver = "sde" if sde else solver
     spec = get_solver(solver)
     if spec.stochastic and not sde:
@@ -236,7 +227,7 @@ def best_of_n(model: Callable, reward: Callable, shape: Sequence[int], budget: i
     f = _Counted(vel, full_budget * n)
     grid = time_grid(steps, path, vp)
     rows = n * N
-    noise = torch.randn((rows, *shape), generator=gen)
+    noise, gen = initial_noise((rows, *shape), seed=seed, generator=generator)
     conds = _rows_cond(cond, n, N)
     chunk = rows if chunk is None else max(1, int(chunk))
     xs = []
@@ -278,13 +269,12 @@ def smc(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n:
     N = int(particles) if particles is not None else budget // steps
     if N < 1 or N * steps > budget:
         raise ValueError(f"budget {budget} cannot pay for {N} particles x {steps} steps")
-    gen = _gen(seed, generator)
     vel, sp = prepare(model, path, vp)
     f = _Counted(vel, full_budget * n)
     ts = time_grid(steps, path, vp).tolist()
     rows = n * N
     conds = _rows_cond(cond, n, N)
-    x = torch.randn((rows, *shape), generator=gen)
+    x, gen = initial_noise((rows, *shape), seed=seed, generator=generator)
     log_w = torch.zeros(n, N, dtype=torch.float64)
     r_prev = torch.zeros(n, N, dtype=torch.float64)
     resamples = 0
@@ -346,7 +336,6 @@ def rbf(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n:
     if budget < K0 + 1:
         raise ValueError(f"RBF needs a budget >= init_particles + 1 = {K0 + 1}, got {budget}")
     steps = min(steps, budget - K0 + 1)
-    gen = _gen(seed, generator)
     vel, sp = prepare(model, path, vp)
     f = _Counted(vel, full_budget * n)
     ts = time_grid(steps, path, vp)
@@ -357,7 +346,7 @@ def rbf(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n:
     with torch.no_grad():
         # initial particles: K0 noises per chain, keep the best x1_hat(t_0)
         conds0 = _rows_cond(cond, n, K0)
-        x0 = torch.randn((n * K0, *shape), generator=gen)
+        x0, gen = initial_noise((n * K0, *shape), seed=seed, generator=generator)
         v0 = f(x0, tsl[0], **conds0)
         x1 = sp.velocity_to_x1(v0, x0, _tb(tsl[0], x0))
         r0 = _rewards(reward, x1).reshape(n, K0)

@@ -44,7 +44,7 @@ from ..solvers.noise import initial_noise
 from ..solvers.rk import EULER, HEUN, MIDPOINT, Tableau, rk_step
 from ..time import resolution_shift
 
-__all__ = ["FAST_SAMPLERS", "FAST_SOLVERS", "FastSampler", "available_samplers", "fast_solve", "fast_sample",
+__all__ = ["FAST_SAMPLERS", "FAST_SOLVERS", "FastSampler", "available", "fast_solve", "fast_sample",
            "compile_model", "sample_to_files", "shift_for", "shifted_grid_for", "can_compile"]
 
 
@@ -69,14 +69,14 @@ FAST_SOLVERS: Dict[str, int] = {s.name: s.evals_per_step for s in _SAMPLERS}
 """Samplers of the fast loop and their velocity evaluations per step (from :data:`FAST_SAMPLERS`)."""
 
 
-def available_samplers() -> List[str]:
+def available() -> List[str]:
     """Names :func:`fast_sample` accepts, in registration order."""
     return [s.name for s in _SAMPLERS]
 
 
 def _sampler(name: str) -> FastSampler:
     if name not in FAST_SAMPLERS:
-        raise UnknownNameError(f"fast sampling supports {', '.join(available_samplers())}; got {name!r} "
+        raise UnknownNameError(f"fast sampling supports {', '.join(available())}; got {name!r} "
                                "(use straightflow.sample for the other solvers)")
     return FAST_SAMPLERS.get(name)
 

@@ -16,6 +16,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .build import MODELS, build_model
 from .embed import TimeLike, broadcast_time, jsonable
 
 __all__ = ["BlockwiseFlow", "block_boundaries"]
@@ -50,8 +51,6 @@ class BlockwiseFlow(nn.Module):
     def __init__(self, block: Mapping[str, Any], num_blocks: int = 2,
                  boundaries: Optional[Sequence[float]] = None) -> None:
         super().__init__()
-        from . import build_model  # late import: models/__init__ registers this class
-
         if not isinstance(block, Mapping) or "name" not in block:
             raise ValueError(f"blockwise: block must be a model config dict with a 'name', got {block!r}")
         if block["name"] in ("blockwise", "bfm"):
@@ -99,3 +98,6 @@ class BlockwiseFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_blocks={self.num_blocks}, boundaries={[round(v, 4) for v in self.boundaries]}"
+
+
+MODELS.register("blockwise", aliases=("bfm",))(BlockwiseFlow)

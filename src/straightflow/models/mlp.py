@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable, with_time_options,
+from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, with_time_options,
                     make_activation)
 
 

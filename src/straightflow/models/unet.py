@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, jsonable, with_time_options
+from .embed import ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, with_time_options
 
 
 def _groups(channels: int) -> int:

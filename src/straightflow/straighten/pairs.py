@@ -478,10 +478,7 @@ def load_pairs(directory: PathLike, verify: bool = True) -> StoredPairDataset:
         if verify and _file_sha(p) != s["sha256"]:
             raise CheckpointError(f"{p}: corrupt shard (sha256 differs from the manifest); delete it and rerun "
                                   "generate_pairs with the same settings to regenerate it")
-        if verify:
-            tensors, meta = _read_shard(p)
-        else:
-            tensors, meta = load_tensors(p), {"count": s["count"]}
+        tensors = _read_shard(p)[0] if verify else load_tensors(p)
         if tensors["x0"].shape[0] != s["count"]:
             raise CheckpointError(f"{p}: holds {tensors['x0'].shape[0]} pairs, manifest says {s['count']}")
         x0s.append(tensors["x0"])

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checkpoint
+from ..checkpoint import run_info
 from ..flow import Flow
 from ..grids import make_grid
 from ..metrics import straightness
@@ -219,8 +220,8 @@ def _default_path(path: Any, pairs: Any, teacher: Any) -> Any:
     info = getattr(pairs, "info", None) or {}
     if info.get("path"):
         return info["path"]
-    rc = getattr(teacher, "run_config", None) or {}
-    return (rc.get("flow") or {}).get("path", "linear")
+    rc = getattr(teacher, "run_config", None)
+    return run_info(rc).path if rc else "linear"
 
 
 def reflow(

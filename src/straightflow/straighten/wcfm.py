@@ -22,7 +22,7 @@ import math
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..coupling import Coupling
 from ..flow import Flow

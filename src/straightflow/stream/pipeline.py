@@ -51,7 +51,7 @@ from ..solvers.base import CountedVelocity
 
 __all__ = [
     "RCFG_MODES", "RCFG", "RcfgMode", "rows_per_call", "CountingModel", "MotionStrength", "StreamOutput",
-    "StreamBatchPipeline", "canonical_rcfg", "available_rcfg_modes",
+    "StreamBatchPipeline", "canonical_rcfg", "available",
 ]
 
 
@@ -82,7 +82,7 @@ RCFG_MODES: Tuple[str, ...] = tuple(m.name for m in _MODES)
 """The canonical RCFG modes (the registry :data:`RCFG` also knows their aliases)."""
 
 
-def available_rcfg_modes() -> List[str]:
+def available() -> List[str]:
     """Canonical RCFG mode names, in the order of :data:`RCFG_MODES`."""
     return list(RCFG_MODES)
 
