@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import plotting, report
 from ..runs import train_run
 from ..system import machine_line
+from . import flags
 
 __all__ = ["run_demo", "register", "DEMO_NFES"]
 
@@ -82,6 +83,6 @@ def register(sub) -> None:
     d = sub.add_parser("demo", help="train 2D + digits flows, sample at NFE 1-100, write plots and a report")
     d.add_argument("--out", default="out")
     d.add_argument("--quick", action="store_true", help="tiny runs (seconds) to check the pipeline")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
+    flags.add_seed(d)
+    flags.add_quiet(d)
     d.set_defaults(fn=cmd_demo)
