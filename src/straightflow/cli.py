@@ -276,11 +276,11 @@ def cmd_bench(a) -> int:
 
 # Suites living in straightflow/bench/<name>.py with a ``main(argv) -> int`` taking --out, --threads,
 # --quick and their own options (passed through from the command line).
-BENCH_SUITES = ("straighten", "control", "stream", "images")
+BENCH_SUITES = ("straighten", "control", "stream", "images", "align")
 
 # Sub-packages that add their own commands: each has a ``cli.py`` with ``register(subparsers)``
 # adding subcommands whose ``fn(args) -> int`` is set with ``set_defaults(fn=...)``.
-PLUGINS = ("straighten", "control", "stream", "images")
+PLUGINS = ("straighten", "control", "stream", "images", "align")
 
 
 def _register_plugins(sub) -> None:

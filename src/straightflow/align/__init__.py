@@ -20,7 +20,7 @@ Flow-NRG (reward guidance on noisy samples, inference time) lives beside the sea
 """
 from __future__ import annotations
 
-from . import adjoint_matching, dpo, draft, grpo, prefs, reinflow, rwr, sde  # noqa: F401  (registers the methods)
+from . import adjoint_matching, dpo, draft, grpo, policy, prefs, reinflow, rwr, sde  # noqa: F401  (registers the methods)
 from .base import (METHODS, AlignModule, AlignObjective, AlignResult, AlignTrainer, RewardError, align,  # noqa: F401
                    available, check_reward, export_policy)
 from .prefs import Preferences, PreferenceError, generate_preferences, load_preferences, save_preferences  # noqa: F401

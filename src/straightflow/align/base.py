@@ -169,6 +169,10 @@ def check_reward(reward: Callable[[Tensor], Tensor], x: Tensor, need_grad: bool 
 def _as_reward(reward):
     if reward is None:
         return None
+    if isinstance(reward, str):
+        from .rewards import parse
+
+        return parse(reward)
     from ..control.rewards import as_reward
 
     return as_reward(reward)

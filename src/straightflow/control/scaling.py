@@ -413,6 +413,7 @@ def _best_of_n_sde(*a, **kw) -> SearchResult:
 METHODS: Dict[str, Callable[..., SearchResult]] = {
     "best_of_n": best_of_n, "best_of_n_sde": _best_of_n_sde, "smc": smc, "rbf": rbf,
 }
+METHODS["nrg"] = __import__("straightflow.control.nrg", fromlist=["nrg"]).nrg  # Flow-NRG: reward guidance on noisy samples
 
 
 def search(model: Callable, reward, shape: Sequence[int], budget: int, method: str = "rbf", n: int = 1,
