@@ -173,9 +173,9 @@ def _as_reward(reward):
         from .rewards import parse
 
         return parse(reward)
-    from ..control.rewards import as_reward
-
-    return as_reward(reward)
+    if not callable(reward):
+        raise TypeError(f"reward must be a spec string, a Reward or a callable r(x) -> (B,), got {type(reward).__name__}")
+    return reward  # checked on every call by check_reward (shape, finiteness, gradient)
 
 
 # ----------------------------------------------------------------------------- base models

@@ -281,8 +281,11 @@ class ReinFlowPPO(AlignObjective):
         heads = {"noise": _PolicyNoise(NoiseNet(adim, min_std, max_std, hidden=64, cond_dim=odim)),
                  "value": ValueNet(odim, hidden)}
         super().__init__(model, reward=None, reg=reg, reference=reference, heads=heads)
-        if env_id not in ENVS:
-            make_env(env_id)  # clear error
+        env = make_env(env_id)  # a clear error for an unknown environment
+        limit = getattr(env.spec, "max_episode_steps", None)
+        env.close()
+        if limit is not None and horizon > limit:
+            raise ValueError(f"horizon {horizon} exceeds {env_id}'s episode length {limit}")
         self.env_id = env_id
         self.n_envs, self.horizon, self.K = int(n_envs), int(horizon), int(denoise_steps)
         self.epochs, self.minibatch = int(epochs), int(minibatch)
