@@ -274,12 +274,15 @@ class ReinFlowPPO(AlignObjective):
 
     def __init__(self, model: nn.Module, env_id: str = "Pendulum-v1", reg: float = 0.0, reference=None,
                  n_envs: int = 16, horizon: int = 200, denoise_steps: int = 4, epochs: int = 4, minibatch: int = 800,
-                 gamma: float = 0.99, lam: float = 0.95, clip: float = 0.1, vf_coef: float = 0.5, ent_coef: float = 0.0,
-                 min_std: float = 0.05, max_std: float = 0.3, reward_scale: float = 0.1, hidden: int = 128) -> None:
+                 gamma: float = 0.99, lam: float = 0.95, clip: float = 0.2, vf_coef: float = 0.5, ent_coef: float = 0.0,
+                 min_std: float = 0.05, max_std: float = 0.3, reward_scale: float = 0.01, hidden: int = 128,
+                 init_seed: int = 0) -> None:
         base = getattr(model, "get_base_model", lambda: model)()
         adim, odim = int(base.action_dim), int(base.obs_dim)
-        heads = {"noise": _PolicyNoise(NoiseNet(adim, min_std, max_std, hidden=64, cond_dim=odim)),
-                 "value": ValueNet(odim, hidden)}
+        with torch.random.fork_rng(devices=[]):  # the heads' initialisation is part of the run: seed it
+            torch.manual_seed(int(init_seed))
+            heads = {"noise": _PolicyNoise(NoiseNet(adim, min_std, max_std, hidden=64, cond_dim=odim)),
+                     "value": ValueNet(odim, hidden)}
         super().__init__(model, reward=None, reg=reg, reference=reference, heads=heads)
         env = make_env(env_id)  # a clear error for an unknown environment
         limit = getattr(env.spec, "max_episode_steps", None)
@@ -409,7 +412,7 @@ class ReinFlowPPO(AlignObjective):
 
 
 def reinflow_finetune(base: Union[str, Path, nn.Module], out: Optional[Union[str, Path]] = None, rollouts: int = 20,
-                      env_id: Optional[str] = None, denoise_steps: int = 4, lr: float = 3e-4, seed: int = 0,
+                      env_id: Optional[str] = None, denoise_steps: int = 4, lr: float = 1e-4, seed: int = 0,
                       progress: bool = True, ckpt_every: int = 50, reg: float = 0.0, grad_clip: float = 10.0,
                       **opts: Any) -> AlignResult:
     """ReinFlow-PPO fine-tuning of a behaviour-cloned flow policy for ``rollouts`` rollouts (a run in ``out``;
@@ -424,7 +427,7 @@ def reinflow_finetune(base: Union[str, Path, nn.Module], out: Optional[Union[str
     env_id = env_id or (cfg.get("policy") or {}).get("env", "Pendulum-v1")
     policy = copy.deepcopy(model).train().requires_grad_(True)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    obj = ReinFlowPPO(policy, env_id=env_id, reg=reg, reference=ref, denoise_steps=denoise_steps, **opts)
+    obj = ReinFlowPPO(policy, env_id=env_id, reg=reg, reference=ref, denoise_steps=denoise_steps, init_seed=seed, **opts)
     steps = rollouts * obj.updates_per_rollout
     data = Dataset(torch.zeros(obj.n_envs, int(model.action_dim)), name="rollouts")
     info = {"method": "reinflow_ppo", "base_run": base_dir, "denoise_steps": denoise_steps, "rollouts": rollouts}

@@ -100,12 +100,14 @@ class ReinFlow(AlignObjective):
 
     def __init__(self, model, reward=None, reg=None, path="linear", reference=None, group: int = 8,
                  denoise_steps: int = 4, min_std: float = 0.02, max_std: float = 0.3, ent_coef: float = 0.0,
-                 adv_eps: float = 1e-4, noise_hidden: int = 64) -> None:
+                 adv_eps: float = 1e-4, noise_hidden: int = 64, init_seed: int = 0) -> None:
         shape = getattr(getattr(model, "get_base_model", lambda: model)(), "sample_shape", None)
         if shape is None:
             raise ValueError("ReinFlow needs a model with .sample_shape (a straightflow model) to size its noise network")
         dim = int(torch.tensor(shape).prod())
-        heads = {"noise": _Shaped(NoiseNet(dim, min_std, max_std, hidden=noise_hidden), tuple(shape))}
+        with torch.random.fork_rng(devices=[]):  # the noise network's initialisation is part of the run: seed it
+            torch.manual_seed(int(init_seed))
+            heads = {"noise": _Shaped(NoiseNet(dim, min_std, max_std, hidden=noise_hidden), tuple(shape))}
         super().__init__(model, reward=reward, reg=reg, path=path, reference=reference, heads=heads)
         if self.reward is None:
             raise ValueError("ReinFlow needs a reward")
