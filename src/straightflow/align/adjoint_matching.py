@@ -113,7 +113,7 @@ class AdjointMatching(AlignObjective):
     def _ref_grad(self, model, x, t, cond):
         """The base velocity with a graph to ``x`` (for the lean adjoint's VJP); parameters stay frozen."""
         m = self.module(model)
-        m.count("reference", x.shape[0])
+        m.count("reference_grad", x.shape[0])
         if self.reference is not None:
             return self.reference(x, t, **cond)
         with m.policy.disable_adapter():

@@ -46,11 +46,12 @@ from ..registry import Registry
 from ..train import Trainer
 
 __all__ = ["METHODS", "available", "AlignModule", "AlignObjective", "AlignTrainer", "AlignResult", "align",
-           "check_reward", "RewardError", "export_policy", "prompts", "COST_KEYS", "load_base", "sample_base"]
+           "check_reward", "RewardError", "export_policy", "prompts", "COST_KEYS", "load_base", "sample_base",
+           "forward_equivalents"]
 
 METHODS: Registry = Registry("alignment method")
 
-COST_KEYS = ("forward", "grad_forward", "reference", "reward", "reward_grad", "env_steps")
+COST_KEYS = ("forward", "grad_forward", "reference", "reference_grad", "reward", "reward_grad", "env_steps")
 
 
 def available() -> List[str]:
@@ -479,3 +480,12 @@ def align(base: Union[str, Path, nn.Module], method: str = "dpo", reward=None, o
     cost["seconds"] = round(time.process_time() - t0, 3)
     return AlignResult(run_dir=outp, model=aligned, module=module, steps=res.steps, final_loss=res.final_loss,
                        history=res.history, cost=cost, objective=objective)
+
+
+def forward_equivalents(cost: Dict[str, float]) -> float:
+    """Training compute in model-forward equivalents: forwards without grad (sampling, reference, data
+    generation) count 1, forwards that are back-propagated (the trained model's, the lean adjoint's VJPs)
+    count 3 (forward + backward ~ 2 forwards). Reward evaluations are not model calls and are reported apart."""
+    c = dict(cost)
+    return float(c.get("forward", 0) + c.get("reference", 0) + c.get("data_forward", 0)
+                 + 3 * (c.get("grad_forward", 0) + c.get("reference_grad", 0)))

@@ -45,13 +45,15 @@ class InkReward(Reward):
         return torch.sigmoid((flat - self.threshold) / self.temperature).mean(1)
 
 
-def held_out_classifier(target: int, seed: int = 1) -> ClassLogProb:
+def held_out_classifier(target: int, seed: int = 1, steps: Optional[int] = None) -> ClassLogProb:
     """``log p(target | x)`` under a second digits classifier (seed ``seed``, cached as
-    ``digits-heldout-s<seed>``): same architecture, another initialisation, split and augmentation."""
+    ``digits-heldout-s<seed>``): same architecture, another initialisation, split and augmentation.
+    ``steps`` overrides the recipe's training steps (cached under another name)."""
     from ..metrics import feature_extractor, load_digits_images
 
     x, y = load_digits_images(8)
-    clf = feature_extractor(f"digits-heldout-s{seed}", x=x, y=y, seed=seed)
+    name = f"digits-heldout-s{seed}" + ("" if steps is None else f"-n{int(steps)}")
+    clf = feature_extractor(name, x=x, y=y, seed=seed, steps=steps)
     r = ClassLogProb(target, classifier=clf)
     r.name = f"held-out log p(class {target})"
     return r
