@@ -255,7 +255,7 @@ def test_kl_term_is_zero_at_the_base_model(cls, opts):
         obj = cls(m, reward=reward, reg=reg, **opts)
         loss = obj.loss(torch.zeros(2, 2), generator=torch.Generator().manual_seed(0))
         loss.backward()
-        out.append((float(loss), [p.grad.clone() for p in obj.model.policy.parameters()]))
+        out.append((float(loss.detach()), [p.grad.clone() for p in obj.model.policy.parameters()]))
     assert out[0][0] == pytest.approx(out[1][0], abs=1e-7)
     for g0, g1 in zip(out[0][1], out[1][1]):
         assert torch.allclose(g0, g1, atol=1e-7)

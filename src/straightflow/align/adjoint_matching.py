@@ -69,13 +69,10 @@ class AdjointMatching(AlignObjective):
     def __init__(self, model, reward=None, reg=None, path="linear", reference=None, group: int = 1,
                  sde_steps: int = 20, train_steps: Optional[int] = None) -> None:
         super().__init__(model, reward=reward, reg=reg, path=path, reference=reference)
-        if self.reward is None:
-            raise ValueError("Adjoint Matching needs a differentiable reward")
+        self.require(group=(group, 1, ""), sde_steps=(sde_steps, 2, ""))
         if not self.reg > 0:
             raise ValueError(f"Adjoint Matching's reg = 1/lambda must be > 0, got {self.reg}")
         self.group, self.sde_steps = int(group), int(sde_steps)
-        if self.sde_steps < 2:
-            raise ValueError(f"sde_steps must be >= 2, got {sde_steps}")
         self.train_steps = None if train_steps is None else int(train_steps)
 
     def settings(self) -> Dict[str, Any]:

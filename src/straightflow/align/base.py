@@ -282,6 +282,15 @@ class AlignObjective:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model to align has no trainable parameters")
 
+    def require(self, reward: bool = True, **ints: Tuple[int, int, str]) -> None:
+        """Validate the common options: a reward is given (``reward``) and each ``name=(value, low, why)`` is
+        an int >= low; raises a ValueError naming the method, the option and what is accepted."""
+        if reward and self.reward is None:
+            raise ValueError(f"method {self.name!r} needs a reward (e.g. 'class:3', 'region:disc:0,0,1', 'ink')")
+        for key, (value, low, why) in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{self.name}: {key} must be an int >= {low}{why}, got {value!r}")
+
     # ---------------------------------------------------------------- settings
     def settings(self) -> Dict[str, Any]:
         """Method-specific settings (JSON); ``config()`` adds the common ones."""

@@ -37,10 +37,9 @@ class DRaFT(AlignObjective):
     def __init__(self, model, reward=None, reg=None, path="linear", reference=None, sample_steps: int = 4,
                  truncate: int = 1, group: int = 1) -> None:
         super().__init__(model, reward=reward, reg=reg, path=path, reference=reference)
-        if self.reward is None:
-            raise ValueError("DRaFT needs a differentiable reward")
-        if sample_steps < 1 or not 0 <= truncate <= sample_steps:
-            raise ValueError(f"need sample_steps >= 1 and 0 <= truncate <= sample_steps, got {sample_steps}, {truncate}")
+        self.require(sample_steps=(sample_steps, 1, ""), group=(group, 1, ""), truncate=(truncate, 0, " (0 = all steps)"))
+        if truncate > sample_steps:
+            raise ValueError(f"draft: truncate must be <= sample_steps = {sample_steps}, got {truncate}")
         self.sample_steps, self.truncate, self.group = int(sample_steps), int(truncate), int(group)
 
     def settings(self) -> Dict[str, Any]:

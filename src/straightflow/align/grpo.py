@@ -73,12 +73,8 @@ class FlowGRPO(AlignObjective):
                  sde_steps: int = 10, noise_level: float = 0.7, clip: float = 0.2,
                  train_steps: Optional[int] = None, adv_eps: float = 1e-4) -> None:
         super().__init__(model, reward=reward, reg=reg, path=path, reference=reference)
-        if self.reward is None:
-            raise ValueError("Flow-GRPO needs a reward")
-        if group < 2:
-            raise ValueError(f"group (samples per prompt) must be >= 2 for a group-relative advantage, got {group}")
-        if sde_steps < 1:
-            raise ValueError(f"sde_steps must be >= 1, got {sde_steps}")
+        self.require(group=(group, 2, " (a group-relative advantage needs two samples per prompt)"),
+                     sde_steps=(sde_steps, 1, ""))
         self.group, self.sde_steps, self.noise_level = int(group), int(sde_steps), float(noise_level)
         self.clip, self.adv_eps = float(clip), float(adv_eps)
         self.train_steps = None if train_steps is None else int(train_steps)

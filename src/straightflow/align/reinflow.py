@@ -109,12 +109,8 @@ class ReinFlow(AlignObjective):
             torch.manual_seed(int(init_seed))
             heads = {"noise": _Shaped(NoiseNet(dim, min_std, max_std, hidden=noise_hidden), tuple(shape))}
         super().__init__(model, reward=reward, reg=reg, path=path, reference=reference, heads=heads)
-        if self.reward is None:
-            raise ValueError("ReinFlow needs a reward")
-        if group < 2:
-            raise ValueError(f"group must be >= 2, got {group}")
-        if denoise_steps < 1:
-            raise ValueError(f"denoise_steps must be >= 1, got {denoise_steps}")
+        self.require(group=(group, 2, " (a group-relative advantage needs two samples per prompt)"),
+                     denoise_steps=(denoise_steps, 1, ""))
         self.group, self.denoise_steps = int(group), int(denoise_steps)
         self.min_std, self.max_std, self.ent_coef, self.adv_eps = float(min_std), float(max_std), float(ent_coef), float(adv_eps)
 
