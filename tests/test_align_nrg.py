@@ -37,8 +37,8 @@ def test_weights_combine_objectives_linearly():
         WeightedRewards([ra, rb], [1.0])
     with pytest.raises(ValueError, match="cannot pay"):
         nrg(_flow(), ra, (2,), 1, n=2)
-    with pytest.raises(ValueError, match="vp=True"):
-        nrg(_flow(), ra, (2,), 10, n=2, vp=True)
+    vp = nrg(_flow(), ra, (2,), 10, n=2, vp=True)  # guided on the VP conversion of the same marginals
+    assert vp.info["vp"] and vp.nfe <= 10
 
 
 def test_noisy_reward_model_guides_at_one_nfe_per_step():
@@ -51,3 +51,5 @@ def test_noisy_reward_model_guides_at_one_nfe_per_step():
     res = nrg(_flow(), net, (2,), 100, n=2000, seed=2)
     assert res.nfe == 100 and res.info["noisy"]
     assert torch.allclose(res.x.mean(0).double(), (MU[0] + S * S * w).double(), atol=0.12)
+    with pytest.raises(ValueError, match="vp=True"):
+        nrg(_flow(), net, (2,), 10, n=2, vp=True)

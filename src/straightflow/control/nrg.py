@@ -30,7 +30,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..grids import make_grid
 from ..models.embed import timestep_features
 from ..paths import PathLike, get_path
 from .rewards import Reward, as_reward
@@ -150,20 +149,23 @@ def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, 
         cond: Optional[Dict[str, Any]] = None, seed: Optional[int] = 0, generator: Optional[torch.Generator] = None,
         vp: bool = False, chunk: Optional[int] = None, **ignored: Any):
     """Flow-NRG (module docstring): ``n`` outputs from the reward-guided Euler ODE within ``budget`` NFE each.
+    ``vp=True`` guides the VP-converted velocity (:func:`~straightflow.control.scaling.prepare`) instead.
 
     ``reward``: a :class:`NoisyReward`, a :class:`WeightedRewards`, a list of rewards (with ``weights``), or
     any clean reward (guidance through ``x1_hat``; 2 NFE per step). ``steps`` defaults to the most the
     budget pays for. ``scale``: guidance strength (1 = the first-order tilt by ``exp(w . r)``)."""
-    from .scaling import SearchResult, _check_budget, _evals, _gen
+    from .scaling import SearchResult, _check_budget, _evals, _gen, prepare, time_grid
 
-    if vp:
-        raise ValueError("nrg guides the model's own path; vp=True (the VP conversion) is for the SDE search methods")
     budget, n = _check_budget(budget, n)
     if isinstance(reward, (list, tuple)):
         reward = WeightedRewards(reward, weights)
     elif weights is not None:
         reward = WeightedRewards([reward], weights)
     noisy = bool(getattr(reward, "noisy", False))
+    evals_per = int(getattr(model, "evals_per_call", 1))
+    if vp and noisy:
+        raise ValueError("a noisy reward model reads x_t on the path it was trained on; vp=True (the VP conversion) "
+                         "works with clean rewards (guided through x1_hat) only")
     per_step = 1 if noisy else 2
     calls = _evals(model, budget)
     if steps is None:
@@ -176,8 +178,8 @@ def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, 
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     gen = _gen(seed, generator)
-    sp = get_path(path)
-    ts = make_grid("uniform", steps).tolist()
+    model, sp = prepare(model, path, vp)  # with vp: the VP velocity of the same marginals, on an SNR-matched grid
+    ts = time_grid(steps, path, vp).tolist()
     x = torch.randn((n, *shape), generator=gen)
     cond = dict(cond or {})
     if cond:
@@ -201,13 +203,13 @@ def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, 
                 r = torch.as_tensor(reward(x1)).reshape(-1)
                 (grad,) = torch.autograd.grad(r.sum(), xr)
                 v = v.detach()
-        evals += per_step * int(getattr(model, "evals_per_call", 1))
+        evals += per_step * evals_per
         if not bool(torch.isfinite(grad).all()):
             raise ValueError(f"the reward's gradient is NaN/Inf at step {i} (t = {t:.3g}); check the reward")
         x = (x + h * (v + c * grad)).detach()
     with torch.no_grad():
         final = reward(x, 1.0) if noisy else reward(x)
     return SearchResult(x=x, rewards=torch.as_tensor(final).reshape(-1).double(), nfe=evals, budget=budget,
-                        info={"method": "nrg", "steps": steps, "scale": float(scale), "noisy": noisy,
+                        info={"method": "nrg", "steps": steps, "scale": float(scale), "noisy": noisy, "vp": bool(vp),
                               "weights": getattr(reward, "weights", None), "total_nfe": evals * n,
                               "reward_calls": steps + 1})
