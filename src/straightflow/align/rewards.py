@@ -1,7 +1,8 @@
 """Rewards for the alignment tasks, beside :mod:`straightflow.control.rewards`.
 
 - :class:`InkReward` -- an "aesthetic" reward on digits: stroke thickness as the mean ink of the image,
-  ``r(x) = mean_pixels (x + 1) / 2`` (images in [-1, 1], ink = 1), or, with a ``threshold``, the soft
+  ``r(x) = mean_pixels (clamp(x, -1, 1) + 1) / 2`` (images in [-1, 1], ink = 1; pixels pushed outside the
+  range earn nothing), or, with a ``threshold``, the soft
   fraction of strongly inked pixels ``mean sigmoid((x - threshold) / temperature)`` -- the same reward at
   other parameters, used as the *held-out* reward of the thickness task (a model that greys the
   background raises the mean ink but not the share of strongly inked pixels).
@@ -39,7 +40,7 @@ class InkReward(Reward):
         self.name = "mean ink" if threshold is None else f"ink>{self.threshold:g} (soft T={self.temperature:g})"
 
     def __call__(self, x: Tensor) -> Tensor:
-        flat = x.reshape(x.shape[0], -1)
+        flat = x.reshape(x.shape[0], -1).clamp(-1, 1)  # no credit for pixels outside the image range
         if self.threshold is None:
             return ((flat + 1) / 2).mean(1)
         return torch.sigmoid((flat - self.threshold) / self.temperature).mean(1)
