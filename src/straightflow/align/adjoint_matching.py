@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .base import METHODS, AlignObjective
+from .base import METHODS, AlignObjective, step_subset
 from .grpo import _repeat_cond, sample_sde_chain
 from .sde import diffusion, memoryless_drift
 
@@ -95,9 +95,7 @@ class AdjointMatching(AlignObjective):
         (gr,) = torch.autograd.grad(r.sum(), xT)
         a1 = -gr / self.reg
         adj = lean_adjoint(lambda xx, tt, c: self._ref_grad(model, xx, tt, c), xs, ts, a1, cond, self.path)
-        steps = list(range(K))
-        if self.train_steps is not None and self.train_steps < K:
-            steps = sorted(torch.randperm(K, generator=generator, device="cpu")[: self.train_steps].tolist())
+        steps = step_subset(K, self.train_steps, generator)
         total = x1.new_zeros(())
         for k in steps:
             tb = torch.full((b * G,), ts[k], dtype=x1.dtype, device=x1.device)

@@ -245,8 +245,12 @@ def sample_base(model: Callable, noise: Tensor, steps: int = 20, cond: Optional[
 
 
 # ----------------------------------------------------------------------------- objective base
-def _bcast(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
+def step_subset(K: int, k: Optional[int], generator: Optional[torch.Generator]) -> List[int]:
+    """All ``K`` step indices, or ``k`` of them drawn without replacement from ``generator`` (sorted)."""
+    if k is None or k >= K:
+        return list(range(K))
+    dev = generator.device if generator is not None else "cpu"
+    return sorted(torch.randperm(K, generator=generator, device=dev)[:k].tolist())
 
 
 class AlignObjective:

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .base import METHODS, AlignObjective
+from .base import METHODS, AlignObjective, step_subset
 from .sde import diffusion, gaussian_kl, gaussian_logp, sde_mean
 
 __all__ = ["FlowGRPO", "group_advantages", "sample_sde_chain"]
@@ -104,9 +104,7 @@ class FlowGRPO(AlignObjective):
         r = self.score(model, xs[-1])
         adv = group_advantages(r, G, self.adv_eps).to(x1.dtype)
         K = len(ts) - 1
-        steps = list(range(K))
-        if self.train_steps is not None and self.train_steps < K:
-            steps = sorted(torch.randperm(K, generator=generator, device="cpu")[: self.train_steps].tolist())
+        steps = step_subset(K, self.train_steps, generator)
         total = x1.new_zeros(())
         for k in steps:
             t, h = ts[k], ts[k + 1] - ts[k]

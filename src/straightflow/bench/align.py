@@ -71,12 +71,12 @@ def _base_run(kind: str, out: Path, quick: bool):
     from ..cli import train_run
 
     if kind == "2d":
-        steps = 150 if quick else 4000
+        steps = 50 if quick else 4000
         rd = out / "runs" / f"8gaussians-mlp-s{steps}"
         train_run("8gaussians", str(rd), steps, n=50_000, hidden=128, depth=3, batch_size=512, lr=2e-3, warmup=100,
                   lr_schedule="cosine", ckpt_every=1000, seed=0, progress=False)
     elif kind == "digits":
-        steps = 40 if quick else 2500
+        steps = 10 if quick else 2500
         rd = out / "runs" / f"digits-c16-s{steps}"
         train_run("digits", str(rd), steps, base_channels=16, batch_size=64 if quick else 128, ckpt_every=500, seed=0,
                   progress=False)
@@ -187,7 +187,7 @@ def _make_task(name: str, out: Path, quick: bool, a) -> Task:
     from ..metrics import classifier_features, load_digits_images
     from ..align.rewards import InkReward, held_out_classifier
 
-    n_eval = a.n_eval or (64 if quick else 1000)
+    n_eval = a.n_eval or (32 if quick else 1000)
     n_search = a.n_search or (8 if quick else 128)
     if name == "2d":
         model, run = _base_run("2d", out, quick)
@@ -356,7 +356,7 @@ def run_task(task: Task, methods: Sequence[str], searches: Sequence[str], out: P
 def run_control(out: Path, quick: bool, seeds: int, ks: Sequence[int], rollouts: int, progress=False) -> Dict[str, Any]:
     from ..align.policy import behaviour_clone, evaluate, reinflow_finetune
 
-    eps = 4 if quick else 50
+    eps = 2 if quick else 50
     rows = []
     for seed in range(seeds):
         bc_dir = out / "runs" / f"pendulum-bc-s{seed}"
