@@ -29,9 +29,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``sf.straighten``, ``sf.control``, ``sf.stream``, ``sf.images``: imported on first use (they pull
+    """``sf.straighten``, ``sf.control``, ``sf.stream``, ``sf.images``, ``sf.align``: imported on first use (they pull
     in more of the library, and the server's optional dependencies, than sampling needs)."""
-    if name in ("straighten", "control", "stream", "images"):
+    if name in ("straighten", "control", "stream", "images", "align"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

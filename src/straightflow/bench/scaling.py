@@ -79,7 +79,7 @@ def bench_scaling(out: str, quick: bool = False, run: Optional[str] = None, seed
     # plot: reward vs budget, one panel per task
     plt = plotting.pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
-    colors = {"best_of_n": "tab:blue", "best_of_n_sde": "tab:orange", "smc": "tab:green", "rbf": "tab:red"}
+    colors = {"best_of_n": "tab:blue", "best_of_n_sde": "tab:orange", "smc": "tab:green", "rbf": "tab:red", "nrg": "tab:purple"}
     for ax, (name, *_rest) in zip(axes[0], tasks):
         for row in results["tasks"][name]["rows"]:
             ax.plot(budgets, row["reward"], marker="o", ms=3, color=colors[row["method"]],

@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..registry import UnknownNameError
-from . import bench, control, core, demo, images, straighten, stream
+from . import align, bench, control, core, demo, images, straighten, stream
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (
@@ -25,6 +25,7 @@ COMMANDS = (
     bench.register,       # bench SUITE
     straighten.register,  # pairs, reflow, distill, meanflow
     control.register,     # edit, restore, search
+    align.register,       # align, policy
     images.register,      # latent, generate
     stream.register,      # serve, stream
     core.register_list,   # list

@@ -37,6 +37,7 @@ from ..paths import AffinePath, PathLike, convert_velocity, get_path
 from ..registry import Registry
 from ..solvers import CountedVelocity, get_solver, initial_noise, solve
 from ..solvers.sde import euler_maruyama
+from .nrg import nrg
 from .rewards import ClassLogProb, RegionReward, as_reward
 
 __all__ = ["SearchResult", "BudgetExceeded", "prepare", "time_grid", "posterior_x1", "score", "sde_sample",
@@ -402,10 +403,11 @@ SEARCH_METHODS.register("best_of_n", aliases=("best-of-n", "bon"))(best_of_n)
 SEARCH_METHODS.register("best_of_n_sde", aliases=("best-of-n-sde",))(partial(best_of_n, sde=True))
 SEARCH_METHODS.register("smc")(smc)
 SEARCH_METHODS.register("rbf", aliases=("rollover",))(rbf)
+SEARCH_METHODS.register("nrg", aliases=("flow-nrg", "flow_nrg"))(nrg)  # reward guidance on noisy samples
 
 # name -> function, in registration order (the command line's choices, the benchmark's rows)
 METHODS: Dict[str, Callable[..., SearchResult]] = {n: SEARCH_METHODS.get(n) for n in
-                                                   ("best_of_n", "best_of_n_sde", "smc", "rbf")}
+                                                   ("best_of_n", "best_of_n_sde", "smc", "rbf", "nrg")}
 
 
 def available() -> list:

@@ -15,11 +15,12 @@ from .build import MODELS, available, build_model
 from .dit import DiT
 from .embed import ClassEmbedding, SinusoidalTimeEmbedding, drop_labels, timestep_features
 from .mlp import MLP
+from .policy import ObsMLP
 from .shape import sample_shape
 from .unet import UNet
 
 __all__ = [
-    "MODELS", "MLP", "UNet", "DiT", "Autoencoder", "BlockwiseFlow", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
+    "MODELS", "MLP", "UNet", "DiT", "Autoencoder", "BlockwiseFlow", "ObsMLP", "SinusoidalTimeEmbedding", "ClassEmbedding", "timestep_features", "drop_labels",
     "build_model", "available", "count_parameters", "sample_shape",
 ]
 

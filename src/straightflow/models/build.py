@@ -10,6 +10,7 @@ from ..registry import Registry
 from .autoencoder import Autoencoder
 from .dit import DiT
 from .mlp import MLP
+from .policy import ObsMLP
 from .unet import UNet
 
 __all__ = ["MODELS", "available", "build_model"]
@@ -19,6 +20,7 @@ MODELS.register("mlp")(MLP)
 MODELS.register("unet")(UNet)
 MODELS.register("dit")(DiT)
 MODELS.register("autoencoder", aliases=("ae",))(Autoencoder)
+MODELS.register("obs_mlp", aliases=("policy",))(ObsMLP)
 
 
 def available() -> List[str]:

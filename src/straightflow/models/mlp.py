@@ -5,8 +5,15 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .embed import (ClassEmbedding, IntervalEmbedding, SinusoidalTimeEmbedding, TimeLike, conditioning, with_time_options,
-                    make_activation)
+from .embed import (
+    ClassEmbedding,
+    IntervalEmbedding,
+    SinusoidalTimeEmbedding,
+    TimeLike,
+    conditioning,
+    make_activation,
+    with_time_options,
+)
 
 
 class _ResBlock(nn.Module):
