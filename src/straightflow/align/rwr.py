@@ -18,7 +18,6 @@ SFT ("supervised fine-tuning" in the paper's comparison): the same loss with ``w
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor

@@ -33,7 +33,7 @@ Flow-GRPO step written in the authors' convention against :func:`sde_mean` here.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor

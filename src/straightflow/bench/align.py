@@ -472,7 +472,7 @@ def _targets(results: Dict[str, Any]) -> List[str]:
 
 def _plots(results: Dict[str, Any], out: Path) -> None:
 
-    plt = plotting._plt()
+    plt = plotting.pyplot()
     tasks = [r for k, r in results["tasks"].items() if k != "control"]
     if tasks:
         colors = plt.get_cmap("tab10")
@@ -501,7 +501,7 @@ def _plots(results: Dict[str, Any], out: Path) -> None:
                 ax.set_title(r["task"], fontsize=10)
                 ax.grid(alpha=0.3)
             axes[0][0].legend(fontsize=6)
-            plotting._save(fig, out / fname)
+            plotting.save_figure(fig, out / fname)
     d = results["tasks"].get("digits")
     if d:
         panels = [("base (null label)", d["base"]["_x"][:16])] + [(row["method"], row["_x"][:16]) for row in d["rows"]]
@@ -520,7 +520,7 @@ def _plots(results: Dict[str, Any], out: Path) -> None:
         ax.set_ylabel("mean return (Pendulum-v1)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        plotting._save(fig, out / "align_control.png")
+        plotting.save_figure(fig, out / "align_control.png")
 
 
 def _strip(o):

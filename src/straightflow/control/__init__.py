@@ -4,12 +4,12 @@
 - :mod:`.editing` — inversion, RF-Inversion controlled ODEs, class-swap editing;
 - :mod:`.operators` — measurement operators (inpainting, super-resolution, deblurring);
 - :mod:`.inverse` — FlowChef, DPS-style, FLAIR-like and PMRF restoration;
-- :mod:`.scaling`, :mod:`.rewards` — inference-time scaling against a reward;
+- :mod:`.scaling`, :mod:`.nrg`, :mod:`.rewards` — inference-time scaling against a reward (best-of-N, SMC, RBF, Flow-NRG);
 - :mod:`.adjoint` — adjoint gradients through sampling (constant memory).
 """
 from __future__ import annotations
 
-from . import adjoint, editing, guidance, inverse, operators, rewards, scaling  # noqa: F401
+from . import adjoint, editing, guidance, inverse, nrg, operators, rewards, scaling  # noqa: F401
 from .adjoint import SoftLabelModel, odeint_adjoint, optimise_noise  # noqa: F401
 from .editing import ControlledVelocity, class_swap_edit, rf_edit, rf_invert  # noqa: F401
 from .guidance import GuidanceSchedule, ScheduledGuidance, make_guidance  # noqa: F401

@@ -25,14 +25,16 @@ Same calling convention as :func:`~straightflow.control.scaling.best_of_n`/``smc
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..models.embed import timestep_features
 from ..paths import PathLike, get_path
+from ..solvers import initial_noise
 from .rewards import Reward, as_reward
+from .scaling import SearchResult, _check_budget, _evals, prepare, register_search_method, time_grid
 
 __all__ = ["NoisyReward", "WeightedRewards", "train_noisy_reward", "nrg", "guidance_coefficient"]
 
@@ -154,8 +156,6 @@ def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, 
     ``reward``: a :class:`NoisyReward`, a :class:`WeightedRewards`, a list of rewards (with ``weights``), or
     any clean reward (guidance through ``x1_hat``; 2 NFE per step). ``steps`` defaults to the most the
     budget pays for. ``scale``: guidance strength (1 = the first-order tilt by ``exp(w . r)``)."""
-    from .scaling import SearchResult, _check_budget, _evals, _gen, prepare, time_grid
-
     budget, n = _check_budget(budget, n)
     if isinstance(reward, (list, tuple)):
         reward = WeightedRewards(reward, weights)
@@ -177,10 +177,9 @@ def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, 
                                              "with train_noisy_reward for 1 NFE per step)"))
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    gen = _gen(seed, generator)
     model, sp = prepare(model, path, vp)  # with vp: the VP velocity of the same marginals, on an SNR-matched grid
     ts = time_grid(steps, path, vp).tolist()
-    x = torch.randn((n, *shape), generator=gen)
+    x, _ = initial_noise((n, *shape), seed=seed, generator=generator)
     cond = dict(cond or {})
     if cond:
         cond = {k: (v.expand(n, *v.shape[1:]) if torch.is_tensor(v) and v.ndim and v.shape[0] == 1 else v)
@@ -213,3 +212,6 @@ def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, 
                         info={"method": "nrg", "steps": steps, "scale": float(scale), "noisy": noisy, "vp": bool(vp),
                               "weights": getattr(reward, "weights", None), "total_nfe": evals * n,
                               "reward_calls": steps + 1})
+
+
+register_search_method("nrg", aliases=("flow-nrg", "flow_nrg"))(nrg)

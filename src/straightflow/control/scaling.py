@@ -37,11 +37,10 @@ from ..paths import AffinePath, PathLike, convert_velocity, get_path
 from ..registry import Registry
 from ..solvers import CountedVelocity, get_solver, initial_noise, solve
 from ..solvers.sde import euler_maruyama
-from .nrg import nrg
 from .rewards import ClassLogProb, RegionReward, as_reward
 
 __all__ = ["SearchResult", "BudgetExceeded", "prepare", "time_grid", "posterior_x1", "score", "sde_sample",
-           "best_of_n", "smc", "rbf", "search", "METHODS", "SEARCH_METHODS", "available", "DEFAULT_SCALE", "diversity", "hit_rate", "systematic_resample",
+           "best_of_n", "smc", "rbf", "search", "METHODS", "SEARCH_METHODS", "available", "register_search_method", "DEFAULT_SCALE", "diversity", "hit_rate", "systematic_resample",
            "effective_sample_size"]
 
 
@@ -403,11 +402,20 @@ SEARCH_METHODS.register("best_of_n", aliases=("best-of-n", "bon"))(best_of_n)
 SEARCH_METHODS.register("best_of_n_sde", aliases=("best-of-n-sde",))(partial(best_of_n, sde=True))
 SEARCH_METHODS.register("smc")(smc)
 SEARCH_METHODS.register("rbf", aliases=("rollover",))(rbf)
-SEARCH_METHODS.register("nrg", aliases=("flow-nrg", "flow_nrg"))(nrg)  # reward guidance on noisy samples
 
-# name -> function, in registration order (the command line's choices, the benchmark's rows)
+# name -> function, in registration order (the command line's choices, the benchmark's rows); modules
+# that add a method (e.g. :mod:`.nrg`) register it with :func:`register_search_method`
 METHODS: Dict[str, Callable[..., SearchResult]] = {n: SEARCH_METHODS.get(n) for n in
-                                                   ("best_of_n", "best_of_n_sde", "smc", "rbf", "nrg")}
+                                                   ("best_of_n", "best_of_n_sde", "smc", "rbf")}
+
+
+def register_search_method(name: str, aliases: Sequence[str] = ()) -> Callable:
+    """Decorator: add a search method ``fn(model, reward, shape, budget, n, **options) -> SearchResult``."""
+    def deco(fn: Callable[..., SearchResult]) -> Callable[..., SearchResult]:
+        SEARCH_METHODS.register(name, aliases=aliases)(fn)
+        METHODS[name] = fn
+        return fn
+    return deco
 
 
 def available() -> list:
@@ -417,7 +425,7 @@ def available() -> list:
 
 def search(model: Callable, reward, shape: Sequence[int], budget: int, method: str = "rbf", n: int = 1,
            **kwargs) -> SearchResult:
-    """Run one search method by name (:data:`SEARCH_METHODS`): best_of_n, best_of_n_sde, smc, rbf."""
+    """Run one search method by name (:data:`SEARCH_METHODS`): best_of_n, best_of_n_sde, smc, rbf, nrg."""
     fn = SEARCH_METHODS.get(str(method).replace("-", "_"))
     return fn(model, as_reward(reward), tuple(shape), int(budget), n, **kwargs)
 
