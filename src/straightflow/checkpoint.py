@@ -15,6 +15,7 @@ corrupt / pickled weights, keys or shapes that do not match the config) raises
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,15 +24,19 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .io import CheckpointError, PathLike, load_json, load_tensors, save_json, save_tensors
+from .io import CheckpointError, PathLike, load_json, load_tensors, save_json, save_tensors, tensor_shapes
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 __all__ = [
     "MODEL_FILE", "CONFIG_FILE", "CheckpointError", "save_model", "save_weights", "load", "load_config",
-    "load_weights", "straightflow_version", "unwrap", "RunInfo", "run_info",
+    "load_weights", "straightflow_version", "unwrap", "RunInfo", "run_info", "UnfinishedRunWarning",
 ]
+
+
+class UnfinishedRunWarning(UserWarning):
+    """A run directory whose training stopped before the step count it was asked to reach."""
 
 
 def straightflow_version() -> str:
@@ -126,18 +131,11 @@ def _describe(keys: List[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a safetensors state dict into ``model`` with ``strict=True`` and clear errors."""
-    path = Path(path)
-    state = load_tensors(path)  # CheckpointError for missing / truncated / corrupt / pickle
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
+def _check_shapes(path: Path, found: Mapping[str, tuple], expected: Mapping[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k} (file {tuple(found[k])}, model {tuple(expected[k])})"
+                    for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -149,6 +147,14 @@ def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = 
         raise CheckpointError(
             f"{path}: weights do not match the model architecture in the config ({'; '.join(parts)})"
         )
+
+
+def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a safetensors state dict into ``model`` with ``strict=True`` and clear errors."""
+    path = Path(path)
+    state = load_tensors(path)  # CheckpointError for missing / truncated / corrupt / pickle
+    _check_shapes(path, {k: tuple(v.shape) for k, v in state.items()},
+                  {k: tuple(v.shape) for k, v in model.state_dict().items()})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # pragma: no cover - caught above in practice
@@ -167,13 +173,28 @@ def load(run_dir: PathLike, device: str | torch.device = "cpu", weights: str = M
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
+    wpath = run_dir / weights
+    found = tensor_shapes(wpath)  # the header only: a config can be checked before anything is allocated
+    try:
+        with torch.device("meta"):  # the architecture's shapes, no memory: a config asking for 400 TB fails here
+            skeleton = build_model(cfg["model"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot build the model: {e}") from e
+    except (RuntimeError, NotImplementedError):  # a model that cannot be built without data: check after building
+        skeleton = None
+    if skeleton is not None:
+        _check_shapes(wpath, found, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+        del skeleton
     try:
         model = build_model(cfg["model"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot build the model: {e}") from e
-    load_weights(model, run_dir / weights, device=device)
+    load_weights(model, wpath, device=device)
     model.eval()
     model.run_config = cfg
+    message = RunInfo.from_config(cfg).unfinished_message(run_dir)
+    if message:
+        warnings.warn(message, UnfinishedRunWarning, stacklevel=2)
     return model
 
 
@@ -188,6 +209,10 @@ class RunInfo:
     config does not record it, i.e. it was not written by the trainer). ``objective``
     is what the model was trained for (``"flow_matching"``, or e.g. ``"meanflow"`` for an
     average-velocity model, which few-step sampling should use through ``sample_mean``).
+    ``data_split`` is the part of a fixed data set it was trained on (``"train"``: the rest is held
+    out for evaluation; None: not recorded, i.e. all of it). ``seed`` is the training seed.
+    ``step`` / ``total_steps``: the step its weights are from and the step count it was asked to
+    reach (None when not recorded); :attr:`unfinished` is True when training stopped early.
     """
 
     shape: Optional[Tuple[int, ...]]
@@ -196,6 +221,10 @@ class RunInfo:
     num_classes: Optional[int] = None
     objective: str = "flow_matching"
     config: Dict[str, Any] = field(default_factory=dict, repr=False)
+    data_split: Optional[str] = None
+    seed: int = 0
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
 
     AVERAGE_VELOCITY = ("meanflow", "splitmeanflow", "average_velocity")
 
@@ -204,16 +233,32 @@ class RunInfo:
         """An average-velocity model u(x, t, r) (MeanFlow family): sample it with ``sample_mean``."""
         return self.objective in self.AVERAGE_VELOCITY
 
+    @property
+    def unfinished(self) -> bool:
+        """Training was interrupted: the weights are from an earlier step than the run was asked to reach."""
+        return self.step is not None and self.total_steps is not None and self.step < self.total_steps
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "RunInfo":
         data = cfg.get("data") or {}
         model = cfg.get("model") or {}
+        train = cfg.get("train") or {}
         shape = data.get("shape")
+        step, total = cfg.get("step"), train.get("steps")
         return cls(shape=None if shape is None else tuple(int(s) for s in shape),
                    data_source=str(cfg.get("data_source") or data.get("name") or ""),
                    path=(cfg.get("flow") or {}).get("path", "linear"),
                    num_classes=data.get("num_classes") if data.get("labels") else model.get("num_classes"),
-                   objective=str((cfg.get("flow") or {}).get("objective", "flow_matching")), config=dict(cfg))
+                   objective=str((cfg.get("flow") or {}).get("objective", "flow_matching")), config=dict(cfg),
+                   data_split=cfg.get("data_split"), seed=int(train.get("seed") or 0),
+                   step=None if step is None else int(step), total_steps=None if total is None else int(total))
+
+    def unfinished_message(self, where: Any = "this run") -> Optional[str]:
+        """A sentence for an interrupted run (None for a finished one)."""
+        if not self.unfinished:
+            return None
+        return (f"{where} is unfinished: its weights are from step {self.step} of {self.total_steps} (training was "
+                "interrupted); rerun the same training command to finish it")
 
 
 def run_info(run: Union[nn.Module, PathLike, Mapping[str, Any]]) -> RunInfo:
