@@ -26,9 +26,41 @@ from .. import checkpoint, runs
 from ..io import atomic_write_bytes
 from ..registry import Registry
 from ..system import machine_line
+from ..train import MAX_STEPS_ENV, max_steps_cap
 
 __all__ = ["Suite", "SUITES", "register_suite", "run_suite", "command_line", "header", "dated_machine", "table",
-           "fmt", "ratio", "median_time", "write_report", "cached_model", "log_to"]
+           "fmt", "ratio", "median_time", "write_report", "cached_model", "log_to", "show_defaults", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with every option's default (unless its help already names it, it is None, or the
+    option is a switch); descriptions keep their own line breaks."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("default" in h.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or not action.option_strings):
+            return h
+        return h + " (default: %(default)s)"
+
+    def _fill_text(self, text, width, indent):  # indented lines (tables) stay as written, others wrap
+        return "\n".join(indent + part if part[:1].isspace() or not part.strip()
+                         else argparse.HelpFormatter._fill_text(self, part, width, indent)
+                         for part in text.split("\n"))
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` (and its sub-commands) print every option's default in ``--help``, options
+    without a help text included."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif (action.option_strings and not action.help and action.nargs != 0
+              and action.default not in (None, argparse.SUPPRESS)):
+            action.help = "(default: %(default)s)"
+    return parser
 
 
 @dataclass(frozen=True)
@@ -57,13 +89,12 @@ def register_suite(name: str, help: str, arguments: Callable[[argparse.ArgumentP
 
 
 def parser(suite: Suite) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"straightflow bench {suite.name}", description=suite.doc or suite.help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"straightflow bench {suite.name}", description=suite.doc or suite.help)
     p.add_argument("--out", default="bench_out", help="output directory (Markdown, JSON, plots)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings: 1)")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds to minutes) to check the pipeline")
     suite.arguments(p)
-    return p
+    return show_defaults(p)
 
 
 def command_line(name: str, argv: Sequence[str]) -> str:
@@ -76,6 +107,9 @@ def run_suite(name: str, argv: Optional[Sequence[str]] = None) -> int:
     suite = SUITES.get(name)
     argv = [] if argv is None else [str(a) for a in argv]
     a = parser(suite).parse_args(argv)
+    if max_steps_cap() is not None and not a.quick:  # the smoke-test knob: every suite in its quick form
+        print(f"[bench {suite.name}] ${MAX_STEPS_ENV} is set: running --quick", flush=True)
+        a.quick = True
     if a.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)
