@@ -84,8 +84,8 @@ def test_default_moons_run_is_near_the_floor(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--nfe", "16", "--n", "600"]) == 0
     row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| euler |")][0]
-    ratio = float(row.split("|")[7].strip().rstrip("x"))
-    assert ratio < 3.0, row
+    ratio = float([c for c in row.split("|") if c.strip().endswith("x")][0].strip().rstrip("x"))
+    assert ratio < 3.0, row  # the constant 0.999 decay read 6.3x here: its EMA was still the initial weights
 
 
 # ----------------------------------------------------------------------------- 2. seeds
@@ -355,3 +355,159 @@ def test_absurd_config_fails_before_allocating(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="shape mismatches"):
         checkpoint.load(run)
     assert time.perf_counter() - t0 < 10
+
+
+# ----------------------------------------------------------------------------- 7. errors name what the CLI offers
+
+
+def test_mixed_size_image_folder_points_at_a_real_flag(tmp_path, capsys):
+    """Item 7: the error for an image folder with mixed sizes names --resolution, which train offers,
+    and the run records it so eval reloads the data at the same size."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        side = 8 if i % 2 else 10
+        Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "r"
+    assert main(["train", "--data", str(folder), "--steps", "1", "--out", str(run), "--quiet"]) == 2
+    assert "--resolution" in capsys.readouterr().err
+    assert main(["train", "--data", str(folder), "--resolution", "8", "--steps", "1", "--batch-size", "4",
+                 "--base-channels", "8", "--out", str(run), "--quiet"]) == 0
+    info = checkpoint.run_info(run)
+    assert info.resolution == 8 and info.load_data("test").x.shape[1:] == (1, 8, 8)
+
+
+# ----------------------------------------------------------------------------- 8. conveniences
+
+MODEL_COMMANDS = ("train", "sample", "invert", "eval", "demo", "pairs", "reflow", "distill", "meanflow", "edit",
+                  "restore", "search", "latent", "generate", "serve", "stream", "publish")
+
+
+def _subparsers():
+    import argparse
+
+    from straightflow.cli import build_parser
+
+    p = build_parser()
+    return p, next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_device_auto_on_every_command_that_runs_a_model():
+    """Item 8: --device (default auto: cuda, then mps, then cpu), resolved by one library helper."""
+    from straightflow.system import resolve_device
+
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    want = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
+    assert resolve_device("auto").type == want and resolve_device(None).type == want
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="accepted: auto"):
+        resolve_device("warp-drive")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    _, subs = _subparsers()
+    for cmd in MODEL_COMMANDS:
+        dev = [a for a in subs[cmd]._actions if "--device" in a.option_strings]
+        assert dev and dev[0].default == "auto", cmd
+
+
+def test_version_and_defaults_in_help(capsys):
+    """Item 8: --version, and --help shows every option's default (options without a help text too)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("straightflow ")
+    for cmd, want in ((["sample"], "(default: 1000)"), (["train"], "(default: 256)"),
+                      (["generate"], "(default: 64)"), (["bench", "train"], "(default: bench_out)")):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        assert want in " ".join(capsys.readouterr().out.split()), cmd
+
+
+def test_invert_and_bench_show_progress(moons_run, tmp_path, capsys, monkeypatch):
+    """Item 8: invert shows a bar over its round trips; a benchmark says it started, keeps saying it
+    is running while a section computes, and says when it is done."""
+    assert main(["invert", str(moons_run), "--solvers", "euler,heun", "--nfe", "4", "--n", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "invert" in err and "3/3" in err
+    from straightflow.bench import harness
+
+    monkeypatch.setattr(harness, "HEARTBEAT_S", 0.05)
+    suite = harness.Suite("slowpoke", "a suite that computes silently", lambda p: None,
+                          lambda a: time.sleep(0.3) or 0)
+    monkeypatch.setattr(harness.SUITES, "get", lambda name: suite)
+    assert harness.run_suite("slowpoke", ["--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "[bench slowpoke] started" in out and "still running" in out and "done in" in out
+
+
+def test_latent_progress_names_its_stages(tmp_path, capsys):
+    """Item 8: `latent` labels its two training stages, not "train:" twice."""
+    assert main(["latent", "--data", "digits", "--n", "32", "--out", str(tmp_path / "lat"), "--ae-steps", "1",
+                 "--flow-steps", "1", "--model", "unet", "--width", "8", "--ae-channels", "8",
+                 "--batch-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "autoencoder:" in err and "latent flow:" in err
+
+
+def test_stream_default_model_is_announced_before_training(tmp_path, monkeypatch):
+    """Item 8: the default streaming model says what it trains, how long it takes and where it is
+    kept before it starts (it trains on first use); a smoke cap never fills the real cache entry."""
+    from straightflow.stream import load_stream_model
+
+    monkeypatch.setenv("STRAIGHTFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("STRAIGHTFLOW_MAX_STEPS", "1")
+    said = []
+    model = load_stream_model("default", progress=False, log=said.append)
+    assert len(said) == 1 and "first use" in said[0] and "32x32" in said[0] and "min" in said[0]
+    assert tuple(model.sample_shape) == (3, 32, 32) and model.num_classes == 5
+    assert (tmp_path / "cache" / "stream_model" / "shapes32-unet16-400-smoke1").is_dir()
+    assert not (tmp_path / "cache" / "stream_model" / "shapes32-unet16-400").exists()
+    said.clear()
+    load_stream_model("default", progress=False, log=said.append)
+    assert said == []  # cached: nothing to announce
+
+
+def test_generate_offers_every_registered_solver(tmp_path):
+    """Item 8: generate --solver takes any registered solver (sync-free ones in the fast loop)."""
+    run = tmp_path / "d"
+    assert main(["train", "--data", "digits", "--steps", "1", "--batch-size", "8", "--base-channels", "8",
+                 "--out", str(run), "--quiet"]) == 0
+    for solver in ("dpm++2m", "unipc-bh2", "heun"):
+        out = tmp_path / f"gen-{solver}"
+        assert main(["generate", str(run), "--n", "3", "--batch", "2", "--solver", solver, "--steps", "3",
+                     "--out", str(out), "--quiet"]) == 0
+        assert np.load(out / "samples.npz")["x"].shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match="sync-free"):
+        from straightflow.images.fast import sample_to_files
+
+        sample_to_files(checkpoint.load(run), 2, tmp_path / "x", solver="dpm++2m", steps=2, bf16=True,
+                        progress=False)
+
+
+def test_figures_are_readable(tmp_path):
+    """Item 8: image tiles are drawn large enough to see, the figure hugs its grids (no empty band),
+    and 16 series get 16 different colours."""
+    from PIL import Image
+
+    from straightflow import plotting
+
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    plotting.save_image_panels([("a", x), ("b", x)], tmp_path / "p.png", nrow=10)
+    w, h = Image.open(tmp_path / "p.png").size
+    grid_h = (2 * 9 + 1) * plotting.MIN_TILE_PX // 8   # 2 rows of 8-pixel tiles, upscaled
+    assert w >= 2 * 10 * plotting.MIN_TILE_PX and h < grid_h + 120
+    styles = [plotting.series_style(i) for i in range(16)]
+    assert len({s["color"] for s in styles}) == 16
+    assert len({(s["color"], s["ls"], s["marker"]) for s in styles}) == 16
+
+
+def test_profiler_lines_stay_out_of_the_output(capfd):
+    """Item 8: measuring peak memory with torch.profiler prints nothing of its own."""
+    from straightflow.control.inverse import peak_memory
+
+    out, peak = peak_memory(lambda: torch.randn(64, 64) @ torch.randn(64, 64))
+    cap = capfd.readouterr()
+    assert peak > 0 and "profiler" not in cap.out and "profiler" not in cap.err

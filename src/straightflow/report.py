@@ -68,14 +68,14 @@ def run_reference(info: RunInfo, n: Optional[int]) -> Reference:
         raise ValueError("this run records no data source (config.json 'data_source'), so there is no data to "
                          "score it against")
     if sfdata.is_generated(source):
-        ref = reference_data(source, n, seed=info.seed)
+        ref = info.load_data("test", n=_count(n))
         return Reference(ref, None, f"{len(ref)} fresh {source} samples (a seed disjoint from the training "
                          "data's); floor: two disjoint halves of them")
     if info.data_split == "train":
-        test, train = sfdata.load_dataset(source, split="test"), sfdata.load_dataset(source, split="train")
+        test, train = info.load_data("test"), info.load_data("train")
         return Reference(test, train, f"the {len(test)} held-out items of {source} (a fifth, never trained on); "
                          f"floor: as many of its {len(train)} training items against them")
-    full = sfdata.load_dataset(source)
+    full = info.load_data()
     return Reference(full, None, f"{source} itself ({len(full)} items): this run recorded no held-out split (it was "
                      "trained on all of it), so these figures are on training data; floor: two halves of it")
 

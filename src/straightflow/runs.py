@@ -59,7 +59,7 @@ def train_run(data: Union[str, PathLike, Dataset], out: Optional[PathLike], step
               conditional: bool = True, path: Any = "linear", time_dist: Any = "uniform", loss: Any = "mse",
               coupling: Any = "independent", cond_dropout: Optional[float] = None, ema: float = 0.999,
               warmup: int = 100, allow_recipe_change: bool = False, desc: str = "train",
-              **settings: Any) -> TrainResult:
+              resolution: Optional[int] = None, **settings: Any) -> TrainResult:
     """Train the default model on ``data`` (a data set name, a file or folder, or a Dataset) into ``out``.
 
     ``settings``: the other :class:`~straightflow.train.TrainSettings` fields (``batch_size``, ``lr``,
@@ -69,16 +69,18 @@ def train_run(data: Union[str, PathLike, Dataset], out: Optional[PathLike], step
     initial weights are drawn from ``seed``. A named data set or file is trained on its ``"train"``
     split (:func:`straightflow.data.load_dataset`; a fixed set holds out a fifth for evaluation),
     recorded as ``data_split``; the data's name or file is recorded as ``data_source`` in
-    ``config.json`` so commands can reload it. ``allow_recipe_change`` and ``desc``: see
-    :class:`~straightflow.train.Trainer`.
+    ``config.json`` so commands can reload it; ``resolution`` resizes images (recorded as
+    ``data_resolution``). ``allow_recipe_change`` and ``desc``: see :class:`~straightflow.train.Trainer`.
     """
     seed = int(settings.get("seed", 0))
     extra: Dict[str, Any] = {}
     if isinstance(data, Dataset):
         ds, source = data, data.name
     else:
-        ds, source = load_dataset(data, n=n, seed=seed, split="train"), str(data)
+        ds, source = load_dataset(data, n=n, seed=seed, split="train", resolution=resolution), str(data)
         extra["data_split"] = "train"
+        if resolution is not None:
+            extra["data_resolution"] = int(resolution)
     num_classes = ds.num_classes if (conditional and ds.y is not None) else None
     cfg = default_model_config(ds.shape, num_classes, hidden=hidden, depth=depth, base_channels=base_channels)
     if model != "auto" and models.MODELS.canonical(model) != cfg["name"]:

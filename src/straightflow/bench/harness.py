@@ -15,6 +15,7 @@ import json
 import math
 import shlex
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ class Suite:
 
 
 SUITES: Registry = Registry("benchmark suite")
+HEARTBEAT_S = 30.0  # seconds between "still running" lines
 
 
 def register_suite(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None],
@@ -116,7 +118,25 @@ def run_suite(name: str, argv: Optional[Sequence[str]] = None) -> int:
     a.out = Path(a.out)
     a.out.mkdir(parents=True, exist_ok=True)
     a.command = command_line(suite.name, argv)
-    return int(suite.run(a) or 0)
+    log = log_to(suite.name)
+    log(f"started ({'quick' if a.quick else 'full'} run, report in {a.out}); a line every "
+        f"{HEARTBEAT_S:.0f} s while it runs")
+    t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def heartbeat() -> None:  # some sections compute for minutes without a line of their own
+        while not stop.wait(HEARTBEAT_S):
+            log(f"still running ({time.perf_counter() - t0:.0f} s)")
+
+    beat = threading.Thread(target=heartbeat, name=f"bench-{suite.name}-heartbeat", daemon=True)
+    beat.start()
+    try:
+        code = int(suite.run(a) or 0)
+    finally:
+        stop.set()
+        beat.join()
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    return code
 
 
 # ----------------------------------------------------------------------------- report text
@@ -204,10 +224,10 @@ def cached_model(out: Path, name: str, recipe: Mapping[str, Any], run: Optional[
     afterwards (:func:`straightflow.runs.cached_run`)."""
     if run:
         return checkpoint.load(run), str(run), f"given run `{run}`"
-    d = Path(out) / "runs" / name
-    fresh = not (d / runs.RECIPE_FILE).is_file()
     t0 = time.perf_counter()
-    runs.cached_run(d, recipe, progress=progress, log=log)
-    how = (f"trained now ({recipe['steps']} steps, {time.perf_counter() - t0:.0f} s)" if fresh
+    said = []
+    d = runs.cached_run(Path(out) / "runs" / name, recipe, progress=progress,
+                        log=lambda msg: (said.append(msg), log(msg) if log else None))
+    how = (f"trained now ({recipe['steps']} steps, {time.perf_counter() - t0:.0f} s)" if said
            else f"cached ({recipe['steps']} training steps)")
     return checkpoint.load(d), str(d), how

@@ -13,7 +13,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from .. import data as sfdata, plotting
+from .. import plotting
 from ..control import inverse, operators
 from ..control.editing import class_swap_edit
 from ..control.rewards import parse_reward
@@ -40,7 +40,7 @@ def _load_image_run(run: str, device="cpu"):
 def _run_images(info, n: int, seed: int, label=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``n`` images (and labels) of the run's data set, optionally of one class, seeded: from its
     held-out part when the run was trained on the training split (never images it was trained on)."""
-    ds = sfdata.load_dataset(info.data_source, split="test" if info.data_split == "train" else "all")
+    ds = info.load_data("test" if info.data_split == "train" else "all")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     if label is not None:
         if ds.y is None:
@@ -93,7 +93,7 @@ def cmd_restore(a) -> int:
     y = op.measure(x, a.noise, torch.Generator().manual_seed(a.seed + 1)).to(dev)
     if a.method == "pmrf":
         pm_steps, flow_steps = a.pmrf_steps
-        ds = sfdata.load_dataset(info.data_source, split="train" if info.data_split == "train" else "all")
+        ds = info.load_data("train" if info.data_split == "train" else "all")
         cache = Path(a.run) / "pmrf" / f"{op.name}-noise{a.noise:g}"
         print(f"training PMRF ({pm_steps} + {flow_steps} steps; cached in {cache})", flush=True)
         net = inverse.PMRF(op, sigma_y=a.noise).fit(ds.x, pm_steps=pm_steps, flow_steps=flow_steps,

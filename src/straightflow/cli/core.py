@@ -18,7 +18,7 @@ from .listing import families
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    res = train_run(a.data, a.out, a.steps, n=a.n, model=a.model, hidden=a.hidden, depth=a.depth,
+    res = train_run(a.data, a.out, a.steps, n=a.n, resolution=a.resolution, model=a.model, hidden=a.hidden, depth=a.depth,
                     base_channels=a.base_channels, conditional=not a.unconditional, path=a.path,
                     time_dist=a.time_dist, loss=a.loss, coupling=a.coupling, cond_dropout=a.cond_dropout,
                     **flags.train_kwargs(a))
@@ -141,6 +141,8 @@ def register(sub) -> None:
                    help=f"a data set name ({', '.join(sfdata.available())}) or a .npz/.npy/IDX file or image folder")
     t.add_argument("--out", required=True, help="run directory (resumes if it holds a training state)")
     t.add_argument("--n", type=int, default=None, help="number of points for the 2D toys / subset size")
+    t.add_argument("--resolution", type=flags.positive_int, default=None,
+                   help="resize images to N x N (e.g. an image folder with mixed sizes); recorded in the run")
     t.add_argument("--model", default="auto", help=f"auto (MLP for vectors, UNet for images) or {', '.join(models.available())}")
     flags.add_model(t)
     flags.add_path_recipe(t)

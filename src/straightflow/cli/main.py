@@ -19,7 +19,7 @@ import torch
 from ..bench.harness import show_defaults
 from ..checkpoint import CheckpointError, UnfinishedRunWarning, straightflow_version
 from ..registry import UnknownNameError
-from . import bench, control, core, demo, images, straighten, stream
+from . import bench, control, core, demo, hub, images, straighten, stream
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (
@@ -30,6 +30,7 @@ COMMANDS = (
     control.register,     # edit, restore, search
     images.register,      # latent, generate
     stream.register,      # serve, stream
+    hub.register,         # publish
     core.register_list,   # list
 )
 

@@ -85,7 +85,8 @@ def _resize(ds: Dataset, resolution: Optional[int]) -> Dataset:
     if resolution is None:
         return ds
     if not ds.is_image:
-        raise DataError(f"{ds.name}: resolution= applies to image data sets only; this one has shape {ds.shape}")
+        raise DataError(f"{ds.name}: a resolution (resolution=, --resolution) applies to image data only; this data has "
+                        f"samples of shape {ds.shape}")
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise DataError(f"resolution must be a positive int, got {resolution!r}")
     if ds.shape[1:] == (resolution, resolution):
@@ -105,7 +106,8 @@ def _finish(ds: Dataset, n: Optional[int], seed: int, resolution: Optional[int])
 def _register_toy(name: str) -> None:
     def make(n: Optional[int], seed: int, resolution: Optional[int]) -> Dataset:
         if resolution is not None:
-            raise DataError(f"{name}: resolution= applies to image data sets only; {name} is a 2D toy")
+            raise DataError(f"{name}: a resolution (resolution=, --resolution) applies to image data only; {name} is a "
+                            "2D toy")
         return Dataset(toy_2d(name, TOY_DEFAULT_N if n is None else n, seed=seed), name=name)
 
     DATASETS.register(name)(make)
