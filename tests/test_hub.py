@@ -95,3 +95,32 @@ def test_publish_command_writes_the_directory(run, tmp_path, capsys):
     assert main(["publish", str(run), "--out", str(tmp_path / "pub"), "--nfe", "1", "--n", "50"]) == 0
     card = (tmp_path / "pub" / "README.md").read_text()
     assert "| euler | 1 | FD | 50 |" in card and "floor" in card
+
+
+def test_readme_hub_snippet_runs(run, tmp_path, monkeypatch):
+    """The README's Hub example as written: the push is intercepted and 'uploads' into a local Hub
+    cache, from which sf.load then reads the repo (offline)."""
+    import re
+
+    import huggingface_hub
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "push_to_hub" in c)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, tmp_path / "runs" / "digits")
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        _populate_cache(cache, repo_id, Path(folder_path))
+        return "ok"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    scope = {"sf": sf}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert (tmp_path / "hub" / "digits" / "README.md").is_file() and "| euler | 100 |" in (
+        tmp_path / "hub" / "digits" / "README.md").read_text()
+    assert scope["model"].run_config["data_source"] == "digits"

@@ -70,8 +70,7 @@ def test_readme_diffusers_snippet_runs():
     pytest.importorskip("diffusers")
     from types import SimpleNamespace
 
-    code = re.findall(r"```python\n(.*?)```", README, re.S)[1]
-    assert "StraightflowScheduler" in code
+    code = next(c for c in re.findall(r"```python\n(.*?)```", README, re.S) if "StraightflowScheduler" in c)
     scope = {"pipe": SimpleNamespace(scheduler=None)}
     exec(compile(code, "README.md", "exec"), scope)
     assert type(scope["pipe"].scheduler).__name__ == "StraightflowScheduler"
@@ -161,7 +160,7 @@ def test_readme_command_lines_run_as_written(tmp_path, monkeypatch, capsys):
     print("\n".join(f"{t:6.1f} s  {ln}" for t, ln in sorted(times, reverse=True)[:8]))
     for f in ("runs/digits/model.safetensors", "digits.png", "out/report.md", "pairs/moons/manifest.json",
               "runs/moons-1step/onestep_report.md", "runs/moons-mf/model.safetensors", "edit.png", "restore.png",
-              "search.png", "gen/samples.npz", "stream_out/latency.md", "bench_out/stream.md"):
+              "search.png", "gen/samples.npz", "stream_out/latency.md", "bench_out/stream.md", "hub/digits/README.md"):
         assert (tmp_path / f).is_file(), f
     # reflow trained on the pairs the line before made, not on pairs of its own
     manifest = json.loads((tmp_path / "pairs/moons/manifest.json").read_text())
