@@ -66,10 +66,14 @@ def test_errors_name_valid_choices(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quick_demo_writes_report_and_plots(tmp_path):
+    """`demo --quick` shows recognisable digits: within 3x of the FD floor at NFE 100 (held-out digits)."""
     md = run_demo(str(tmp_path / "out"), quick=True, progress=False)
     for f in ("report.md", "report.json", "checkerboard.png", "digits.png"):
         assert (tmp_path / "out" / f).is_file()
-    assert "floor" in md and md.count("| euler |") == 10
+    assert "floor" in md and md.count("| euler |") == 10 and "held-out" in md
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert rep["digits"][-1]["nfe"] == 100 and rep["digits"][-1]["ratio"] < 3.0, rep["digits"][-1]
+    assert rep["checkerboard"][-1]["ratio"] < 3.0, rep["checkerboard"][-1]
 
 
 def test_invert_report_and_boss_grid(tmp_path, capsys):

@@ -311,7 +311,7 @@ def test_load_dataset_names():
     assert D.load_dataset("shapes32", n=20).x.shape == (20, 3, 32, 32)
     d = D.load_dataset("digits", n=100, seed=0, resolution=16)
     assert d.x.shape == (100, 1, 16, 16) and d.x.abs().max() <= 1.0
-    with pytest.raises(ValueError, match="image data sets only"):
+    with pytest.raises(ValueError, match="applies to image data only"):
         D.load_dataset("moons", resolution=8)
 
 

@@ -29,10 +29,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``sf.straighten``, ``sf.control``, ``sf.stream``, ``sf.images``, ``sf.align``: imported on first use (they pull
-    in more of the library, and the server's optional dependencies, than sampling needs)."""
-    if name in ("straighten", "control", "stream", "images", "align"):
-        import importlib
+    """``sf.straighten``, ``sf.control``, ``sf.stream``, ``sf.images``, ``sf.align``, ``sf.hub`` (and ``sf.FlowModel``,
+    the Hugging Face Hub mixin): imported on first use (they pull in more of the library, and the
+    optional dependencies, than sampling needs)."""
+    import importlib
 
+    if name in ("straighten", "control", "stream", "images", "align", "hub"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "FlowModel":
+        return importlib.import_module(f"{__name__}.hub").FlowModel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

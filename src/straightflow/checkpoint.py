@@ -15,6 +15,9 @@ corrupt / pickled weights, keys or shapes that do not match the config) raises
 from __future__ import annotations
 
 import json
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,15 +26,20 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .io import CheckpointError, PathLike, load_json, load_tensors, save_json, save_tensors
+from .io import CheckpointError, PathLike, load_json, load_tensors, save_json, save_tensors, tensor_shapes
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 __all__ = [
     "MODEL_FILE", "CONFIG_FILE", "CheckpointError", "save_model", "save_weights", "load", "load_config",
-    "load_weights", "straightflow_version", "unwrap", "RunInfo", "run_info",
+    "load_weights", "straightflow_version", "unwrap", "RunInfo", "run_info", "UnfinishedRunWarning",
+    "resolve_run_dir", "hub_dependency_error",
 ]
+
+
+class UnfinishedRunWarning(UserWarning):
+    """A run directory whose training stopped before the step count it was asked to reach."""
 
 
 def straightflow_version() -> str:
@@ -104,9 +112,58 @@ def save_model(
     return run_dir
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_dependency_error() -> ImportError:
+    return ImportError("the Hugging Face Hub needs huggingface_hub: pip install 'straightflow[hub]' (or `make peers`)")
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    """``org/name`` that is not a local path (nothing of that name, and ``org`` is no local folder)."""
+    p = Path(spec)
+    return bool(_REPO_ID.match(spec)) and not p.exists() and not p.parent.is_dir()
+
+
+def resolve_run_dir(spec: PathLike, *, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+                    force_download: bool = False, local_files_only: bool = False, token: Any = None) -> Path:
+    """A run directory: ``spec`` itself, or, for a Hugging Face Hub repo id (``"org/name"``), its
+    snapshot: the one in the local Hub cache (``cache_dir``, else ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``) when present, else downloaded (never under ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only``). Only ``*.json``, ``*.safetensors`` and ``README.md`` are fetched."""
+    s = str(spec)
+    if not _looks_like_repo_id(s):
+        return Path(spec)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{s}: no such run directory; as a Hugging Face Hub repo id it needs huggingface_hub "
+                              "(pip install 'straightflow[hub]')") from None
+    if cache_dir is None:
+        cache_dir = os.environ.get("HF_HUB_CACHE") or str(
+            Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub")
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    kw = dict(revision=revision, cache_dir=str(cache_dir), allow_patterns=["*.json", "*.safetensors", "README.md"],
+              token=token)
+    if not force_download:
+        try:
+            return Path(snapshot_download(s, local_files_only=True, **kw))
+        except Exception as e:  # not in the cache (the error type depends on the huggingface_hub version)
+            if offline:
+                raise CheckpointError(f"{s}: no such run directory, and the Hugging Face Hub repo {s} is not in the "
+                                      f"local cache {cache_dir} (offline: nothing is downloaded): {e}") from None
+    try:
+        return Path(snapshot_download(s, force_download=force_download, **kw))
+    except Exception as e:
+        raise CheckpointError(f"{s}: no such run directory, and the Hugging Face Hub repo {s} could not be "
+                              f"fetched: {e}") from None
+
+
 def load_config(run_dir: PathLike) -> Dict[str, Any]:
-    """Read and check ``run_dir/config.json`` (a dict with a ``"model"`` dict naming a model)."""
-    run_dir = Path(run_dir)
+    """Read and check ``run_dir/config.json`` (a dict with a ``"model"`` dict naming a model); a Hub
+    repo id is resolved first (:func:`resolve_run_dir`)."""
+    run_dir = resolve_run_dir(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: run directory not found")
     path = run_dir / CONFIG_FILE
@@ -126,18 +183,11 @@ def _describe(keys: List[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a safetensors state dict into ``model`` with ``strict=True`` and clear errors."""
-    path = Path(path)
-    state = load_tensors(path)  # CheckpointError for missing / truncated / corrupt / pickle
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
+def _check_shapes(path: Path, found: Mapping[str, tuple], expected: Mapping[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(f"{k} (file {tuple(found[k])}, model {tuple(expected[k])})"
+                    for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -149,6 +199,14 @@ def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = 
         raise CheckpointError(
             f"{path}: weights do not match the model architecture in the config ({'; '.join(parts)})"
         )
+
+
+def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a safetensors state dict into ``model`` with ``strict=True`` and clear errors."""
+    path = Path(path)
+    state = load_tensors(path)  # CheckpointError for missing / truncated / corrupt / pickle
+    _check_shapes(path, {k: tuple(v.shape) for k, v in state.items()},
+                  {k: tuple(v.shape) for k, v in model.state_dict().items()})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # pragma: no cover - caught above in practice
@@ -159,21 +217,37 @@ def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = 
 def load(run_dir: PathLike, device: str | torch.device = "cpu", weights: str = MODEL_FILE) -> nn.Module:
     """Rebuild the model of a run directory and load its weights; returns it in eval mode.
 
+    ``run_dir`` may be a Hugging Face Hub repo id (``"org/name"``, see :func:`resolve_run_dir`).
     ``weights`` is a file name inside ``run_dir`` (or an absolute path). Parameters keep
     ``requires_grad`` as built, so a loaded model can be fine-tuned (reflow). The run config is
     attached as ``model.run_config``.
     """
     from .models import build_model  # local import: models imports nothing from here
 
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     cfg = load_config(run_dir)
+    wpath = run_dir / weights
+    found = tensor_shapes(wpath)  # the header only: a config can be checked before anything is allocated
+    try:
+        with torch.device("meta"):  # the architecture's shapes, no memory: a config asking for 400 TB fails here
+            skeleton = build_model(cfg["model"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot build the model: {e}") from e
+    except (RuntimeError, NotImplementedError):  # a model that cannot be built without data: check after building
+        skeleton = None
+    if skeleton is not None:
+        _check_shapes(wpath, found, {k: tuple(v.shape) for k, v in skeleton.state_dict().items()})
+        del skeleton
     try:
         model = build_model(cfg["model"])
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot build the model: {e}") from e
-    load_weights(model, run_dir / weights, device=device)
+    load_weights(model, wpath, device=device)
     model.eval()
     model.run_config = cfg
+    message = RunInfo.from_config(cfg).unfinished_message(run_dir)
+    if message:
+        warnings.warn(message, UnfinishedRunWarning, stacklevel=2)
     return model
 
 
@@ -188,6 +262,11 @@ class RunInfo:
     config does not record it, i.e. it was not written by the trainer). ``objective``
     is what the model was trained for (``"flow_matching"``, or e.g. ``"meanflow"`` for an
     average-velocity model, which few-step sampling should use through ``sample_mean``).
+    ``data_split`` is the part of a fixed data set it was trained on (``"train"``: the rest is held
+    out for evaluation; None: not recorded, i.e. all of it); ``resolution`` the size its images
+    were resized to (None: as loaded). ``seed`` is the training seed.
+    ``step`` / ``total_steps``: the step its weights are from and the step count it was asked to
+    reach (None when not recorded); :attr:`unfinished` is True when training stopped early.
     """
 
     shape: Optional[Tuple[int, ...]]
@@ -196,6 +275,11 @@ class RunInfo:
     num_classes: Optional[int] = None
     objective: str = "flow_matching"
     config: Dict[str, Any] = field(default_factory=dict, repr=False)
+    data_split: Optional[str] = None
+    resolution: Optional[int] = None
+    seed: int = 0
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
 
     AVERAGE_VELOCITY = ("meanflow", "splitmeanflow", "average_velocity")
 
@@ -204,16 +288,41 @@ class RunInfo:
         """An average-velocity model u(x, t, r) (MeanFlow family): sample it with ``sample_mean``."""
         return self.objective in self.AVERAGE_VELOCITY
 
+    @property
+    def unfinished(self) -> bool:
+        """Training was interrupted: the weights are from an earlier step than the run was asked to reach."""
+        return self.step is not None and self.total_steps is not None and self.step < self.total_steps
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "RunInfo":
         data = cfg.get("data") or {}
         model = cfg.get("model") or {}
+        train = cfg.get("train") or {}
         shape = data.get("shape")
+        step, total = cfg.get("step"), train.get("steps")
         return cls(shape=None if shape is None else tuple(int(s) for s in shape),
                    data_source=str(cfg.get("data_source") or data.get("name") or ""),
                    path=(cfg.get("flow") or {}).get("path", "linear"),
                    num_classes=data.get("num_classes") if data.get("labels") else model.get("num_classes"),
-                   objective=str((cfg.get("flow") or {}).get("objective", "flow_matching")), config=dict(cfg))
+                   objective=str((cfg.get("flow") or {}).get("objective", "flow_matching")), config=dict(cfg),
+                   data_split=cfg.get("data_split"), seed=int(train.get("seed") or 0),
+                   resolution=cfg.get("data_resolution"),
+                   step=None if step is None else int(step), total_steps=None if total is None else int(total))
+
+    def load_data(self, split: str = "all", n: Optional[int] = None):
+        """The run's data set (or one ``split`` of it) as it was trained on: same source and resolution."""
+        from .data import load_dataset  # local import: data imports nothing from here
+
+        if not self.data_source:
+            raise CheckpointError("this run records no data source (config.json 'data_source')")
+        return load_dataset(self.data_source, n=n, seed=self.seed, split=split, resolution=self.resolution)
+
+    def unfinished_message(self, where: Any = "this run") -> Optional[str]:
+        """A sentence for an interrupted run (None for a finished one)."""
+        if not self.unfinished:
+            return None
+        return (f"{where} is unfinished: its weights are from step {self.step} of {self.total_steps} (training was "
+                "interrupted); rerun the same training command to finish it")
 
 
 def run_info(run: Union[nn.Module, PathLike, Mapping[str, Any]]) -> RunInfo:

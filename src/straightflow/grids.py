@@ -48,9 +48,16 @@ def validate_grid(grid: Union[Tensor, Sequence[float]], direction: int = 0) -> T
     return g.clamp(0.0, 1.0)
 
 
+MAX_STEPS = 1_000_000  # finer grids step below float32's time resolution near t = 1 (about 6e-8)
+
+
 def _check_steps(steps: int) -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS:,} (got {steps:,}): a finer grid steps below float32's "
+                         "time resolution, so its times would not even be distinct; a few hundred steps already "
+                         "reach the solvers' accuracy limit")
     return steps
 
 

@@ -84,6 +84,28 @@ def _refuse_unsafe(path: Path, head: bytes) -> None:
         )
 
 
+def tensor_shapes(path: PathLike) -> Dict[str, tuple]:
+    """Shapes of the tensors in a safetensors file, from its header alone (nothing else is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        _refuse_unsafe(path, head)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated ({len(head)} bytes); not a safetensors file")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header says {n} bytes, "
+                                  f"file has {size - 8})")
+        try:
+            header = json.loads(f.read(n))
+            return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+
+
 def load_tensors(path: PathLike, device: str | torch.device = "cpu") -> Dict[str, torch.Tensor]:
     """Load a safetensors file with clear errors for missing, truncated, corrupt or pickle files."""
     path = Path(path)

@@ -25,10 +25,17 @@ Files in ``out/`` (all written atomically: temp file + fsync + rename; never pic
 
 Resume. If ``out/train_state.safetensors`` exists, training continues from it up to ``steps``
 and reproduces the uninterrupted run bit for bit on CPU (same thread count): weights, EMA,
-optimizer state, every generator state and the sampler position are restored. Settings that
-change the trajectory's meaning (batch size, seed, world size, model architecture, flow
-objective, data shape) must match, else :class:`ResumeError`. With ``lr_schedule="cosine"`` the
-decay horizon is ``lr_decay_steps`` (default: ``steps``); fix it when you plan to extend a run.
+optimizer state, every generator state and the sampler position are restored, and "resuming
+from step N of M" is printed (with progress on). What the saved tensors must fit (world size,
+model architecture, data shape and size, EMA on/off) must match, else :class:`ResumeError`. The
+recipe (the training settings of :attr:`TrainSettings.RECIPE_FIELDS`, the flow objective, the data
+set's name or ``data_source``) must match too, unless ``allow_recipe_change=True``: a changed
+``--lr`` or ``--data`` is refused with the differences named, never silently applied or ignored.
+``steps`` may grow (that is how a run is extended); a finished run asked for the same steps says
+so and trains nothing. ``config.json`` records the step its weights are from (``"step"``), so an
+interrupted run is recognisable (:attr:`straightflow.checkpoint.RunInfo.unfinished`). With
+``lr_schedule="cosine"`` the decay horizon is ``lr_decay_steps`` (default: ``steps``); fix it when
+you plan to extend a run.
 
 Multi-process. Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer initialises the process group
 (gloo on CPU, nccl on CUDA, one GPU per ``LOCAL_RANK``), wraps the model in
@@ -49,6 +56,7 @@ import gc
 import json
 import math
 import os
+import sys
 import warnings
 import dataclasses
 from dataclasses import dataclass, field
@@ -60,14 +68,29 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .io import CheckpointError, load_tensors, save_tensors
+from .system import resolve_device
 
-__all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE", "read_train_state"]
+__all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE",
+           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap"]
 
 STATE_FILE = "train_state.safetensors"
 STATE_FORMAT = 1
 _META_KEY = "straightflow.train_state"
 LR_SCHEDULES = ("constant", "cosine")
 _NOISE_SEED_OFFSET = 1_000_003  # noise generator of rank r: seed + r + this (data generator: seed + r)
+MAX_DATA_MAGNITUDE = 1e6  # larger data values are refused before training (see _resolve_data)
+MAX_STEPS_ENV = "STRAIGHTFLOW_MAX_STEPS"  # smoke tests: cap every training run at this many steps
+
+
+def max_steps_cap() -> Optional[int]:
+    """The step cap set by ``$STRAIGHTFLOW_MAX_STEPS`` (a smoke-test knob: the README test runs every
+    command as written with it), or None. A value that is not a positive integer is an error."""
+    raw = os.environ.get(MAX_STEPS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"${MAX_STEPS_ENV} must be a positive integer (a cap on training steps), got {raw!r}")
+    return int(raw)
 
 PathLike = Union[str, os.PathLike]
 
@@ -92,31 +115,11 @@ class TrainResult:
     steps: int
     final_loss: float
     history: List[Tuple[int, float]] = field(default_factory=list)
+    resumed_from: Optional[int] = None  # the step a saved state was resumed from (None: a fresh run)
+    recipe_changes: List[str] = field(default_factory=list)  # what an allowed resume changed
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from e
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available "
-                             "(torch.cuda.is_available() is False); use device='cpu'")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif d.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"device {str(device)!r} requested but MPS is not available; use device='cpu'")
-    elif d.type != "cpu":
-        try:
-            torch.empty(1, device=d)
-        except Exception as e:
-            raise ValueError(f"device {str(device)!r} is not usable: {e}") from e
-    return d
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -150,6 +153,12 @@ def _resolve_data(data: Any):
         if v is not None and not _all_finite(v):
             n_bad = int((~torch.isfinite(v)).sum())
             raise ValueError(f"data {name!r}: {what} contains {n_bad} NaN/Inf values; clean the data before training")
+        if v is not None and float(v.abs().max()) > MAX_DATA_MAGNITUDE:
+            raise ValueError(
+                f"data {name!r}: {what} has values up to {float(v.abs().max()):.3g}; flow matching pairs the data with "
+                f"N(0, I) noise, so scale it to about unit range first (standardise each feature; images to [-1, 1]). "
+                f"Values beyond {MAX_DATA_MAGNITUDE:.0e} are refused: the noise vanishes next to them and the loss "
+                "overflows")
     if x0 is not None and x0.shape != x.shape:
         raise ValueError(f"stored noise x0 shape {tuple(x0.shape)} != data shape {tuple(x.shape)}")
     if y is not None:
@@ -244,7 +253,13 @@ class TrainSettings:
     """Every setting of a training run, validated once; ``config.json``'s ``"train"`` section.
 
     ``ckpt_every=0``: checkpoint only at the end. ``ema_decay=0``: no EMA (the saved/returned model
-    is then the raw model). ``grad_clip=0``: no clipping (the gradient norm is still checked for
+    is then the raw model). EMA warm-up (``ema_warmup=True``, the default): the decay of the ``k``-th
+    EMA update (``k = 1, 2, ...``, counted from ``ema_start``) is ``min(ema_decay, k / (9 + k))``,
+    i.e. diffusers' ``(1 + n) / (10 + n)`` rule with ``n = k - 1`` updates before it, so the EMA
+    follows the raw weights early on (0.1 at the first update, 0.9 after 81, 0.99 after 891) and
+    a short run is not dominated by its initial weights; ``ema_warmup=False`` uses ``ema_decay``
+    from the first update. The decay is a pure function of the step, so resume stays bit-exact.
+    ``grad_clip=0``: no clipping (the gradient norm is still checked for
     NaN/Inf). With ``lr_schedule="cosine"`` the decay horizon is ``lr_decay_steps`` (default
     ``steps``). :meth:`to_config` / :meth:`from_config` are the one place these are written to and
     read from a run's config.
@@ -260,6 +275,7 @@ class TrainSettings:
     lr_decay_steps: Optional[int] = None
     ema_decay: float = 0.999
     ema_start: int = 0
+    ema_warmup: bool = True
     grad_clip: float = 1.0
     ckpt_every: int = 1000
     log_every: int = 50
@@ -295,8 +311,21 @@ class TrainSettings:
         if not (math.isfinite(clip) and clip >= 0):
             raise ValueError(f"grad_clip must be >= 0 (0 = off), got {clip}")
         put("grad_clip", clip)
+        if not isinstance(self.ema_warmup, bool):
+            raise ValueError(f"ema_warmup must be True or False, got {self.ema_warmup!r}")
         put("device", str(self.device))
         put("progress", bool(self.progress))
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay used at step ``step`` (1-based); 0 up to ``ema_start`` (the EMA copies the weights).
+
+        With ``ema_warmup``: ``min(ema_decay, (1 + n) / (10 + n))``, ``n = step - ema_start - 1``."""
+        if step <= self.ema_start:
+            return 0.0
+        if not self.ema_warmup:
+            return self.ema_decay
+        n = step - self.ema_start - 1
+        return min(self.ema_decay, (1.0 + n) / (10.0 + n))
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (1-based): ``lr * min(1, step / warmup)``, then for
@@ -313,6 +342,18 @@ class TrainSettings:
     def replace(self, **changes: Any) -> "TrainSettings":
         return dataclasses.replace(self, **changes)
 
+    # the settings that change what a run means: resuming with any of them changed is refused unless
+    # asked for (steps may grow; ckpt_every, log_every, device and progress change nothing learned)
+    RECIPE_FIELDS = ("batch_size", "lr", "weight_decay", "betas", "warmup", "lr_schedule", "lr_decay_steps",
+                     "ema_decay", "ema_start", "ema_warmup", "grad_clip", "seed")
+
+    def changes_from(self, saved: Dict[str, Any]) -> List[str]:
+        """``["lr: saved 0.001, now 0.002", ...]``: the recipe fields in which these settings differ from
+        a saved ``"train"`` config section (read with :meth:`from_config`)."""
+        old = TrainSettings.from_config(saved, progress=False)
+        return [f"{k}: saved {getattr(old, k)!r}, now {getattr(self, k)!r}"
+                for k in self.RECIPE_FIELDS if getattr(old, k) != getattr(self, k)]
+
     def to_config(self, world_size: int = 1, device: Optional[Union[str, torch.device]] = None) -> Dict[str, Any]:
         """The JSON ``"train"`` section of a run's config (and of its training state)."""
         out: Dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"}
@@ -327,6 +368,8 @@ class TrainSettings:
         ``world_size``, are ignored); ``overrides`` replace fields."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if k == "betas" else v) for k, v in cfg.items() if k in names}
+        if "ema_decay" in cfg and "ema_warmup" not in cfg:
+            kw["ema_warmup"] = False  # written before the warm-up existed: those runs used the constant decay
         kw.update(overrides)
         return cls(**kw)
 
@@ -350,10 +393,17 @@ class Trainer:
         steps: Optional[int] = None,
         settings: Optional[TrainSettings] = None,
         extra_config: Optional[Dict[str, Any]] = None,
+        allow_recipe_change: bool = False,
+        desc: str = "train",
         **options: Any,
     ) -> None:
         """``settings`` (a :class:`TrainSettings`) and/or its fields as keywords (``batch_size=...``,
-        ``lr=...``), which override the fields of ``settings``; ``steps`` is needed either way."""
+        ``lr=...``), which override the fields of ``settings``; ``steps`` is needed either way.
+
+        Resuming ``out`` with another recipe (training settings in :attr:`TrainSettings.RECIPE_FIELDS`,
+        the flow objective, the data set or its ``data_source``) raises :class:`ResumeError` naming
+        what differs, unless ``allow_recipe_change`` (the changes are then recorded in the config's
+        ``"recipe_changes"``). ``desc`` labels the progress bar and messages (e.g. the stage)."""
         if settings is None:
             if steps is None:
                 raise ValueError("Trainer needs steps (or settings=TrainSettings(steps=...))")
@@ -362,12 +412,21 @@ class Trainer:
             raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
         elif steps is not None or options:
             settings = settings.replace(**options, **({} if steps is None else {"steps": steps}))
+        cap = max_steps_cap()
+        if cap is not None and settings.steps > cap:
+            print(f"[{desc}] ${MAX_STEPS_ENV}={cap}: training {cap} of the {settings.steps} steps asked for "
+                  "(a smoke test, not a real run)", file=sys.stderr, flush=True)
+            settings = settings.replace(steps=cap)
         self.cfg = settings
-        self.device = _check_device(settings.device)
+        self.allow_recipe_change = bool(allow_recipe_change)
+        self.desc = str(desc)
+        self.resumed_from: Optional[int] = None
+        self.recipe_changes: List[str] = []
+        self.device = resolve_device(settings.device)
         if extra_config is not None:
             if not isinstance(extra_config, dict):
                 raise TypeError(f"extra_config must be a dict, got {type(extra_config).__name__}")
-            clash = sorted(set(extra_config) & {"flow", "train", "data", "model"})
+            clash = sorted(set(extra_config) & {"flow", "train", "data", "model", "step", "recipe_changes"})
             if clash:
                 raise ValueError(f"extra_config must not override the config sections {clash}")
             try:
@@ -436,6 +495,7 @@ class Trainer:
         self.noise_gen = torch.Generator(device=dev).manual_seed(self.cfg.seed + self.rank + _NOISE_SEED_OFFSET)
         self.sampler = _Sampler(int(self.x.shape[0]), self.cfg.batch_size, self.data_gen)
         self.step, self.history, self.loss_acc = 0, [], [0.0, 0]
+        self._change_log: List[Dict[str, Any]] = []
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         self.ema: Optional[nn.Module] = None
@@ -531,33 +591,60 @@ class Trainer:
             "params": _param_signature(self.model),
             "flow": _jsonable(self.flow.config()),
             "data": self.data_info(),
+            "data_source": self.extra_config.get("data_source"),
+            "recipe_changes": self._change_log,
         }
         save_tensors(self.out / STATE_FILE, tensors, metadata={_META_KEY: json.dumps(meta)})
+
+    def _say(self, msg: str) -> None:
+        if self.cfg.progress and self.is_main:
+            print(f"[{self.desc}] {msg}", file=sys.stderr, flush=True)
+
+    def _resume_problems(self, meta: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+        """``(impossible, recipe)``: differences from the saved run that make resuming impossible (the
+        saved tensors do not fit) and those that change what the run means (refused unless allowed)."""
+        s, now = meta["settings"], self.settings()
+        impossible, recipe = [], []
+        if s.get("world_size") != now["world_size"]:
+            impossible.append(f"world_size: saved {s.get('world_size')!r}, now {now['world_size']!r}")
+        if meta.get("model_config") != _jsonable(getattr(self.model, "config", None)):
+            impossible.append(f"model config: saved {meta.get('model_config')}, now {getattr(self.model, 'config', None)}")
+        elif meta.get("params") != _param_signature(self.model):
+            impossible.append("model parameters (names/shapes/dtypes) differ from the saved ones")
+        d, data_now = meta.get("data", {}), self.data_info()
+        for key in ("shape", "size", "labels", "pairs"):
+            if d.get(key) != data_now[key]:
+                impossible.append(f"data {key}: saved {d.get(key)!r}, now {data_now[key]!r}")
+        if bool(meta.get("ema")) != (self.ema is not None):
+            impossible.append(f"EMA: saved {'on' if meta.get('ema') else 'off'}, now {'on' if self.ema is not None else 'off'}")
+        recipe += self.cfg.changes_from(s)
+        if meta.get("flow") != _jsonable(self.flow.config()):
+            recipe.append(f"flow: saved {meta.get('flow')}, now {_jsonable(self.flow.config())}")
+        source_then, source_now = meta.get("data_source"), self.extra_config.get("data_source")
+        if source_then is not None and source_now is not None and source_then != source_now:
+            recipe.append(f"data_source: saved {source_then!r}, now {source_now!r}")
+        elif d.get("name") != data_now["name"]:
+            recipe.append(f"data name: saved {d.get('name')!r}, now {data_now['name']!r}")
+        return impossible, recipe
 
     def _restore(self, path: Path) -> None:
         tensors, meta = read_train_state(path)
         s = meta["settings"]
-        problems = []
-        now = self.settings()
-        for key in ("batch_size", "seed", "world_size"):
-            if s.get(key) != now[key]:
-                problems.append(f"{key}: saved {s.get(key)!r}, now {now[key]!r}")
-        if meta.get("model_config") != _jsonable(getattr(self.model, "config", None)):
-            problems.append(f"model config: saved {meta.get('model_config')}, now {getattr(self.model, 'config', None)}")
-        elif meta.get("params") != _param_signature(self.model):
-            problems.append("model parameters (names/shapes/dtypes) differ from the saved ones")
-        if meta.get("flow") != _jsonable(self.flow.config()):
-            problems.append(f"flow: saved {meta.get('flow')}, now {self.flow.config()}")
-        d, now = meta.get("data", {}), self.data_info()
-        for key in ("shape", "size", "labels", "pairs"):
-            if d.get(key) != now[key]:
-                problems.append(f"data {key}: saved {d.get(key)!r}, now {now[key]!r}")
-        if bool(meta.get("ema")) != (self.ema is not None):
-            problems.append(f"EMA: saved {'on' if meta.get('ema') else 'off'}, now {'on' if self.ema is not None else 'off'}")
-        if problems:
+        impossible, recipe = self._resume_problems(meta)
+        self._change_log = list(meta.get("recipe_changes") or [])
+        if impossible:
             raise ResumeError(
-                f"{path}: cannot resume, the saved run differs: " + "; ".join(problems)
+                f"{path}: cannot resume, the saved run differs: " + "; ".join(impossible + recipe)
                 + f". Use another output directory or delete {path.name} to start over.")
+        if recipe and not self.allow_recipe_change:
+            raise ResumeError(
+                f"{self.out}: refusing to resume step {meta['step']} with another recipe: " + "; ".join(recipe)
+                + ". Train into a new output directory (--out) for the new recipe, rerun with the saved settings "
+                "to continue this run, or allow the change explicitly (allow_recipe_change=True, "
+                "--allow-recipe-change) to continue these weights with the new settings.")
+        if recipe:
+            self.recipe_changes = recipe
+            self._change_log.append({"step": int(meta["step"]), "changes": recipe})
         if (self.cfg.lr_schedule == "cosine" and s.get("lr_schedule") == "cosine"
                 and (s.get("lr_decay_steps") or s.get("steps")) != (self.cfg.lr_decay_steps or self.cfg.steps)):
             warnings.warn("resuming a cosine schedule with a different decay horizon (steps / lr_decay_steps); "
@@ -595,9 +682,16 @@ class Trainer:
         self.step = int(meta["step"])
         self.history = [(int(a), float(b)) for a, b in meta["history"]]
         self.loss_acc = [float(meta["loss_acc"][0]), int(meta["loss_acc"][1])]
+        self.resumed_from = self.step
         if self.step > self.cfg.steps:
             warnings.warn(f"{path} is at step {self.step} > steps={self.cfg.steps}; nothing to train, "
                           "returning the saved state", stacklevel=3)
+        elif self.step == self.cfg.steps:
+            self._say(f"{self.out} is already trained to step {self.step} of {self.cfg.steps}; nothing to do "
+                      "(ask for more steps to continue it)")
+        else:
+            self._say(f"resuming {self.out} from step {self.step} of {self.cfg.steps}"
+                      + (f" with changes: {'; '.join(recipe)}" if recipe else ""))
 
     def _export_model(self) -> nn.Module:
         return self.ema if self.ema is not None else self.model
@@ -611,7 +705,10 @@ class Trainer:
         if self.is_main:
             from .checkpoint import save_model
 
-            config = {"flow": _jsonable(self.flow.config()), "train": self.settings(), "data": self.data_info()}
+            config = {"flow": _jsonable(self.flow.config()), "train": self.settings(), "data": self.data_info(),
+                      "step": self.step}
+            if self._change_log:
+                config["recipe_changes"] = copy.deepcopy(self._change_log)
             config.update(copy.deepcopy(self.extra_config))
             save_model(self.out, self._export_model(), config)
         if self.world_size > 1:
@@ -684,12 +781,12 @@ class Trainer:
         use_ema = self.ema is not None
         if use_ema:
             ema_p, raw_p, ema_b, raw_b = self._ema_float, self._raw_float, self._ema_bufs, self._raw_bufs
-            w = 1.0 - self.cfg.ema_decay
+            ema_decay_at = self.cfg.ema_decay_at
         log_every, ckpt_every, steps = self.cfg.log_every, self.cfg.ckpt_every, self.cfg.steps
         acc = self.loss_acc
         smooth = None
         bar = tqdm(total=steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
-                   unit="step", dynamic_ncols=True, desc="train")
+                   unit="step", dynamic_ncols=True, desc=self.desc)
         cur_lr = None
         try:
             for step in range(self.step + 1, steps + 1):
@@ -722,7 +819,7 @@ class Trainer:
                 if use_ema:
                     with torch.no_grad():
                         if step > self.cfg.ema_start:
-                            torch._foreach_lerp_(ema_p, raw_p, w)
+                            torch._foreach_lerp_(ema_p, raw_p, 1.0 - ema_decay_at(step))
                         else:
                             torch._foreach_copy_(ema_p, raw_p)
                         if raw_b:
@@ -749,10 +846,12 @@ class Trainer:
         final = history[-1][1] if history else float("nan")
         model = self.ema if self.ema is not None else copy.deepcopy(self.model)
         return TrainResult(run_dir=self.out, model=model.eval(), raw_model=self.model, steps=self.step,
-                           final_loss=final, history=history)
+                           final_loss=final, history=history, resumed_from=self.resumed_from,
+                           recipe_changes=list(self.recipe_changes))
 
 
 def train(flow, data, steps: Optional[int] = None, out: Optional[PathLike] = None, **kw: Any) -> TrainResult:
     """Train ``flow`` on ``data`` for ``steps`` steps (resuming from ``out`` if it holds a state);
-    ``kw``: :class:`TrainSettings` fields, or ``settings=``, and ``extra_config=``."""
+    ``kw``: :class:`TrainSettings` fields, or ``settings=``, ``extra_config=``, ``allow_recipe_change=``
+    and ``desc=`` (see :class:`Trainer`)."""
     return Trainer(flow, data, out, steps, **kw).fit()

@@ -7,8 +7,10 @@ classifier-FD (with the clean-vs-clean floor), NFE, wall time and peak memory; (
 inference-time scaling and adjoint sections (:mod:`.scaling`, :mod:`.adjoint`).
 
 The digits model is trained once (class-conditional UNet, :func:`straightflow.runs.train_run`) on
-1597 digits and cached under ``<out>/runs/`` (:func:`.harness.cached_model`); the remaining 200 held-out digits are split (fixed permutation) into
-the test images (the first ``--n``) and a disjoint validation set (the last ``--n-val``).
+the library's training split of digits (1438 images) and cached under ``<out>/runs/``
+(:func:`.harness.cached_model`); the 359 held-out digits (``load_dataset("digits", split="test")``)
+are split (fixed permutation) into the test images (the first ``--n``) and a disjoint validation set
+(the last ``--n-val``).
 
 Fair protocol for (3): each method's hyper-parameters are chosen per operator by a small grid
 search maximising PSNR on the validation digits (own measurement noise draw), never on the test
@@ -38,7 +40,6 @@ from .adjoint import bench_adjoint
 from .harness import cached_model, dated_machine, fmt, log_to, register_suite, run_suite, write_report
 from .scaling import bench_scaling
 
-N_TRAIN = 1597
 LOG = log_to("control")
 OPERATORS = ("inpaint_box", "inpaint_random", "sr2", "sr4", "deblur")
 
@@ -66,16 +67,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_mnist(a, out: Path, quick: bool, noise: float, steps: int) -> List[str]:
-    """Inverse problems on MNIST 28x28 with an unconditional pixel UNet trained here on 8000 images
-    (cached under ``<out>/runs``); test and validation images come from the other 2000. FlowChef,
+    """Inverse problems on MNIST 28x28 with an unconditional pixel UNet trained here on the 8000 images
+    of the library's training split (cached under ``<out>/runs``); test and validation images come from
+    the 2000 held out (``split="test"``). FlowChef,
     DPS-style and FLAIR-like, tuned per operator like the digits table (PMRF: digits only, for time)."""
     if sfdata.mnist_path() is None:
         return ["## Inverse problems on MNIST", "", "skipped: mnist_test_10k.npz not found (../shared/data or "
                 "STRAIGHTFLOW_DATA)", ""]
-    ds = sfdata.mnist()
-    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
     n_train = 256 if quick else 8000
-    x_train, held = ds.x[perm[:n_train]], ds.x[perm[n_train:]]
+    # the images train_run(data="mnist", n=n_train, seed=0) trains on, and the split it never sees
+    x_train = sfdata.load_dataset("mnist", n=n_train, seed=0, split="train").x
+    held = sfdata.load_dataset("mnist", split="test").x
     n = 4 if quick else min(a.n or 64, 64)
     n_val = 4 if quick else (a.n_val or 32)
     _, ti, vi = held_out_split(held.shape[0], n, n_val, seed=1)
@@ -113,12 +115,9 @@ def _budget_steps(a, quick: bool) -> List[int]:
 
 
 def _digits_split():
-
-    full = sfdata.digits()
-    train = sfdata.load_dataset("digits", n=N_TRAIN, seed=0)
-    seen = {bytes(r.numpy().tobytes()) for r in train.x}
-    keep = torch.tensor([bytes(r.numpy().tobytes()) not in seen for r in full.x])
-    return train, full.x[keep], full.y[keep]
+    """The digits the cached model trains on (the library's training split) and the held-out ones."""
+    train, test = sfdata.load_dataset("digits", split="train"), sfdata.load_dataset("digits", split="test")
+    return train, test.x, test.y
 
 
 def held_out_split(n_held: int, n: int, n_val: int, seed: int = 0) -> tuple:
@@ -132,7 +131,7 @@ def held_out_split(n_held: int, n: int, n_val: int, seed: int = 0) -> tuple:
 
 def _model(a, out: Path, quick: bool):
     steps = a.train_steps or (40 if quick else 2500)
-    recipe = {"data": "digits", "n": N_TRAIN, "steps": steps, "batch_size": 128, "lr": 1e-3,
+    recipe = {"data": "digits", "steps": steps, "batch_size": 128, "lr": 1e-3,
               "warmup": min(200, steps // 5), "lr_schedule": "cosine", "ema": 0.999 if steps > 500 else 0.9,
               "seed": 0, "ckpt_every": 500}
     model, run_dir, how = cached_model(out, f"digits-{steps}", recipe, run=a.model_run, log=LOG, progress=not quick)

@@ -15,6 +15,7 @@ import json
 import math
 import shlex
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,41 @@ from .. import checkpoint, runs
 from ..io import atomic_write_bytes
 from ..registry import Registry
 from ..system import machine_line
+from ..train import MAX_STEPS_ENV, max_steps_cap
 
 __all__ = ["Suite", "SUITES", "register_suite", "run_suite", "command_line", "header", "dated_machine", "table",
-           "fmt", "ratio", "median_time", "write_report", "cached_model", "log_to"]
+           "fmt", "ratio", "median_time", "write_report", "cached_model", "log_to", "show_defaults", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with every option's default (unless its help already names it, it is None, or the
+    option is a switch); descriptions keep their own line breaks."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("default" in h.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
+                or not action.option_strings):
+            return h
+        return h + " (default: %(default)s)"
+
+    def _fill_text(self, text, width, indent):  # indented lines (tables) stay as written, others wrap
+        return "\n".join(indent + part if part[:1].isspace() or not part.strip()
+                         else argparse.HelpFormatter._fill_text(self, part, width, indent)
+                         for part in text.split("\n"))
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` (and its sub-commands) print every option's default in ``--help``, options
+    without a help text included."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif (action.option_strings and not action.help and action.nargs != 0
+              and action.default not in (None, argparse.SUPPRESS)):
+            action.help = "(default: %(default)s)"
+    return parser
 
 
 @dataclass(frozen=True)
@@ -47,6 +80,7 @@ class Suite:
 
 
 SUITES: Registry = Registry("benchmark suite")
+HEARTBEAT_S = 30.0  # seconds between "still running" lines
 
 
 def register_suite(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None],
@@ -57,13 +91,12 @@ def register_suite(name: str, help: str, arguments: Callable[[argparse.ArgumentP
 
 
 def parser(suite: Suite) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"straightflow bench {suite.name}", description=suite.doc or suite.help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=f"straightflow bench {suite.name}", description=suite.doc or suite.help)
     p.add_argument("--out", default="bench_out", help="output directory (Markdown, JSON, plots)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings: 1)")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds to minutes) to check the pipeline")
     suite.arguments(p)
-    return p
+    return show_defaults(p)
 
 
 def command_line(name: str, argv: Sequence[str]) -> str:
@@ -76,13 +109,34 @@ def run_suite(name: str, argv: Optional[Sequence[str]] = None) -> int:
     suite = SUITES.get(name)
     argv = [] if argv is None else [str(a) for a in argv]
     a = parser(suite).parse_args(argv)
+    if max_steps_cap() is not None and not a.quick:  # the smoke-test knob: every suite in its quick form
+        print(f"[bench {suite.name}] ${MAX_STEPS_ENV} is set: running --quick", flush=True)
+        a.quick = True
     if a.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {a.threads}")
     torch.set_num_threads(a.threads)
     a.out = Path(a.out)
     a.out.mkdir(parents=True, exist_ok=True)
     a.command = command_line(suite.name, argv)
-    return int(suite.run(a) or 0)
+    log = log_to(suite.name)
+    log(f"started ({'quick' if a.quick else 'full'} run, report in {a.out}); a line every "
+        f"{HEARTBEAT_S:.0f} s while it runs")
+    t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def heartbeat() -> None:  # some sections compute for minutes without a line of their own
+        while not stop.wait(HEARTBEAT_S):
+            log(f"still running ({time.perf_counter() - t0:.0f} s)")
+
+    beat = threading.Thread(target=heartbeat, name=f"bench-{suite.name}-heartbeat", daemon=True)
+    beat.start()
+    try:
+        code = int(suite.run(a) or 0)
+    finally:
+        stop.set()
+        beat.join()
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    return code
 
 
 # ----------------------------------------------------------------------------- report text
@@ -170,10 +224,10 @@ def cached_model(out: Path, name: str, recipe: Mapping[str, Any], run: Optional[
     afterwards (:func:`straightflow.runs.cached_run`)."""
     if run:
         return checkpoint.load(run), str(run), f"given run `{run}`"
-    d = Path(out) / "runs" / name
-    fresh = not (d / runs.RECIPE_FILE).is_file()
     t0 = time.perf_counter()
-    runs.cached_run(d, recipe, progress=progress, log=log)
-    how = (f"trained now ({recipe['steps']} steps, {time.perf_counter() - t0:.0f} s)" if fresh
+    said = []
+    d = runs.cached_run(Path(out) / "runs" / name, recipe, progress=progress,
+                        log=lambda msg: (said.append(msg), log(msg) if log else None))
+    how = (f"trained now ({recipe['steps']} steps, {time.perf_counter() - t0:.0f} s)" if said
            else f"cached ({recipe['steps']} training steps)")
     return checkpoint.load(d), str(d), how

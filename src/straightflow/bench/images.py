@@ -47,7 +47,7 @@ from ..images.latent import (
 )
 from ..models import build_model, count_parameters
 from ..train import train
-from .harness import fmt, header, median_time, register_suite, run_suite, write_report
+from .harness import fmt, header, log_to, median_time, register_suite, run_suite, write_report
 
 __all__ = ["main", "bench_images"]
 
@@ -157,14 +157,17 @@ def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool
     def score(m) -> float:
         return s.fd(_Sampler(m)(ce, 8, seed + 1, s.labels(ce)), s.ref_a[:ce] if ce < ne else s.ref_a)
 
+    log = log_to("images")
     for label, kind, width in (("pixel UNet", "unet", cfg["unet_width"]), ("pixel DiT", "dit", cfg["dit_width"])):
-        net = build_model(default_pixel_model(s.shape, K, kind, width, cfg["depth"]))
+        log(f"{name}: training the {label} ({cfg['flow_steps']} steps)")
+        net = build_model(default_pixel_model(s.shape, K, kind, width, cfg["depth"]), seed=seed)
         flow = FlowCls(net, cond_dropout=cond_dropout)
         res, hist = _train_chunks(flow, s.train, cfg["flow_steps"], cfg["chunks"], runs / kind, score, 0.0, ema, seed)
         models[label] = res.model
         train_info[label] = {"params": count_parameters(net), "history": hist, "config": net.config}
 
     # latent: autoencoder (its CPU time counts), encoding, then the latent DiT in chunks
+    log(f"{name}: training the autoencoder ({cfg['ae_steps']} steps) and the latent DiT ({cfg['flow_steps']} steps)")
     t0 = _cpu()
     ae, _ = train_autoencoder(s.train, runs / "autoencoder", cfg["ae_steps"], base_channels=16,
                               batch_size=BATCH, hflip=s.hflip, seed=seed, ckpt_every=0, progress=False)
@@ -172,7 +175,7 @@ def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool
     if not K:
         lat = sfdata.Dataset(lat.x, name=lat.name)
     ae_cpu = _cpu() - t0
-    net = build_model(default_latent_model(ae.latent_shape, K, "dit", cfg["dit_width"], cfg["depth"]))
+    net = build_model(default_latent_model(ae.latent_shape, K, "dit", cfg["dit_width"], cfg["depth"]), seed=seed)
     holder: Dict[str, Any] = {}
 
     def score_latent(m) -> float:
@@ -187,6 +190,7 @@ def _bench_set(name: str, cfg: Dict[str, Any], out: Path, seed: int, quick: bool
                                 "ae_recon": getattr(ae, "recon", {}), "latent_shape": list(ae.latent_shape)}
 
     # quality vs NFE
+    log(f"{name}: quality at NFE {', '.join(map(str, cfg['nfes']))}, throughput, Bottleneck Sampling")
     quality: Dict[str, Dict[int, Dict[str, float]]] = {}
     for label, m in models.items():
         smp = _Sampler(m)

@@ -46,7 +46,7 @@ from ..coupling import Coupling, PairDataset
 from ..flow import Flow
 from ..io import load_json, load_tensors, save_json, save_tensors
 from ..models import MLP
-from ..plotting import pyplot, save_image_panels, save_scatter_panels
+from ..plotting import pyplot, save_image_panels, save_scatter_panels, series_style
 from ..solvers import sample
 from ..system import machine_line
 from ..train import train
@@ -849,12 +849,12 @@ def _figures(out: Path, results: Dict[str, Any], tasks: Dict[str, Task]) -> None
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         ds = results["datasets"][name]
-        for row, e in ds["methods"].items():
+        for i, (row, e) in enumerate(ds["methods"].items()):
             a = e.get("summary")
             if e.get("status") != "ok" or not a:
                 continue
             ys = [a[f"nfe{k}"][0] for k in NFES]
-            ax.plot(NFES, ys, marker="o", ms=3, lw=1, label=row)
+            ax.plot(NFES, ys, ms=3, lw=1, label=row, **series_style(i))
         ax.axhline(ds["floor"], color="k", ls="--", lw=1, label="data-vs-data floor")
         ax.set_xscale("log")
         ax.set_yscale("log")

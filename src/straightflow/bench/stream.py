@@ -10,7 +10,8 @@ taken inside the same run. Thread counts: ``--thread-list`` (default 1,2).
 
 The ``cost`` section shows when residual CFG pays: it times single model calls of 1..8 rows (the
 per-call cost-vs-rows line) and RCFG self / one-time vs full CFG at n = 1, 2, 4, on one thread, for the
-``small`` run model (8x8 digits UNet, per-call overhead dominated) and a ``large`` 32x32 RGB UNet
+``small`` run model (the ``--run`` model: by default the streaming default, a 32x32 shapes UNet with 16
+base channels; the 8x8 digits UNet of earlier reports was per-call overhead dominated) and a ``large`` 32x32 RGB UNet
 (randomly initialised: throughput does not depend on the weights) whose cost grows with its rows.
 Full CFG computes ``2n`` rows per call, self ``n``, one-time ``n + 1``, so the RCFG speed-up is
 ``cost(2n) / cost(n)`` resp. ``cost(2n) / cost(n + 1)`` of the cost line. ``--sections`` picks sections.
@@ -57,7 +58,8 @@ COST_ROWS = (1, 2, 3, 4, 5, 8)  # covers n, n + 1 and 2n for n = 1, 2, 4
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thread-list", default="1,2", help="torch thread counts for the throughput tables "
                    "(--threads: those of the load-test server)")
-    p.add_argument("--run", default="default", help="run directory, or 'default' (cached digits UNet)")
+    p.add_argument("--run", default="default",
+                   help="run directory, or 'default' (the cached default streaming model: 32x32 shapes UNet)")
     p.add_argument("--frames", type=int, default=None, help="clip length (default 160, quick 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3, quick 1)")
     p.add_argument("--strength", type=float, default=0.5)

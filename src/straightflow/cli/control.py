@@ -13,7 +13,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from .. import data as sfdata, plotting
+from .. import plotting
 from ..control import inverse, operators
 from ..control.editing import class_swap_edit
 from ..control.rewards import parse_reward
@@ -30,16 +30,17 @@ Writes a sample grid (images) or scatter plot (2D) and <out>.npz; prints the mea
 hit rate, the diversity and the NFE used per output."""
 
 
-def _load_image_run(run: str):
-    model, info = flags.load_run(run)
+def _load_image_run(run: str, device="cpu"):
+    model, info = flags.load_run(run, device=device)
     if len(info.shape) != 3:
         raise ValueError(f"{run}: edit/restore need an image model, this run has data of shape {list(info.shape)}")
     return model, info
 
 
 def _run_images(info, n: int, seed: int, label=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images (and labels) of the run's data set, optionally of one class, seeded."""
-    ds = sfdata.load_dataset(info.data_source)
+    """``n`` images (and labels) of the run's data set, optionally of one class, seeded: from its
+    held-out part when the run was trained on the training split (never images it was trained on)."""
+    ds = info.load_data("test" if info.data_split == "train" else "all")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     if label is not None:
         if ds.y is None:
@@ -52,7 +53,8 @@ def _run_images(info, n: int, seed: int, label=None) -> Tuple[torch.Tensor, torc
 
 
 def cmd_edit(a) -> int:
-    model, info = _load_image_run(a.run)
+    dev = flags.device(a)
+    model, info = _load_image_run(a.run, dev)
     k = getattr(model, "num_classes", None)
     if not k:
         raise ValueError("edit needs a class-conditional run (trained with labels)")
@@ -60,8 +62,10 @@ def cmd_edit(a) -> int:
         if not 0 <= c < k:
             raise ValueError(f"{name} must be in [0, {k}), got {c}")
     x, _ = _run_images(info, a.n, a.seed, label=a.source_class)
-    res = class_swap_edit(model, x, a.source_class, a.target_class, solver=a.solver, steps=a.steps, inject=a.inject,
-                          guidance=a.guidance, gamma=a.gamma, eta=a.eta, eta_window=(0.0, a.eta_stop), seed=a.seed)
+    res = class_swap_edit(model, x.to(dev), a.source_class, a.target_class, solver=a.solver, steps=a.steps,
+                          inject=a.inject, guidance=a.guidance, gamma=a.gamma, eta=a.eta, eta_window=(0.0, a.eta_stop),
+                          seed=a.seed)
+    res.x = res.x.cpu()
     dist = (res.x - x).pow(2).flatten(1).mean(1).sqrt().mean().item()
     msg = ""
     try:
@@ -82,17 +86,19 @@ def cmd_edit(a) -> int:
 
 
 def cmd_restore(a) -> int:
-    model, info = _load_image_run(a.run)
+    dev = flags.device(a)
+    model, info = _load_image_run(a.run, dev)
     op = operators.make_operator(a.operator, info.shape)
     x, _ = _run_images(info, a.n, a.seed)
-    y = op.measure(x, a.noise, torch.Generator().manual_seed(a.seed + 1))
+    y = op.measure(x, a.noise, torch.Generator().manual_seed(a.seed + 1)).to(dev)
     if a.method == "pmrf":
         pm_steps, flow_steps = a.pmrf_steps
-        ds = sfdata.load_dataset(info.data_source)
+        ds = info.load_data("train" if info.data_split == "train" else "all")
         cache = Path(a.run) / "pmrf" / f"{op.name}-noise{a.noise:g}"
         print(f"training PMRF ({pm_steps} + {flow_steps} steps; cached in {cache})", flush=True)
         net = inverse.PMRF(op, sigma_y=a.noise).fit(ds.x, pm_steps=pm_steps, flow_steps=flow_steps,
-                                                    seed=a.seed, progress=not a.quiet, out=str(cache))
+                                                    seed=a.seed, progress=not a.quiet, out=str(cache),
+                                                    device=str(dev))
         res = inverse.restore("pmrf", net, op, y, memory=not a.no_memory, steps=a.steps, seed=a.seed)
     else:
         kw = {"steps": a.steps, "seed": a.seed}
@@ -101,9 +107,9 @@ def cmd_restore(a) -> int:
         elif a.method == "flair":
             kw["sigma_y"] = a.noise
         res = inverse.restore(a.method, model, op, y, memory=not a.no_memory, **kw)
-    xr = res.x.clamp(-1, 1)
+    xr = res.x.clamp(-1, 1).cpu()
     p, s = psnr(xr, x), ssim(xr, x)
-    seen = op.pinv(y).clamp(-1, 1)
+    seen = op.pinv(y).clamp(-1, 1).cpu()
     out = Path(a.out)
     plotting.save_image_panels([("original", x), (f"measurement ({op.name}, A^+ y)", seen), (f"{a.method}", xr)], out,
                                nrow=min(8, a.n), suptitle=f"{a.method} on {op.name}, noise {a.noise:g}: "
@@ -117,7 +123,23 @@ def cmd_restore(a) -> int:
 ORACLES = ("8gaussians",)
 
 
-def load_model(run: str):
+class _OnDevice(torch.nn.Module):
+    """The velocity of a model held on ``device`` for an algorithm whose state stays on the CPU (the
+    search methods): inputs go to the device, the velocity comes back."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner, self.device = model, device
+        for k in ("num_classes", "null_class", "sample_shape", "config", "run_config"):
+            if hasattr(model, k):
+                setattr(self, k, getattr(model, k))
+
+    def forward(self, x, t, **cond):
+        on = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+        return self.inner(x.to(self.device), t.to(self.device), **on).to(x.device)
+
+
+def load_model(run: str, device="cpu"):
     """``(model, sample shape, path name)`` from a run directory or ``oracle:8gaussians``."""
     if run.startswith("oracle:"):
         name = run.split(":", 1)[1]
@@ -126,12 +148,13 @@ def load_model(run: str):
         return GaussianMixtureFlow.eight_gaussians(), (2,), "linear"
     if not Path(run).is_dir():
         raise ValueError(f"run {run!r} is not a run directory (or 'oracle:8gaussians')")
-    model, info = flags.load_run(run)
-    return model, info.shape, info.path
+    dev = torch.device(device)
+    model, info = flags.load_run(run, device=dev)
+    return (model if dev.type == "cpu" else _OnDevice(model, dev)), info.shape, info.path
 
 
 def cmd_search(a) -> int:
-    model, shape, path = load_model(a.run)
+    model, shape, path = load_model(a.run, flags.device(a))
     reward = parse_reward(a.reward)
     cond = None
     k = getattr(model, "num_classes", None)
@@ -185,6 +208,7 @@ def register(sub) -> None:
     e.add_argument("--eta", type=float, default=0.0, help="RF-Inversion controller strength towards the source image")
     e.add_argument("--eta-stop", type=float, default=0.25, help="eta acts for t in [0, eta_stop]")
     flags.add_seed(e)
+    flags.add_device(e)
     e.add_argument("--out", default="edit.png")
     e.set_defaults(fn=cmd_edit)
 
@@ -199,6 +223,7 @@ def register(sub) -> None:
     r.add_argument("--pmrf-steps", type=flags.int_pair, default=(300, 600), help="PMRF training steps: predictor,flow")
     r.add_argument("--no-memory", action="store_true", help="skip the (second, profiled) peak-memory run")
     flags.add_seed(r)
+    flags.add_device(r)
     flags.add_quiet(r)
     r.add_argument("--out", default="restore.png")
     r.set_defaults(fn=cmd_restore)
@@ -216,5 +241,6 @@ def register(sub) -> None:
     p.add_argument("--vp", action="store_true", help="sample the VP interpolant converted from the model's path")
     p.add_argument("--label", type=int, default=None, help="class label for a conditional model (default: null)")
     flags.add_seed(p)
+    flags.add_device(p)
     p.add_argument("--out", default="search.png", help="output image (plus .npz)")
     p.set_defaults(fn=cmd_search)

@@ -18,12 +18,25 @@ from .listing import families
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    res = train_run(a.data, a.out, a.steps, n=a.n, model=a.model, hidden=a.hidden, depth=a.depth,
+    res = train_run(a.data, a.out, a.steps, n=a.n, resolution=a.resolution, model=a.model, hidden=a.hidden, depth=a.depth,
                     base_channels=a.base_channels, conditional=not a.unconditional, path=a.path,
                     time_dist=a.time_dist, loss=a.loss, coupling=a.coupling, cond_dropout=a.cond_dropout,
                     **flags.train_kwargs(a))
-    print(f"trained {res.steps} steps, final loss {res.final_loss:.4f}; run written to {res.run_dir}")
+    print(train_summary(res))
     return 0
+
+
+def train_summary(res) -> str:
+    """One line saying what a training call did: trained from scratch, resumed (and from where, with
+    which allowed changes), or found the run already finished."""
+    if res.resumed_from is None:
+        return f"trained {res.steps} steps, final loss {res.final_loss:.4f}; run written to {res.run_dir}"
+    if res.resumed_from >= res.steps:
+        return (f"{res.run_dir} was already trained to step {res.resumed_from}; nothing trained (pass a larger "
+                "--steps to continue it)")
+    changes = f" with the allowed changes {'; '.join(res.recipe_changes)}" if res.recipe_changes else ""
+    return (f"resumed {res.run_dir} from step {res.resumed_from}{changes} and trained to step {res.steps}, final "
+            f"loss {res.final_loss:.4f}")
 
 
 def _labels(model, n: int, label) -> dict:
@@ -38,7 +51,8 @@ def _labels(model, n: int, label) -> dict:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    model, info = flags.load_run(a.run)
+    dev = flags.device(a)
+    model, info = flags.load_run(a.run, device=dev)
     spec = get_solver(a.solver)
     n = a.n
     noise, _ = initial_noise((n, *info.shape), seed=a.seed)
@@ -48,16 +62,23 @@ def cmd_sample(a: argparse.Namespace) -> int:
     grid = a.grid
     if grid == "boss":  # Bellman-optimal grid for this solver and NFE, calibrated once and kept beside the model
         grid = calibrated_grid(a.run, spec.name, spec.nfe(a.steps))
-    with torch.no_grad():
-        if info.average_velocity:  # a MeanFlow-type run: jump with its average velocity u(x, t_next, t)
-            if a.guidance is not None:
-                raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: sample it without --guidance")
-            res = sample_mean(model, noise, steps=a.steps, cond=cond, grid=grid)
-            label = f"{info.objective} (average velocity)"
-        else:
-            res = sample(model, noise, solver=spec.name, steps=a.steps, grid=grid, cond=cond, guidance=a.guidance,
-                         path=info.path)
-            label = spec.name
+    on_dev = {"y": cond["y"].to(dev)} if cond else None
+    progress = flags.step_progress(a.steps, not a.quiet)
+    try:
+        with torch.no_grad():
+            if info.average_velocity:  # a MeanFlow-type run: jump with its average velocity u(x, t_next, t)
+                if a.guidance is not None:
+                    raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: sample it without --guidance")
+                res = sample_mean(model, noise.to(dev), steps=a.steps, cond=on_dev, grid=grid)
+                label = f"{info.objective} (average velocity)"
+            else:
+                res = sample(model, noise.to(dev), solver=spec.name, steps=a.steps, grid=grid, cond=on_dev,
+                             guidance=a.guidance, path=info.path, callback=progress)
+                label = spec.name
+    finally:
+        if progress is not None:
+            progress.close()
+    res.x = res.x.cpu()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"x": res.x.numpy(), "noise": noise.numpy()}
@@ -68,31 +89,35 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if res.x.ndim == 4:
         plotting.save_image_panels([(title, res.x[:100])], out)
     else:
-        ref = report.reference_data(info.data_source, n)
+        ref = report.reference_data(info.data_source, n, seed=info.seed)
         plotting.save_scatter_panels([(title, res.x[:, :2])], out, reference=ref.x[:, :2])
     print(f"{n} samples, NFE {res.nfe}: {out} and {out.with_suffix('.npz')}")
     return 0
 
 
 def cmd_invert(a: argparse.Namespace) -> int:
-    model, info = flags.load_run(a.run)
-    x0, _ = initial_noise((a.n, *info.shape), seed=a.seed)
+    dev = flags.device(a)
+    model, info = flags.load_run(a.run, device=dev)
+    x0, _ = initial_noise((a.n, *info.shape), seed=a.seed, device=dev)
     cond = _labels(model, a.n, None)
+    cond = {"y": cond["y"].to(dev)} if cond else None
     solvers = a.solvers.split(",") if a.solvers else [n for n in solver_names()
                                                       if not get_solver(n).stochastic and not get_solver(n).adaptive]
-    rows = report.inversion_report(model, x0, solvers, a.nfe, cond=cond, path=info.path)
+    rows = report.inversion_report(model, x0, solvers, a.nfe, cond=cond, path=info.path, progress=not a.quiet)
     return _report(f"# Inversion of `{a.run}`\n\n{a.n} samples generated by RK4 (200 steps) from known noise, "
                    f"inverted and regenerated with each solver; {machine_line()}\n\n"
                    + report.inversion_markdown(rows), a.out)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    model, info = flags.load_run(a.run)
-    ref = report.reference_data(info.data_source, max(2 * a.n, 4))
-    rows, _ = report.evaluate_model(model, ref, a.nfe, solver=a.solver, n=a.n, seed=a.seed, metric=a.metric,
-                                    grid=a.grid, extractor=a.extractor, path=info.path)
-    return _report(f"# Evaluation of `{a.run}`\n\nData: {info.data_source}; {a.n} samples; {machine_line()}\n\n"
-                   + report.rows_to_markdown(rows), a.out)
+    model, info = flags.load_run(a.run, device=flags.device(a))
+    ref = report.run_reference(info, max(2 * a.n, 4))
+    rows, _ = report.evaluate_model(model, ref.data, a.nfe, solver=a.solver, n=a.n, seed=a.seed, metric=a.metric,
+                                    grid=a.grid, extractor=a.extractor, path=info.path, floor_reference=ref.floor)
+    m = rows[0].n if rows else a.n
+    capped = f" (--n {a.n} capped at what the reference allows)" if m < a.n else ""
+    return _report(f"# Evaluation of `{a.run}`\n\nScored against {ref.description}.  \n{m} samples per row{capped}; "
+                   f"{machine_line()}\n\n" + report.rows_to_markdown(rows), a.out)
 
 
 def _report(md: str, out) -> int:
@@ -116,6 +141,8 @@ def register(sub) -> None:
                    help=f"a data set name ({', '.join(sfdata.available())}) or a .npz/.npy/IDX file or image folder")
     t.add_argument("--out", required=True, help="run directory (resumes if it holds a training state)")
     t.add_argument("--n", type=int, default=None, help="number of points for the 2D toys / subset size")
+    t.add_argument("--resolution", type=flags.positive_int, default=None,
+                   help="resize images to N x N (e.g. an image folder with mixed sizes); recorded in the run")
     t.add_argument("--model", default="auto", help=f"auto (MLP for vectors, UNet for images) or {', '.join(models.available())}")
     flags.add_model(t)
     flags.add_path_recipe(t)
@@ -125,13 +152,15 @@ def register(sub) -> None:
 
     s = sub.add_parser("sample", help="sample a trained run: PNG (grid or scatter) + .npz")
     s.add_argument("run")
-    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--n", type=flags.positive_int, default=1000, help="number of samples")
     flags.add_solver(s, grid=False)
     s.add_argument("--grid", default="uniform",
                    help="a grid name (see `straightflow list`), or boss (calibrated for this run, cached)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--label", type=int, default=None, help="class label (default: cycle through classes)")
     flags.add_seed(s)
+    flags.add_device(s)
+    flags.add_quiet(s)
     s.add_argument("--out", default="samples.png")
     s.set_defaults(fn=cmd_sample)
 
@@ -139,8 +168,10 @@ def register(sub) -> None:
     iv.add_argument("run")
     iv.add_argument("--solvers", default=None, help="comma-separated solver names (default: all deterministic)")
     iv.add_argument("--nfe", type=flags.ints, default=[4, 8, 16, 32])
-    iv.add_argument("--n", type=int, default=256)
+    iv.add_argument("--n", type=flags.positive_int, default=256, help="samples generated and inverted")
     flags.add_seed(iv)
+    flags.add_device(iv)
+    flags.add_quiet(iv)
     iv.add_argument("--out", default=None, help="also write the Markdown table here")
     iv.set_defaults(fn=cmd_invert)
 
@@ -149,10 +180,13 @@ def register(sub) -> None:
     e.add_argument("--nfe", type=flags.ints, default=[1, 2, 4, 8, 100])
     e.add_argument("--solver", default="euler", help=f"one of: {', '.join(solver_names())}")
     e.add_argument("--grid", default="uniform", help="a grid name (see `straightflow list`)")
-    e.add_argument("--n", type=int, default=2000)
+    e.add_argument("--n", type=flags.positive_int, default=2000,
+                   help="samples per NFE (capped at what the reference data allows)")
     e.add_argument("--metric", default=None, help="default w2 (vectors) / fd (images); see `straightflow list`")
     e.add_argument("--extractor", default="digits", help="classifier for fd: digits or mnist")
     flags.add_seed(e)
+    flags.add_device(e)
+    flags.add_quiet(e)
     e.add_argument("--out", default=None, help="also write the Markdown table here")
     e.set_defaults(fn=cmd_eval)
 

@@ -10,9 +10,10 @@ from typing import Any, Dict, List, Tuple
 from .. import coupling, grids, losses, paths, time as sftime
 from ..checkpoint import CheckpointError, RunInfo, load, run_info
 from ..solvers import available as solver_names
+from ..system import DEVICE_CHOICES, resolve_device
 
-__all__ = ["ints", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
-           "add_path_recipe", "add_solver", "train_kwargs", "load_run"]
+__all__ = ["ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
+           "add_path_recipe", "add_solver", "train_kwargs", "load_run", "device", "step_progress"]
 
 
 def ints(s: str) -> List[int]:
@@ -21,6 +22,17 @@ def ints(s: str) -> List[int]:
         return [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def positive_int(s: str) -> int:
+    """A count that must be at least 1 (``--n``, ``--steps``): argparse's error otherwise."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v
 
 
 def int_pair(s: str) -> Tuple[int, int]:
@@ -50,8 +62,13 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_device(p: argparse.ArgumentParser, default: str = "cpu") -> None:
-    p.add_argument("--device", default=default, help="torch device: cpu, cuda, cuda:1, mps")
+def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help=f"torch device: {DEVICE_CHOICES}")
+
+
+def device(a: argparse.Namespace):
+    """The ``--device`` of a parsed command as a checked ``torch.device`` (``auto`` resolved)."""
+    return resolve_device(getattr(a, "device", "auto"))
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -82,6 +99,9 @@ def add_train(p: argparse.ArgumentParser, steps: int = 5000, batch_size: int = 2
         p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
     p.add_argument("--ema", type=float, default=ema, help="EMA decay of the saved weights (0: no EMA)")
     p.add_argument("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N steps (resume after a kill)")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume OUT even though the recipe (data, objective, training settings) differs from the "
+                   "saved one, continuing its weights with the new settings; without it such a resume is refused")
     add_seed(p)
     add_device(p)
     add_quiet(p)
@@ -90,7 +110,8 @@ def add_train(p: argparse.ArgumentParser, steps: int = 5000, batch_size: int = 2
 def train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
     """The settings of :func:`add_train` as keyword arguments of :func:`straightflow.runs.train_run`."""
     kw = {"batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "ema": a.ema, "ckpt_every": a.ckpt_every,
-          "seed": a.seed, "device": a.device, "progress": not a.quiet}
+          "seed": a.seed, "device": str(device(a)), "progress": not a.quiet,
+          "allow_recipe_change": a.allow_recipe_change}
     if hasattr(a, "lr_schedule"):
         kw.update(lr_schedule=a.lr_schedule, grad_clip=a.grad_clip)
     return kw
@@ -99,12 +120,36 @@ def train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
 def add_solver(p: argparse.ArgumentParser, solver: str = "euler", steps: int = 8, grid: bool = True) -> None:
     """``--solver`` (any registered name), ``--steps`` and ``--grid``."""
     p.add_argument("--solver", default=solver, help=f"one of: {', '.join(solver_names())}")
-    p.add_argument("--steps", type=int, default=steps, help="solver steps (NFE = steps x evaluations per step)")
+    p.add_argument("--steps", type=positive_int, default=steps, help="solver steps (NFE = steps x evaluations per step)")
     if grid:
         p.add_argument("--grid", default="uniform", help=f"one of: {', '.join(grids.available())}")
 
 
-def load_run(run: str, device: str = "cpu") -> Tuple[Any, RunInfo]:
+class StepProgress:
+    """A tqdm bar over a solve's steps, advanced by the solver's ``callback(i, t, x)`` and created at
+    the first step (so input errors are raised before any bar shows); ``close()`` when done."""
+
+    def __init__(self, steps: int, desc: str = "sample") -> None:
+        self.steps, self.desc, self.bar = steps, desc, None
+
+    def __call__(self, i, t, x) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.steps, unit="step", desc=self.desc, dynamic_ncols=True)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def step_progress(steps: int, enabled: bool, desc: str = "sample", threshold: int = 200):
+    """A :class:`StepProgress` for a long solve (``steps >= threshold``) when ``enabled``, else None."""
+    return StepProgress(steps, desc) if enabled and steps >= threshold else None
+
+
+def load_run(run: str, device: Any = "cpu") -> Tuple[Any, RunInfo]:
     """``(model, RunInfo)`` of a run directory (clear errors for a missing or broken one)."""
     model = load(run, device=device)
     info = run_info(model)

@@ -18,7 +18,7 @@ def cmd_latent(a) -> int:
         a.data, a.out, a.ae_steps, a.flow_steps, model=a.model, conditional=not a.unconditional, width=a.width,
         depth=a.depth, ae_kwargs={"latent_channels": a.latent_channels, "base_channels": a.ae_channels},
         batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, hflip=a.hflip, seed=a.seed, ckpt_every=a.ckpt_every,
-        device=a.device, progress=not a.quiet, n=a.n)
+        device=str(flags.device(a)), progress=not a.quiet, n=a.n, allow_recipe_change=a.allow_recipe_change)
     rec = res.flow.autoencoder.config
     print(f"latent flow written to {res.run_dir}: autoencoder {list(res.flow.sample_shape)} -> "
           f"{list(res.flow.latent_shape)} (recon PSNR {getattr(res.flow.autoencoder, 'recon', {}).get('psnr', float('nan')):.2f} dB, "
@@ -28,9 +28,10 @@ def cmd_latent(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    model = load_latent(a.run, device=a.device) if is_latent_run(a.run) else checkpoint.load(a.run, device=a.device)
+    dev = flags.device(a)
+    model = load_latent(a.run, device=dev) if is_latent_run(a.run) else checkpoint.load(a.run, device=dev)
     summary = sample_to_files(model, a.n, a.out, batch=a.batch, solver=a.solver, steps=a.steps, grid=a.grid,
-                              label=a.label, seed=a.seed, compile=a.compile, bf16=a.bf16, device=a.device,
+                              label=a.label, seed=a.seed, compile=a.compile, bf16=a.bf16, device=dev,
                               png=not a.no_png, progress=not a.quiet)
     print(json.dumps(summary, indent=1))
     return 0
@@ -54,6 +55,8 @@ def register(sub) -> None:
     p.add_argument("--hflip", action="store_true", help="mirror augmentation (only for mirror-invariant data)")
     p.add_argument("--unconditional", action="store_true")
     p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume OUT even though the recipe differs from the saved one")
     flags.add_seed(p)
     flags.add_device(p)
     flags.add_quiet(p)
@@ -61,16 +64,16 @@ def register(sub) -> None:
 
     g = sub.add_parser("generate", help="sample a pixel or latent run to PNG files + samples.npz (batched, resumable)")
     g.add_argument("run", help="run directory (straightflow train or straightflow latent)")
-    g.add_argument("--n", type=int, default=64)
+    g.add_argument("--n", type=flags.positive_int, default=64, help="images to generate")
     g.add_argument("--out", required=True)
     g.add_argument("--batch", type=int, default=64)
-    g.add_argument("--solver", default="euler", choices=fast_samplers(), help="a sync-free fast sampler")
-    g.add_argument("--steps", type=int, default=16)
-    g.add_argument("--grid", default="uniform")
+    flags.add_solver(g, solver="euler", steps=16)
     g.add_argument("--label", type=int, default=None, help="class label (default: cycle through the classes)")
     flags.add_seed(g)
-    g.add_argument("--compile", action="store_true", help="torch.compile the velocity model")
-    g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (state stays fp32)")
+    g.add_argument("--compile", action="store_true",
+                   help=f"torch.compile the velocity model (sync-free solvers: {', '.join(fast_samplers())})")
+    g.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast (state stays fp32; "
+                   f"sync-free solvers: {', '.join(fast_samplers())})")
     g.add_argument("--no-png", action="store_true", help="only write samples.npz")
     flags.add_device(g)
     flags.add_quiet(g)

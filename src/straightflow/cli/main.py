@@ -8,15 +8,18 @@ directories, bad values) are printed as one ``error: ...`` line with exit status
 from __future__ import annotations
 
 import argparse
+import platform
 import shlex
 import sys
+import warnings
 from typing import List, Optional
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..bench.harness import show_defaults
+from ..checkpoint import CheckpointError, UnfinishedRunWarning, straightflow_version
 from ..registry import UnknownNameError
-from . import align, bench, control, core, demo, images, straighten, stream
+from . import align, bench, control, core, demo, hub, images, straighten, stream
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (
@@ -28,6 +31,7 @@ COMMANDS = (
     align.register,       # align, policy
     images.register,      # latent, generate
     stream.register,      # serve, stream
+    hub.register,         # publish
     core.register_list,   # list
 )
 
@@ -35,11 +39,17 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="straightflow", description="Rectified flow and flow matching: train, straighten, "
                                 "sample fast, control, stream and measure.")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--version", action="version", version=f"straightflow {straightflow_version()} (torch "
+                   f"{torch.__version__}, Python {platform.python_version()})")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for register in COMMANDS:
         register(sub)
-    return p
+    return show_defaults(p)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,8 +58,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.command = "straightflow " + shlex.join(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        return int(a.fn(a) or 0)
-    except (UnknownNameError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line  # library warnings (an unfinished run, ...) as one line each
+        warnings.simplefilter("always", UnfinishedRunWarning)
+        try:
+            return int(a.fn(a) or 0)
+        except (UnknownNameError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2

@@ -67,9 +67,16 @@ def _maybe_init_dist() -> bool:
     return False
 
 
-def _add_pair_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", default="rk4", help=f"one of: {', '.join(solver_names())}")
-    p.add_argument("--steps", type=int, default=32, help="solver steps per pair")
+PAIR_SOLVER, PAIR_STEPS = "rk4", 32
+
+
+def _add_pair_args(p: argparse.ArgumentParser, reuse: bool = False) -> None:
+    """The pair-generation flags; ``reuse``: the command may be given existing pairs instead, so
+    --solver/--steps stay None unless given (then checked against those pairs)."""
+    p.add_argument("--solver", default=None if reuse else PAIR_SOLVER,
+                   help=f"one of: {', '.join(solver_names())}" + (f" (default: {PAIR_SOLVER})" if reuse else ""))
+    p.add_argument("--steps", type=int, default=None if reuse else PAIR_STEPS,
+                   help="solver steps per pair" + (f" (default: {PAIR_STEPS})" if reuse else ""))
     p.add_argument("--grid", default="uniform", help="sampling grid name")
     p.add_argument("--labels", default="auto", choices=["auto", "none", "cycle", "random"],
                    help="class labels of the pairs (auto: cycle for a class-conditional teacher)")
@@ -77,18 +84,19 @@ def _add_pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1024)
     p.add_argument("--pair-batch-size", type=int, default=None, help="rows integrated at once (default: a shard)")
     flags.add_seed(p)
+    flags.add_device(p)
     flags.add_quiet(p)
 
 
 def _generate(a, teacher, n: int, out: Path) -> dict:
-    return generate_pairs(teacher, out, n, solver=a.solver, steps=a.steps, grid=a.grid,
+    return generate_pairs(teacher, out, n, solver=a.solver or PAIR_SOLVER, steps=a.steps or PAIR_STEPS, grid=a.grid,
                           labels=_labels_for(teacher, a.labels), guidance=a.guidance, shard_size=a.shard_size,
                           seed=a.seed, path=run_info(teacher).path, batch_size=a.pair_batch_size,
                           progress=not a.quiet)
 
 
 def cmd_pairs(a) -> int:
-    teacher = checkpoint.load(a.run)
+    teacher = checkpoint.load(a.run, device=flags.device(a))
     m = _generate(a, teacher, a.n, Path(a.out))
     if _main_rank():
         print(f"{m['n']} pairs in {m['num_shards']} shard(s) at {a.out}: {m['solver']}, {m['steps']} steps, "
@@ -96,22 +104,49 @@ def cmd_pairs(a) -> int:
     return 0
 
 
+def pair_count_or_dir(s: str):
+    """``--pairs``: a number of pairs to generate, or a pairs directory made by ``straightflow pairs``."""
+    return int(s) if s.strip().isdigit() else s
+
+
+def _existing_pairs(a, teacher, directory: str):
+    """Pairs from ``straightflow pairs``, checked to come from this teacher and fit the given flags."""
+    from ..straighten.pairs import teacher_fingerprint
+
+    ds = load_pairs(directory)
+    m = ds.info
+    if (m.get("teacher") or {}).get("sha256") != teacher_fingerprint(teacher)["sha256"]:
+        raise ValueError(f"{directory} holds pairs made by another teacher than {a.run}; generate them from this "
+                         f"run (`straightflow pairs {a.run} --out DIR`) or pass a count (--pairs 8192)")
+    given = {"--solver": (a.solver, m.get("solver")), "--steps": (a.steps, m.get("steps")),
+             "--guidance": (a.guidance, m.get("guidance"))}
+    bad = [f"{k} {v} (the pairs used {had})" for k, (v, had) in given.items() if v is not None and v != had]
+    if bad:
+        raise ValueError(f"{directory} was generated with other settings: {', '.join(bad)}; drop those flags to "
+                         "use these pairs, or pass a count (--pairs N) to generate new ones")
+    return m, ds
+
+
 def cmd_reflow(a) -> int:
     owns = _maybe_init_dist()
     try:
-        teacher = checkpoint.load(a.run)
+        teacher = checkpoint.load(a.run, device=flags.device(a))
         teacher.run_config["run_dir"] = str(a.run)
         teacher_path = run_info(teacher).path
         out = Path(a.out)
-        m = _generate(a, teacher, a.pairs, out / "pairs")
-        ds = load_pairs(out / "pairs")
+        if isinstance(a.pairs, int):
+            m = _generate(a, teacher, a.pairs, out / "pairs")
+            ds = load_pairs(out / "pairs")
+        else:
+            m, ds = _existing_pairs(a, teacher, a.pairs)
         path = a.path or teacher_path
         anneal = None
         if a.anneal or a.anneal_steps:
             anneal = {"warmup": a.anneal_steps or max(1, a.train_steps // 2), "kind": a.anneal_kind}
         res = reflow(teacher, ds, a.train_steps, out=out, improved=a.improved, init=a.init, path=path,
                      time_dist=a.time_dist, loss=a.loss, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     anneal=anneal, progress=not a.quiet, device=a.device)
+                     anneal=anneal, progress=not a.quiet, device=str(flags.device(a)), desc="reflow",
+                     allow_recipe_change=a.allow_recipe_change)
         if not _main_rank():
             return 0
         before = straightness_report(teacher, a.eval_n, a.eval_steps, a.seed, path=teacher_path,
@@ -157,16 +192,17 @@ def eval_onestep(model: nn.Module, ref, nfes: Sequence[int] = EVAL_NFES, n: int 
     the same seeded noise (random labels if conditional) and score them against ``ref``."""
     g = torch.Generator().manual_seed(seed)
     shape = tuple(ref.x.shape[1:])
-    noise = torch.randn((n, *shape), generator=g)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    noise = torch.randn((n, *shape), generator=g).to(dev)
     k = getattr(model, "num_classes", None)
-    cond = {"y": torch.randint(int(k), (n,), generator=g)} if k else None
+    cond = {"y": torch.randint(int(k), (n,), generator=g).to(dev)} if k else None
     rows = []
     for nfe in nfes:
         t0 = time.perf_counter()
         with torch.no_grad():
             out = sample_mean(model, noise, steps=nfe, cond=cond) if mean else sample(model, noise, steps=nfe, cond=cond)
         secs = time.perf_counter() - t0
-        name, value, floor = _score(out.x, ref, seed, extractor)
+        name, value, floor = _score(out.x.cpu(), ref, seed, extractor)
         rows.append({"nfe": out.nfe, "metric": name, "value": value, "floor": floor,
                      "ratio": value / floor if floor > 0 else float("inf"), "seconds": secs})
     return rows
@@ -223,7 +259,8 @@ def cmd_distill(a) -> int:
         pairs_dir = None
     else:
         raise ValueError(f"{src}: neither a pairs directory (manifest.json) nor a run directory (config.json)")
-    teacher = checkpoint.load(teacher_run) if teacher_run else None
+    dev = flags.device(a)
+    teacher = checkpoint.load(teacher_run, device=dev) if teacher_run else None
     tinfo = run_info(teacher) if teacher is not None else None
     if a.perceptual > 0 and teacher is not None and len(getattr(teacher, "sample_shape", ())) != 3:
         raise ValueError(f"--perceptual compares classifier features of images; this teacher's samples have shape "
@@ -247,9 +284,10 @@ def cmd_distill(a) -> int:
     else:
         base_cfg = default_model_config(shape, num_classes)
     cfg, smaller = _student_config(base_cfg, a)
-    student = build_model(cfg)
+    student = build_model(cfg, seed=a.seed)
     kw = dict(batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed, warmup=a.warmup,
-              ckpt_every=a.ckpt_every, device=a.device, progress=not a.quiet)
+              ckpt_every=a.ckpt_every, device=str(dev), progress=not a.quiet, desc="distill",
+              allow_recipe_change=a.allow_recipe_change)
     extra = {"data_source": data_source} if data_source else {}
     if smaller and teacher is not None and a.guide_weight > 0:
         method = f"SlimFlow flow-guided distillation (guide weight {a.guide_weight:g})"
@@ -276,13 +314,13 @@ def cmd_distill(a) -> int:
 
 
 def cmd_meanflow(a) -> int:
-    ds = sfdata.load_dataset(a.data, n=a.n, seed=a.seed)
+    ds = sfdata.load_dataset(a.data, n=a.n, seed=a.seed, split="train")
     num_classes = ds.num_classes if (ds.y is not None and not a.unconditional) else None
     if not num_classes:
         ds = sfdata.Dataset(ds.x, name=ds.name)
     cfg = dict(default_model_config(ds.shape, num_classes, hidden=a.hidden, depth=a.depth,
                                     base_channels=a.base_channels), mean_flow=True, time_scale=a.time_scale)
-    model = build_model(cfg)
+    model = build_model(cfg, seed=a.seed)
     if a.init:
         init_from_velocity(model, checkpoint.load(a.init))
     if a.split:
@@ -291,8 +329,9 @@ def cmd_meanflow(a) -> int:
         obj = MeanFlow(model, time_dist=a.time_dist, ratio=a.ratio, adaptive_p=a.adaptive_p)
     method = obj.name
     res = train(obj, ds, steps=a.steps, out=a.out, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-                ema_decay=a.ema, seed=a.seed, ckpt_every=a.ckpt_every, device=a.device, progress=not a.quiet,
-                extra_config={"data_source": a.data, "straighten": {"method": method}})
+                ema_decay=a.ema, seed=a.seed, ckpt_every=a.ckpt_every, device=str(flags.device(a)),
+                progress=not a.quiet, desc="meanflow", allow_recipe_change=a.allow_recipe_change,
+                extra_config={"data_source": a.data, "data_split": "train", "straighten": {"method": method}})
     ref, ref_name = _reference(a.data, a.n_eval, None)
     rows = eval_onestep(res.model, ref, EVAL_NFES, n=a.n_eval, seed=a.seed, mean=True, extractor=a.extractor)
     lines = [f"{'SplitMeanFlow' if a.split else 'MeanFlow'} on {a.data}: {cfg['name']}, {res.steps} steps, "
@@ -318,9 +357,11 @@ def register(sub) -> None:
 
     r = sub.add_parser("reflow", help="k-rectified flow: generate pairs from RUN, train the next flow, report straightness")
     r.add_argument("run", help="teacher run directory (the (k-1)-RF)")
-    r.add_argument("--pairs", type=int, default=8192, help="number of pairs (written to OUT/pairs)")
+    r.add_argument("--pairs", type=pair_count_or_dir, default=8192,
+                   help="a number of pairs to generate into OUT/pairs, or a pairs directory made from RUN by "
+                   "`straightflow pairs`")
     r.add_argument("--out", required=True, help="output run directory (resumes if it holds a state)")
-    _add_pair_args(r)
+    _add_pair_args(r, reuse=True)
     r.add_argument("--train-steps", type=int, default=2000)
     r.add_argument("--improved", action="store_true",
                    help="Lee et al. 2024: U-shaped times, pseudo-Huber + 1/t weighting, init from the teacher")
@@ -333,7 +374,8 @@ def register(sub) -> None:
     r.add_argument("--loss", default=None, help="override the loss")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--lr", type=float, default=1e-3)
-    flags.add_device(r)
+    r.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume OUT even though the recipe differs from the saved one")
     r.add_argument("--eval-n", type=int, default=1024, help="trajectories for the straightness report")
     r.add_argument("--eval-steps", type=int, default=16, help="Euler steps for the straightness report")
     r.set_defaults(fn=cmd_reflow)

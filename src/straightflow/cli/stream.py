@@ -1,7 +1,8 @@
 """``straightflow serve RUN`` (websocket server + page) and ``straightflow stream RUN`` (offline clip -> PNGs + latency report).
 
 ``RUN`` is a run directory of a trained image flow, or ``default`` for the cached
-class-conditional digits UNet (trained once on first use, see :func:`straightflow.stream.default_run`).
+class-conditional UNet on moving shapes (32x32, trained once on first use with a message and a
+progress bar, then reused; see :func:`straightflow.stream.default_run`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from . import flags
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory of a trained image flow, or 'default' (cached digits UNet)")
+    p.add_argument("run", help="run directory of a trained image flow, or 'default' (the cached 32x32 shapes UNet, "
+                   "trained on first use)")
     p.add_argument("--n-steps", type=int, default=2, help="Euler steps per frame (= Stream Batch rows)")
     p.add_argument("--strength", type=float, default=0.5, help="img2img strength: frames are noised to t = 1 - strength")
     p.add_argument("--rcfg", default="self", help=f"residual CFG: {', '.join(RCFG_MODES)}")
@@ -31,6 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--motion", type=flags.float_pair, default=None, metavar="S_MIN,S_MAX",
                    help="motion-aware strength in [S_MIN, S_MAX] (StreamDiffusionV2) instead of --strength")
     flags.add_seed(p)
+    flags.add_device(p)
+    flags.add_quiet(p)
 
 
 def register(sub) -> None:
@@ -42,6 +46,9 @@ def register(sub) -> None:
     s.add_argument("--rate", type=float, default=120.0, help="messages per second per client (token bucket)")
     s.add_argument("--burst", type=int, default=30)
     s.add_argument("--max-clients", type=int, default=16)
+    s.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="also accept websockets from pages at ORIGIN (e.g. http://example.org:8000; '*' for any); "
+                   "by default only the page's own origin (and clients sending no Origin) may connect")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
 
@@ -63,13 +70,21 @@ def _check(a) -> None:
         raise ValueError(f"--strength must be in (0, 1], got {a.strength}")
 
 
+def _model(a):
+    return load_stream_model(a.run, device=flags.device(a), progress=not a.quiet, log=_say)
+
+
+def _say(msg: str) -> None:
+    print(f"[stream] {msg}", flush=True)
+
+
 def cmd_serve(a) -> int:
     _check(a)
-    model = load_stream_model(a.run)
+    model = _model(a)
     cfg = ServerConfig(n_steps=a.n_steps, strength=a.strength, rcfg=a.rcfg, guidance=a.guidance, delta=a.delta,
                        label=a.label, filter_threshold=a.filter, max_skip=a.max_skip, motion=a.motion,
                        max_message_bytes=1024 * a.max_message_kb, rate=a.rate, burst=a.burst,
-                       max_clients=a.max_clients, seed=a.seed)
+                       max_clients=a.max_clients, seed=a.seed, allowed_origins=a.allow_origin)
     print(f"straightflow serve: http://{a.host}:{a.port}/  (websocket /ws, stats /stats); torch threads "
           f"{torch.get_num_threads()}", flush=True)
     serve(model, cfg, host=a.host, port=a.port, log_level=a.log_level)
@@ -78,7 +93,7 @@ def cmd_serve(a) -> int:
 
 def cmd_stream(a) -> int:
     _check(a)
-    model = load_stream_model(a.run)
+    model = _model(a)
     c, h, w = model.sample_shape
     clip = load_clip(a.clip, h, c, n_frames=a.frames, seed=a.seed)
     summ = run_stream(model, clip, a.out, n_steps=a.n_steps, strength=a.strength, rcfg=a.rcfg, guidance=a.guidance,

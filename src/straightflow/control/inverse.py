@@ -85,8 +85,16 @@ def peak_memory(fn: Callable[[], Any], device: Optional[torch.device] = None) ->
         return out, int(torch.cuda.max_memory_allocated(device) - base)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from ..system import native_output_silenced
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with native_output_silenced():  # the profiler's start/stop lines from C++ would land in the user's output
+        prof.__enter__()
+    try:
         out = fn()
+    finally:
+        with native_output_silenced():
+            prof.__exit__(None, None, None)
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     cur = peak = 0
     for e in events:
@@ -275,20 +283,21 @@ class PMRF:
         return z + net(z, torch.zeros(z.shape[0], dtype=z.dtype, device=z.device))
 
     def fit(self, x_train: Tensor, pm_steps: int = 400, flow_steps: int = 800, batch_size: int = 128,
-            lr: float = 2e-3, seed: int = 0, progress: bool = False, out: Optional[str] = None) -> "PMRF":
-        """Train both stages on clean images ``x_train`` (measurements are simulated on the fly)."""
+            lr: float = 2e-3, seed: int = 0, progress: bool = False, out: Optional[str] = None,
+            device: str = "cpu") -> "PMRF":
+        """Train both stages on clean images ``x_train`` (measurements are simulated on the fly) on ``device``."""
         from ..train import train
 
         t0 = time.perf_counter()
         kw = dict(batch_size=batch_size, lr=lr, warmup=50, ema_decay=0.995, seed=seed, progress=progress,
-                  ckpt_every=10**9, lr_schedule="cosine")
+                  ckpt_every=10**9, lr_schedule="cosine", device=str(device))
         pm = train(_PosteriorMeanObjective(self.predictor, self.op, self.sigma_y), x_train, pm_steps,
-                   out=None if out is None else f"{out}/predictor", **kw)
+                   out=None if out is None else f"{out}/predictor", desc="pmrf predictor", **kw)
         self.predictor = pm.model.eval()
         for p in self.predictor.parameters():
             p.requires_grad_(False)
         fl = train(_PMRFFlowObjective(self.flow_model, self.predictor, self.op, self.sigma_y, self.sigma_s), x_train,
-                   flow_steps, out=None if out is None else f"{out}/flow", **kw)
+                   flow_steps, out=None if out is None else f"{out}/flow", desc="pmrf flow", **kw)
         self.flow_model = fl.model.eval()
         for p in self.flow_model.parameters():
             p.requires_grad_(False)

@@ -64,6 +64,8 @@ class ClassLogProb(Reward):
                 raise ValueError(f"class reward needs images (B, 1, H, W) or (B, H*W), got {tuple(x.shape)}")
             x = x.reshape(-1, 1, side, side)
         p = next(self.classifier.parameters(), None)
+        if p is not None and p.device != x.device:  # follow the samples (a model on --device cuda)
+            self.classifier = self.classifier.to(x.device)
         if p is not None and x.dtype != p.dtype:
             x = x.to(p.dtype)
         return self.classifier(x)

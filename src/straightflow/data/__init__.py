@@ -10,6 +10,12 @@ deterministic. Nothing here downloads anything and nothing loads a pickle.
 - Loaders: :func:`load_array` (.npz/.npy), :func:`load_idx` (MNIST IDX, raw or gzip),
   :func:`load_image_folder` (flat or class subfolders), :func:`mnist` (the shared test split).
 - :func:`load_dataset` resolves a registered name or a path; :func:`available` lists the names.
+- Held-out data (``split="train"`` / ``"test"``): a generated set (2D toys, shapes) draws its test
+  samples from a disjoint seed (``seed + GENERATED_TEST_SEED_OFFSET``); a fixed set (digits, MNIST,
+  files, image folders) holds out ``HELD_OUT_FRACTION`` of its items by a permutation with the fixed
+  seed ``HELD_OUT_SEED`` (the same split whatever a run's seed), and sets smaller than
+  ``MIN_SPLIT_SIZE`` are not split (``"train"`` is all of it, ``"test"`` is refused).
+  ``straightflow train`` trains on ``"train"`` and ``straightflow eval`` scores on ``"test"``.
 
 Modules: :mod:`.dataset` (``Dataset``, ``DataError``, shared checks), :mod:`.toys` (2D toys),
 :mod:`.images` (digits, shapes, MNIST, flips), :mod:`.files` (.npz/.npy, IDX, image folders).
@@ -60,6 +66,10 @@ __all__ = [
     "available",
     "random_hflip",
     "FLIP_SAFE",
+    "SPLITS",
+    "HELD_OUT_FRACTION",
+    "is_generated",
+    "held_out_size",
 ]
 
 
@@ -75,7 +85,8 @@ def _resize(ds: Dataset, resolution: Optional[int]) -> Dataset:
     if resolution is None:
         return ds
     if not ds.is_image:
-        raise DataError(f"{ds.name}: resolution= applies to image data sets only; this one has shape {ds.shape}")
+        raise DataError(f"{ds.name}: a resolution (resolution=, --resolution) applies to image data only; this data has "
+                        f"samples of shape {ds.shape}")
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise DataError(f"resolution must be a positive int, got {resolution!r}")
     if ds.shape[1:] == (resolution, resolution):
@@ -95,7 +106,8 @@ def _finish(ds: Dataset, n: Optional[int], seed: int, resolution: Optional[int])
 def _register_toy(name: str) -> None:
     def make(n: Optional[int], seed: int, resolution: Optional[int]) -> Dataset:
         if resolution is not None:
-            raise DataError(f"{name}: resolution= applies to image data sets only; {name} is a 2D toy")
+            raise DataError(f"{name}: a resolution (resolution=, --resolution) applies to image data only; {name} is a "
+                            "2D toy")
         return Dataset(toy_2d(name, TOY_DEFAULT_N if n is None else n, seed=seed), name=name)
 
     DATASETS.register(name)(make)
@@ -129,17 +141,60 @@ _FILE_TYPES = ".npz / .npy arrays, MNIST IDX files (raw or .gz), or a folder of 
     ", ".join(IMAGE_EXTENSIONS) + ")"
 
 
+SPLITS = ("all", "train", "test")
+HELD_OUT_FRACTION = 0.2
+HELD_OUT_SEED = 0
+MIN_SPLIT_SIZE = 10
+GENERATED_TEST_SEED_OFFSET = 1_000_000_007
+_GENERATED = {"shapes", "shapes32"}
+
+
+def is_generated(spec: Union[str, PathLike]) -> bool:
+    """True for the data sets drawn fresh from a seed (2D toys, shapes): unlimited held-out data."""
+    return isinstance(spec, str) and (spec in _GENERATED or spec in TOYS)
+
+
+def held_out_size(n: int) -> int:
+    """Items a fixed data set of ``n`` items holds out for ``split="test"`` (0 below ``MIN_SPLIT_SIZE``)."""
+    return 0 if n < MIN_SPLIT_SIZE else max(1, int(round(HELD_OUT_FRACTION * n)))
+
+
+def _split(ds: Dataset, split: str) -> Dataset:
+    k = held_out_size(len(ds))
+    if k == 0:
+        if split == "test":
+            raise DataError(f"{ds.name} has {len(ds)} items, too few to hold any out (a split needs at least "
+                            f"{MIN_SPLIT_SIZE}); it can only be used whole")
+        return ds
+    train, test = ds.split(k, HELD_OUT_SEED)
+    if split == "train":
+        train.name = ds.name
+        return train
+    test.name = f"{ds.name}[test]"
+    return test
+
+
 def load_dataset(spec: Union[str, PathLike], n: Optional[int] = None, seed: int = 0,
-                 resolution: Optional[int] = None) -> Dataset:
+                 resolution: Optional[int] = None, split: str = "all") -> Dataset:
     """A registered name (``available()``) or a path (.npz/.npy, IDX or .gz, image folder).
 
     ``n``: sample count for generated sets (toys default 20000, shapes 10000), else a random
     subset of that size; ``resolution``: image size (shapes render at it, others are resized).
+    ``split``: ``"all"``, ``"train"`` or ``"test"`` (held-out data; see the module docstring).
     """
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if isinstance(spec, str) and spec not in DATASETS and spec in TOYS:
         spec = TOYS.canonical(spec)  # toy aliases ("two_moons", ...)
     if isinstance(spec, str) and spec in DATASETS:
-        return DATASETS.get(spec)(n, seed, resolution)
+        if is_generated(spec):
+            ds = DATASETS.get(spec)(n, seed + (GENERATED_TEST_SEED_OFFSET if split == "test" else 0), resolution)
+            if split == "test":
+                ds.name = f"{ds.name}[test]"
+            return ds
+        if split == "all":
+            return DATASETS.get(spec)(n, seed, resolution)
+        return _finish(_split(DATASETS.get(spec)(None, seed, resolution), split), n, seed, None)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"data set must be a name or a path, got {type(spec).__name__}")
     p = Path(spec)
@@ -154,14 +209,13 @@ def load_dataset(spec: Union[str, PathLike], n: Optional[int] = None, seed: int 
     suffix = p.suffix.lower()
     if p.is_dir():
         ds = load_image_folder(p, resolution=resolution)
-        return _finish(ds, n, seed, None)
-    if suffix in (".npz", ".npy"):
-        ds = load_array(p)
+    elif suffix in (".npz", ".npy"):
+        ds = _resize(load_array(p), resolution)
     elif suffix == ".gz" or "idx" in p.name.lower() or suffix.startswith(".idx"):
-        ds = load_idx(p)
+        ds = _resize(load_idx(p), resolution)
     else:
         raise DataError(f"{p}: unrecognised file type {suffix or '(none)'!r}; accepted: {_FILE_TYPES}")
-    return _finish(ds, n, seed, resolution)
+    return _finish(ds if split == "all" else _split(ds, split), n, seed, None)
 
 
 def available() -> List[str]:

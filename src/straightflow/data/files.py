@@ -277,7 +277,7 @@ def load_image_folder(root: PathLike, resolution: Optional[Union[int, Tuple[int,
         if len(sizes) > 1:
             shown = "; ".join(f"{w}x{h} (e.g. {p.name})" for (w, h), p in list(sizes.items())[:4])
             raise DataError(
-                f"{root}: images have different sizes ({shown}); pass resolution= to resize them"
+                f"{root}: images have different sizes ({shown}); resize them to one size with resolution= (--resolution N on the command line)"
             )
     out = []
     for im in imgs:

@@ -13,10 +13,12 @@ and the updates stay in the input dtype (float32): the velocity is cast back bef
 state, so rounding errors do not accumulate across steps (the safe split: network in bf16,
 integrator in fp32).
 
-:func:`sample_to_files` draws ``n`` samples in batches (a tqdm bar), writes one PNG per image and a
-``samples.npz`` (``x`` float32 in [-1, 1], ``y`` labels), all atomically; finished batches are kept
-under ``.parts/`` so an interrupted run resumes where it stopped, with identical images (batch
-``k`` uses seed ``seed + k``).
+:func:`sample_to_files` draws ``n`` samples in batches (a tqdm bar) with any registered solver,
+writes one PNG per image and a ``samples.npz`` (``x`` float32 in [-1, 1], ``y`` labels), all
+atomically; finished batches are kept under ``.parts/`` so an interrupted run resumes where it
+stopped, with identical images (batch ``k`` uses seed ``seed + k``). Its settings are recorded in
+``generation.json`` first, and a directory made with other settings is refused, so a resumed
+generation never mixes images of two settings.
 
 :func:`shift_for` gives the resolution-dependent time shift of SD3 (Esser et al. 2024):
 ``shift = sqrt(pixels / base_pixels)``, applied as ``sigma' = s sigma / (1 + (s - 1) sigma)`` with
@@ -45,7 +47,7 @@ from ..solvers.rk import EULER, HEUN, MIDPOINT, Tableau, rk_step
 from ..time import resolution_shift
 
 __all__ = ["FAST_SAMPLERS", "FAST_SOLVERS", "FastSampler", "available", "fast_solve", "fast_sample",
-           "compile_model", "sample_to_files", "shift_for", "shifted_grid_for", "can_compile"]
+           "compile_model", "sample_to_files", "shift_for", "shifted_grid_for", "can_compile", "GENERATION_FILE"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,14 @@ def _to_uint8(x: Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+GENERATION_FILE = "generation.json"
+
+
+def _settings_diff(have: Dict[str, Any], want: Dict[str, Any]) -> List[str]:
+    return [f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)]
+
+
 def sample_to_files(
     model: Any,
     n: int,
@@ -217,17 +227,31 @@ def sample_to_files(
 
     ``model``: a pixel velocity model (with ``sample_shape``) or a
     :class:`~straightflow.images.latent.LatentFlow` (sampled in latent space, decoded per batch).
-    Class-conditional models get ``label`` or, by default, labels cycling ``0..K-1``. Resumable
-    (see the module docstring). Returns a summary: files, NFE per sample, seconds, images/s.
+    ``solver``: any registered solver (``straightflow.solvers.available()``); euler, midpoint and
+    heun run in the sync-free loop (:func:`fast_sample`), the others through
+    :func:`straightflow.sample`. Class-conditional models get ``label`` or, by default, labels
+    cycling ``0..K-1``. Resumable (see the module docstring): the settings (and the model's weights
+    fingerprint) are written to ``out_dir/generation.json`` before the first batch, and an
+    ``out_dir`` holding a generation with other settings is refused before any work, so a
+    directory never mixes images of two settings. Returns a summary: files, NFE per sample,
+    seconds, images/s.
     """
     from tqdm.auto import tqdm
 
+    from ..io import load_json, save_json
+    from ..solvers import get_solver, sample as sf_sample
+    from ..straighten.pairs import teacher_fingerprint
     from .latent import LatentFlow
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+    spec = get_solver(solver)  # any registered solver; UnknownNameError lists them
+    fast = spec.name in FAST_SOLVERS
+    if (compile or bf16) and not fast:
+        raise ValueError(f"--compile/--bf16 use the sync-free loop, which runs {', '.join(available())}; "
+                         f"got solver {spec.name!r}")
     latent = isinstance(model, LatentFlow)
     net = model.model if latent else model
     shape = tuple(model.latent_shape if latent else getattr(model, "sample_shape", ()))
@@ -236,20 +260,34 @@ def sample_to_files(
     k = getattr(net, "num_classes", None)
     if label is not None and (not k or not 0 <= int(label) < k):
         raise ValueError(f"label {label} needs a class-conditional model with 0 <= label < num_classes ({k})")
+    path = (getattr(net, "run_config", None) or {}).get("flow", {}).get("path", "linear")
+    out = Path(out_dir)
+    settings = {"n": n, "batch": batch, "solver": spec.name, "steps": steps, "grid": grid,
+                "grid_options": grid_options or {}, "label": label, "seed": int(seed), "bf16": bool(bf16),
+                "space": "latent" if latent else "pixel", "png": bool(png),
+                "model": teacher_fingerprint(net)["sha256"]}
+    if (out / GENERATION_FILE).is_file():
+        have = load_json(out / GENERATION_FILE)
+        diff = _settings_diff(have, settings)
+        if diff:
+            raise ValueError(f"{out} holds a generation with other settings ({'; '.join(diff)}); rerun with the "
+                             "same settings to resume or redo it, or write to another --out")
+    elif out.is_dir() and any(out.glob("*.png")) or (out / "samples.npz").is_file():
+        raise ValueError(f"{out} already holds images not made by this generation; use an empty or new --out")
     dev = torch.device(device)
     if latent:
         model.to(dev)
     else:
         net.to(dev)
     run_net = compile_model(net) if compile else net
-    out = Path(out_dir)
     parts = out / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
+    save_json(out / GENERATION_FILE, settings)
     n_batches = (n + batch - 1) // batch
-    nfe = FAST_SOLVERS.get(solver, 0) * steps
+    nfe = spec.nfe(steps) if not spec.adaptive else None
     t_start = time.perf_counter()
     sampled = 0
-    bar = tqdm(total=n, disable=not progress, unit="img", desc="sample", dynamic_ncols=True)
+    bar = tqdm(total=n, disable=not progress, unit="img", desc="generate", dynamic_ncols=True)
     try:
         for b in range(n_batches):
             lo, hi = b * batch, min(n, (b + 1) * batch)
@@ -263,8 +301,14 @@ def sample_to_files(
             if k:
                 y = torch.full((hi - lo,), int(label)) if label is not None else torch.arange(lo, hi) % k
                 cond = {"y": y.to(dev)}
-            r = fast_sample(run_net, noise.to(dev), solver=solver, steps=steps, grid=grid, cond=cond, bf16=bf16,
-                            grid_options=grid_options)
+            if fast:
+                r = fast_sample(run_net, noise.to(dev), solver=spec.name, steps=steps, grid=grid, cond=cond,
+                                bf16=bf16, grid_options=grid_options)
+            else:
+                with torch.no_grad():
+                    r = sf_sample(run_net, noise.to(dev), solver=spec.name, steps=steps, grid=grid, cond=cond or None,
+                                  grid_options=grid_options, path=path, seed=int(seed) + b)
+            nfe = r.nfe
             x = model.decode(r.x) if latent else r.x.clamp(-1, 1)
             x = x.float().cpu()
             if png:
@@ -291,6 +335,6 @@ def sample_to_files(
     atomic_write_bytes(out / "samples.npz", _npz_bytes(**final))
     shutil.rmtree(parts, ignore_errors=True)
     return {"out_dir": str(out), "n": n, "npz": str(out / "samples.npz"), "pngs": n if png else 0, "nfe": nfe,
-            "solver": solver, "steps": steps, "seconds": seconds, "sampled_now": sampled,
-            "images_per_s": sampled / seconds if seconds > 0 and sampled else float("nan"),
-            "space": "latent" if latent else "pixel"}
+            "solver": spec.name, "steps": steps, "seed": int(seed), "label": label, "seconds": seconds,
+            "sampled_now": sampled, "images_per_s": sampled / seconds if seconds > 0 and sampled else float("nan"),
+            "space": "latent" if latent else "pixel", "settings_file": str(out / GENERATION_FILE)}

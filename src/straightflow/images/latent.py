@@ -21,6 +21,7 @@ Run directory written by :func:`train_latent_flow`::
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +49,19 @@ PathLike = Union[str, Path]
 
 
 def _as_dataset(data: Union[str, Path, Dataset, Tensor], n: Optional[int] = None, seed: int = 0) -> Dataset:
+    """A Dataset as given, or a named set / file loaded on its training split (the rest is held out)."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, Tensor):
         return Dataset(data, name="tensor")
-    return load_dataset(data, n=n, seed=seed)
+    return load_dataset(data, n=n, seed=seed, split="train")
+
+
+def _source(data: Any, ds: Dataset) -> Dict[str, Any]:
+    """``data_source`` (and ``data_split`` for a named set or file) for a run's config."""
+    if isinstance(data, (str, os.PathLike)):
+        return {"data_source": str(data), "data_split": "train"}
+    return {"data_source": ds.name}
 
 
 def _check_images(ds: Dataset) -> None:
@@ -140,6 +149,7 @@ def train_autoencoder(
     device: str = "cpu",
     progress: bool = True,
     n: Optional[int] = None,
+    allow_recipe_change: bool = False,
 ) -> Tuple[Autoencoder, TrainResult]:
     """Train an autoencoder on images and fit its latent normalisation; returns ``(ae, result)``.
 
@@ -151,13 +161,13 @@ def train_autoencoder(
     ds = _as_dataset(data, n=n, seed=seed)
     _check_images(ds)
     c, r, _ = ds.shape
-    ae = Autoencoder(in_channels=c, resolution=r, base_channels=base_channels,
-                     channel_mults=channel_mults or _auto_mults(r), num_res_blocks=num_res_blocks,
-                     latent_channels=latent_channels, latent_penalty=latent_penalty)
+    ae = build_model({"name": "autoencoder", "in_channels": c, "resolution": r, "base_channels": base_channels,
+                      "channel_mults": list(channel_mults or _auto_mults(r)), "num_res_blocks": num_res_blocks,
+                      "latent_channels": latent_channels, "latent_penalty": latent_penalty}, seed=seed)
     obj = AutoencoderObjective(ae, hflip=hflip)
     res = train(obj, ds.x, steps, out=out, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
                 grad_clip=grad_clip, seed=seed, ckpt_every=ckpt_every, device=device, progress=progress,
-                extra_config={"data_source": ds.name})
+                extra_config=_source(data, ds), desc="autoencoder", allow_recipe_change=allow_recipe_change)
     trained = res.model.eval()
     x = ds.x.to(next(trained.parameters()).device)
     trained.fit_latent_stats(x)
@@ -328,6 +338,7 @@ def train_latent_flow(
     device: str = "cpu",
     progress: bool = True,
     n: Optional[int] = None,
+    allow_recipe_change: bool = False,
 ) -> LatentTrainResult:
     """Train the autoencoder (``ae_steps``), encode the data, train a latent flow (``flow_steps``).
 
@@ -340,7 +351,8 @@ def train_latent_flow(
     out_p = None if out is None else Path(out)
     t0 = time.perf_counter()
     ae, ae_res = train_autoencoder(ds, None if out_p is None else out_p / AE_DIR, ae_steps, hflip=hflip, seed=seed,
-                                   ckpt_every=ckpt_every, device=device, progress=progress, **(ae_kwargs or {}))
+                                   ckpt_every=ckpt_every, device=device, progress=progress,
+                                   allow_recipe_change=allow_recipe_change, **(ae_kwargs or {}))
     t1 = time.perf_counter()
     lat = encode_dataset(ae, ds, hflip=hflip)
     num_classes = ds.num_classes if (conditional and ds.y is not None) else None
@@ -348,16 +360,17 @@ def train_latent_flow(
         lat = Dataset(lat.x, name=lat.name)
     cfg = dict(model) if isinstance(model, dict) else default_latent_model(ae.latent_shape, num_classes, model,
                                                                           width=width, depth=depth)
-    net = build_model(cfg)
+    net = build_model(cfg, seed=seed)
     if cond_dropout is None:
         cond_dropout = 0.1 if num_classes else 0.0
     flow = Flow(net, time_dist=time_dist, cond_dropout=cond_dropout)
     t2 = time.perf_counter()
     extra = {"latent": {"autoencoder": AE_DIR, "pixel_shape": list(ds.shape), "latent_shape": list(ae.latent_shape),
                         "hflip": bool(hflip), "autoencoder_recon": getattr(ae, "recon", {})},
-             "data_source": ds.name}
+             **_source(data, ds)}
     res = train(flow, lat, flow_steps, out=out_p, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
-                seed=seed, ckpt_every=ckpt_every, device=device, progress=progress, extra_config=extra)
+                seed=seed, ckpt_every=ckpt_every, device=device, progress=progress, extra_config=extra,
+                desc="latent flow", allow_recipe_change=allow_recipe_change)
     t3 = time.perf_counter()
     res.model.run_config = extra
     lf = LatentFlow(res.model, ae).eval()

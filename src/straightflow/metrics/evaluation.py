@@ -101,9 +101,15 @@ def evaluate(
     metric: str = "w2",
     seed: int = 0,
     extractor: Union[str, nn.Module] = "digits",
+    floor_data: Optional[ArrayLike] = None,
     **kwargs: Any,
 ) -> MetricReport:
     """A distribution metric between ``samples`` and held-out ``data``, with its floor.
+
+    With ``floor_data`` (other real data, e.g. the training split of a fixed data set whose
+    held-out part is ``data``): ``m = min(len(samples), len(data), len(floor_data))``, value =
+    metric(samples[:m], data[:m]) and floor = metric(floor_data[:m], data[:m]) (each taken in a
+    seeded random order), so the whole held-out set is the reference. Otherwise:
 
     ``data`` (a held-out reference set, at least 4 points) is shuffled with ``seed`` and cut
     into two disjoint halves. With ``m = min(len(samples), len(data) // 2)``:
@@ -127,6 +133,22 @@ def evaluate(
     d = torch.as_tensor(data) if not isinstance(data, np.ndarray) else torch.from_numpy(data)
     if s.shape[1:] != d.shape[1:]:
         raise ValueError(f"samples {tuple(s.shape)} and data {tuple(d.shape)} differ in shape")
+    extra = dict(kwargs)
+    if spec.name == "fd":
+        extra["extractor"] = extractor
+    if floor_data is not None:
+        f = torch.as_tensor(floor_data) if not isinstance(floor_data, np.ndarray) else torch.from_numpy(floor_data)
+        if f.shape[1:] != d.shape[1:]:
+            raise ValueError(f"floor_data {tuple(f.shape)} and data {tuple(d.shape)} differ in shape")
+        m = min(s.shape[0], d.shape[0], f.shape[0])
+        if m < 2:
+            raise ValueError(f"evaluate needs >= 2 samples, reference and floor points, got {s.shape[0]}, "
+                             f"{d.shape[0]} and {f.shape[0]}")
+        g = torch.Generator().manual_seed(seed)
+        a = d[torch.randperm(d.shape[0], generator=g)[:m]]
+        b = f[torch.randperm(f.shape[0], generator=g)[:m]]
+        s = s[torch.randperm(s.shape[0], generator=g)[:m]]
+        return MetricReport(spec.display, spec.fn(s, a, seed=seed, **extra), spec.fn(b, a, seed=seed, **extra), n=m)
     half = d.shape[0] // 2
     m = min(s.shape[0], half)
     if m < 2:
@@ -138,9 +160,6 @@ def evaluate(
     a, b = dp[:m], dp[half : half + m]
     if s.shape[0] > m:
         s = s[torch.randperm(s.shape[0], generator=g)[:m]]
-    extra = dict(kwargs)
-    if spec.name == "fd":
-        extra["extractor"] = extractor
     value = spec.fn(s, a, seed=seed, **extra)
     floor = spec.fn(a, b, seed=seed, **extra)
     return MetricReport(spec.display, value, floor, n=m)

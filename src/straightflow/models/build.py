@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
+import torch
 from torch import nn
 
 from ..registry import Registry
@@ -28,10 +29,12 @@ def available() -> List[str]:
     return MODELS.names()
 
 
-def build_model(config: Mapping[str, Any], **overrides: Any) -> nn.Module:
+def build_model(config: Mapping[str, Any], *, seed: Optional[int] = None, **overrides: Any) -> nn.Module:
     """Build a model from ``{"name": <registered name>, **kwargs}`` (e.g. ``model.config``).
 
-    Raises ``UnknownNameError`` (a ValueError listing valid names) for an unknown name and a
+    ``seed``: draw the initial weights from ``torch.manual_seed(seed)`` inside a forked RNG (the
+    global generator is left as it was), so a run's initialisation is a function of its seed; None
+    draws from the global generator. Raises ``UnknownNameError`` (a ValueError listing valid names) for an unknown name and a
     ValueError naming the offending and accepted arguments for bad kwargs.
     """
     if not isinstance(config, Mapping):
@@ -55,6 +58,10 @@ def build_model(config: Mapping[str, Any], **overrides: Any) -> nn.Module:
     if missing:
         raise ValueError(f"model {name!r}: missing required argument(s) {', '.join(missing)}")
     try:
-        return cls(**kwargs)
+        if seed is None:
+            return cls(**kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return cls(**kwargs)
     except TypeError as e:
         raise ValueError(f"model {name!r}: bad arguments {kwargs}: {e}") from e

@@ -46,12 +46,15 @@ def solve(
     check_finite: bool = True,
     generator: Optional[torch.Generator] = None,
     path: PathLike = "linear",
+    callback: Optional[Callable[[int, float, Tensor], None]] = None,
     **options,
 ) -> SampleResult:
     """Integrate ``dx/dt = model(x, t, **cond)`` along a validated grid (either direction).
 
     ``path`` is the affine path the model was trained on; solvers that need it (DPM-Solver++,
-    UniPC, SDE samplers) convert the velocity to data/noise predictions with it.
+    UniPC, SDE samplers) convert the velocity to data/noise predictions with it. ``callback(i, t,
+    x)`` sees the state after every step (e.g. a progress bar for a long solve); ``sample`` and
+    ``invert`` pass it through.
     """
     spec = SOLVERS.get(solver)
     g = validate_grid(grid)
@@ -63,6 +66,8 @@ def solve(
     ts = g.tolist()
     traj = [x] if return_trajectory else None
     cb = (lambda i, t, xi: traj.append(xi)) if return_trajectory else None
+    if callback is not None:
+        cb = callback if cb is None else (lambda i, t, xi, _a=cb, _b=callback: (_a(i, t, xi), _b(i, t, xi)))
     if spec.stochastic:
         options.setdefault("generator", generator)
     if spec.needs_path:

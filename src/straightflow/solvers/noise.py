@@ -23,14 +23,20 @@ def initial_noise(noise_or_shape: Union[Tensor, Sequence[int]], seed: Optional[i
     not used). A shape is drawn as ``torch.randn(shape, generator=g, dtype=dtype)`` on ``g``'s
     device, where ``g`` is ``generator`` or else a new CPU generator seeded with ``seed`` (0 when
     None); ``g`` is returned so that callers can go on drawing from it (labels, later noise).
-    Either is then moved to ``device`` when it is given.
+    Either is then moved to ``device`` when it is given. An empty batch (or a shape with a
+    dimension below 1) is a ValueError.
     """
     if torch.is_tensor(noise_or_shape):
         if not noise_or_shape.is_floating_point():
             raise TypeError(f"noise must be a floating-point tensor, got {noise_or_shape.dtype}")
+        if noise_or_shape.ndim < 1 or noise_or_shape.shape[0] < 1:
+            raise ValueError(f"noise of shape {tuple(noise_or_shape.shape)} holds no samples; "
+                             "pass a batch of at least one")
         x = noise_or_shape
     else:
         shape = tuple(int(s) for s in noise_or_shape)
+        if not shape or min(shape) < 1:
+            raise ValueError(f"noise shape {shape}: need at least one sample and every dimension >= 1")
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         x = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)

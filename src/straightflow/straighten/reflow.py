@@ -186,9 +186,7 @@ def _init_model(teacher: Any, init: Any, seed: int) -> nn.Module:
     if isinstance(init, nn.Module):
         model = init
     elif isinstance(init, dict):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_model(init)
+        model = build_model(init, seed=seed)
     elif init == "teacher":
         if not isinstance(teacher, nn.Module):
             raise ValueError(f"init='teacher' needs an nn.Module teacher, got {type(teacher).__name__}; "
@@ -199,9 +197,7 @@ def _init_model(teacher: Any, init: Any, seed: int) -> nn.Module:
         if not isinstance(cfg, dict) or "name" not in cfg:
             raise ValueError("init='scratch' rebuilds the teacher's architecture from teacher.config; this teacher has "
                              "none: pass init=<model config dict> or init=<nn.Module>")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_model(cfg)
+        model = build_model(cfg, seed=seed)
     else:
         raise ValueError(f"init must be 'teacher', 'scratch', an nn.Module or a model config dict, got {init!r}")
     for p in model.parameters():

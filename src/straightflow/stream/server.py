@@ -16,6 +16,17 @@ Websocket protocol (JSON text messages; binary messages are accepted if they hol
   per generated frame, and ``{"type": "error", "error": "..."}`` for a bad message (the
   connection stays open).
 
+Any message the server cannot use, whatever is wrong with it (not JSON, nested too deeply, a
+shape of ``[Infinity, 8, 8]``, a label of ``true``, ...), gets an ``error`` message naming what was
+wrong and what is accepted, and the connection stays open.
+
+Origins: a browser page on another site must not drive the socket. By default (``allowed_origins``
+None) a websocket whose ``Origin`` header is present is accepted only from the page's own origin
+(the same scheme-less host and port as the request's ``Host``); ``allowed_origins`` lists other
+origins to accept (``"*"``: any). Clients that send no ``Origin`` (scripts, the benchmarks) are
+accepted: the check guards browsers, which always send one. A refused socket is closed with code
+1008 (policy violation) before it is accepted.
+
 Limits: messages over ``max_message_bytes`` get an error (uvicorn closes the connection above 4x
 that), images over ``max_image_side`` pixels a side are refused before decoding, each client may
 send ``rate`` messages/s (token bucket of ``burst``; excess frames are dropped and counted, with
@@ -78,6 +89,7 @@ class ServerConfig:
     max_clients: int = 16
     flush_after_s: float = 0.5                   # drain a client's in-flight frames after this idle time
     seed: int = 0
+    allowed_origins: Optional[List[str]] = None  # None: the page's own origin only; ["*"]: any
 
 
 class FrameError(ValueError):
@@ -126,8 +138,8 @@ def decode_frame(msg: Dict[str, Any], shape: tuple, max_image_side: int = 1024) 
         return t
     if "data" in msg:
         data, shp = msg.get("data"), msg.get("shape")
-        if not isinstance(shp, list) or [int(v) if isinstance(v, (int, float)) else None for v in shp] != [c, h, w]:
-            raise FrameError(f"'shape' must be [{c}, {h}, {w}] (the model's shape), got {shp!r}")
+        if not isinstance(shp, list) or [_int_or_none(v) for v in shp] != [c, h, w]:
+            raise FrameError(f"'shape' must be [{c}, {h}, {w}] (the model's shape), got {_short(shp)}")
         if not isinstance(data, list) or len(data) != c * h * w:
             raise FrameError(f"'data' must be a flat list of {c * h * w} numbers")
         try:
@@ -138,6 +150,50 @@ def decode_frame(msg: Dict[str, Any], shape: tuple, max_image_side: int = 1024) 
             raise FrameError("'data' holds NaN or Inf")
         return t.clamp(-1, 1).view(c, h, w)
     raise FrameError("a frame needs 'image' (base64 PNG) or 'data' + 'shape'")
+
+
+def _int_or_none(v: Any) -> Optional[int]:
+    """``v`` as an int when it is a whole, finite number (never a bool, NaN or Infinity), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    return None
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError, RecursionError):
+        text = type(v).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def origin_allowed(origin: Optional[str], host: Optional[str], allowed: Optional[List[str]]) -> bool:
+    """Whether a websocket from a page at ``origin`` may connect to a server reached as ``host``.
+
+    No ``Origin`` (a script, not a browser): yes. ``allowed`` None: only the server's own origin
+    (``http(s)://<host>``). Otherwise ``origin`` must be listed (``"*"`` accepts any)."""
+    if origin is None:
+        return True
+    if allowed is not None and ("*" in allowed or origin.rstrip("/") in [o.rstrip("/") for o in allowed]):
+        return True
+    if allowed is None and host:
+        return origin.rstrip("/") in (f"http://{host}", f"https://{host}")
+    return False
+
+
+def _echo(v: Any) -> Any:
+    """A client's ``id``/``ts`` as it may be echoed back: a finite number, a short string, or None."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return v
+    if isinstance(v, str) and len(v) <= 128:
+        return v
+    raise FrameError("'id' and 'ts' must be finite numbers or short strings")
 
 
 class _Bucket:
@@ -332,7 +388,7 @@ class StreamEngine:
         lat = list(self.latencies)
         return {
             "clients_connected": len(sessions), "clients_total": tot["clients_total"],
-            "refused_clients": tot["refused_clients"],
+            "refused_clients": tot["refused_clients"], "refused_origin": tot["refused_origin"],
             "frames_in": tot["frames_in"], "frames_out": tot["frames_out"],
             "dropped_stale": tot["dropped_stale"] + agg["dropped_stale"],
             "dropped_out": tot["dropped_out"] + agg["dropped_out"],
@@ -382,6 +438,10 @@ def create_app(model: Any, cfg: Optional[ServerConfig] = None):
 
     @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket) -> None:
+        if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), cfg.allowed_origins):
+            engine.totals["refused_origin"] += 1
+            await ws.close(code=1008)  # before accept: the handshake is refused (HTTP 403)
+            return
         await ws.accept()
         loop = asyncio.get_running_loop()
         s = engine.open(loop)
@@ -415,6 +475,55 @@ def create_app(model: Any, cfg: Optional[ServerConfig] = None):
         await send({"type": "hello", "client": s.id, "shape": [c, h, w], "n_steps": cfg.n_steps, "rcfg": cfg.rcfg,
                     "strength": cfg.strength, "label": cfg.label, "num_classes": getattr(model, "num_classes", None),
                     "max_message_bytes": cfg.max_message_bytes, "rate": cfg.rate})
+
+        async def handle(raw) -> None:
+            """One message; FrameError (-> an error message) for anything unusable."""
+            try:
+                msg = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise FrameError(f"malformed message: not JSON ({e.__class__.__name__})")
+            except RecursionError:
+                raise FrameError("malformed message: JSON nested too deeply")
+            if not isinstance(msg, dict) or "type" not in msg:
+                raise FrameError("malformed message: expected a JSON object with a 'type' (frame, config, ping)")
+            kind = msg["type"]
+            if kind == "frame":
+                try:
+                    frame = decode_frame(msg, engine.shape, cfg.max_image_side)
+                    fid, ts = _echo(msg.get("id")), _echo(msg.get("ts"))
+                except FrameError as e:
+                    raise FrameError(f"bad frame: {e}")
+                item = {"frame": frame, "id": fid, "ts": ts if isinstance(ts, (int, float)) else None,
+                        "t_recv": time.perf_counter()}
+                engine.totals["frames_in"] += 1
+                s.last_input = time.monotonic()
+                s.in_q.put(item)  # latest-frame policy: a full queue drops its stalest frame (counted)
+                engine.wake()
+            elif kind == "config":
+                upd: Dict[str, Any] = {}
+                try:
+                    if "label" in msg:
+                        lab = msg["label"]
+                        nc = getattr(model, "num_classes", None)
+                        if not nc or _int_or_none(lab) is None or isinstance(lab, float) or not 0 <= lab < nc:
+                            raise FrameError(f"label must be an integer in [0, {nc}), got {_short(lab)}" if nc
+                                             else "this model has no classes")
+                        upd["label"] = lab
+                    if "strength" in msg:
+                        st = msg["strength"]
+                        if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0.0 < float(st) < 1.0:
+                            raise FrameError(f"strength must be a number in (0, 1), got {_short(st)}")
+                        upd["strength"] = float(st)
+                except FrameError as e:
+                    raise FrameError(f"bad config: {e}")
+                with s.lock:
+                    s.pending_config = {**(s.pending_config or {}), **upd}
+                await send({"type": "config", "ok": True, **upd})
+            elif kind == "ping":
+                await send({"type": "pong", "ts": _echo(msg.get("ts"))})
+            else:
+                raise FrameError(f"unknown message type {_short(kind)}; valid: frame, config, ping")
+
         task = asyncio.create_task(sender())
         try:
             while True:
@@ -437,51 +546,14 @@ def create_app(model: Any, cfg: Optional[ServerConfig] = None):
                     await error(f"message too large: {size} bytes > limit {cfg.max_message_bytes}")
                     continue
                 try:
-                    msg = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    await error(f"malformed message: not JSON ({e.__class__.__name__})")
-                    continue
-                if not isinstance(msg, dict) or "type" not in msg:
-                    await error("malformed message: expected a JSON object with a 'type' (frame, config, ping)")
-                    continue
-                kind = msg["type"]
-                if kind == "frame":
-                    try:
-                        frame = decode_frame(msg, engine.shape, cfg.max_image_side)
-                    except FrameError as e:
-                        await error(f"bad frame: {e}")
-                        continue
-                    ts = msg.get("ts")
-                    item = {"frame": frame, "id": msg.get("id"), "ts": ts if isinstance(ts, (int, float)) else None,
-                            "t_recv": time.perf_counter()}
-                    engine.totals["frames_in"] += 1
-                    s.last_input = time.monotonic()
-                    s.in_q.put(item)  # latest-frame policy: a full queue drops its stalest frame (counted)
-                    engine.wake()
-                elif kind == "config":
-                    upd: Dict[str, Any] = {}
-                    try:
-                        if "label" in msg:
-                            lab = msg["label"]
-                            nc = getattr(model, "num_classes", None)
-                            if not nc or not isinstance(lab, int) or not 0 <= lab < nc:
-                                raise FrameError(f"label must be an integer in [0, {nc})" if nc else "this model has no classes")
-                            upd["label"] = lab
-                        if "strength" in msg:
-                            st = msg["strength"]
-                            if not isinstance(st, (int, float)) or not 0.0 < float(st) < 1.0:
-                                raise FrameError("strength must be a number in (0, 1)")
-                            upd["strength"] = float(st)
-                    except FrameError as e:
-                        await error(f"bad config: {e}")
-                        continue
-                    with s.lock:
-                        s.pending_config = {**(s.pending_config or {}), **upd}
-                    await send({"type": "config", "ok": True, **upd})
-                elif kind == "ping":
-                    await send({"type": "pong", "ts": msg.get("ts")})
-                else:
-                    await error(f"unknown message type {kind!r}; valid: frame, config, ping")
+                    await handle(raw)
+                except FrameError as e:
+                    await error(str(e))
+                except (WebSocketDisconnect, asyncio.CancelledError):
+                    raise
+                except Exception as e:  # never cut a connection over one message: say what went wrong
+                    engine.errors.append(f"client {s.id}: {e!r}")
+                    await error(f"could not handle the message ({e.__class__.__name__}); it was dropped")
         except WebSocketDisconnect:
             pass
         finally:
