@@ -194,3 +194,22 @@ def test_calibrate_rejects_bad_input(oracle2d):
     with pytest.raises(ValueError, match="nfe"):
         candidates(0)
     assert math.isfinite(refs[0].calls)
+
+
+def test_ems_with_zero_statistic_is_deis_and_statistics_are_exact_at_the_ends(oracle2d):
+    from straightflow.fit_solvers import fit_ems
+    from straightflow.solvers.ems import sample_ems
+
+    o, xc, _, (rc, _) = oracle2d
+    z = xc[:64]
+    for grid in (torch.linspace(0, 0.95, 7, dtype=torch.float64), torch.linspace(0, 1, 6, dtype=torch.float64)):
+        st = [0.0, 0.5, 1.0]
+        zero = torch.zeros(3, 2, dtype=torch.float64)
+        for order, corr, name, kw in ((3, False, "deis", {"order": 3}), (2, True, "deis-pc", {"order": 2})):
+            a = sample_ems(o, z, grid.tolist(), st, zero, order=order, corrector=corr)
+            b = sample(o, z, solver=name, grid=grid, **kw).x
+            assert a.nfe == grid.numel() - 1 and (a.x - b).abs().max().item() < 1e-10, name
+    ell, info = fit_ems(o, xc, rc, [0.0, 0.3, 0.7, 1.0], ref_velocity=o, probes=2)
+    assert ell.shape == (4, 2) and info["calls"] == 2 * 2 * 2
+    assert torch.equal(ell[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(ell[-1], torch.ones(2, dtype=torch.float64))
+    assert bool(((ell[1:3] > -1.0) & (ell[1:3] < 2.0)).all())

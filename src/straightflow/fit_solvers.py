@@ -66,7 +66,7 @@ from .solvers.learned import LearnedSolver, ns_solve, symbolic_run
 from .time import shift_time
 
 __all__ = ["CANDIDATES", "FitResult", "Reference", "reference", "candidates", "select_initial", "fit_grad",
-           "fit_ls", "fit_dc", "calibrate", "DCCompensation", "model_fingerprint"]
+           "fit_ls", "fit_dc", "fit_ems", "calibrate", "DCCompensation", "model_fingerprint"]
 
 # (label, solver, options): the classical starting points, all one evaluation per step except ab3
 CANDIDATES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
@@ -463,6 +463,42 @@ def fit_dc(model: Callable, x0: Tensor, ref: Reference, solver: str, steps: int,
     fitted = LearnedSolver.from_run(run, guidance=guidance, meta={"init": f"dc-{solver}", "dc_ratios": ratios,
                                                                   "dc_order": order})
     return fitted, {"calls": f.calls, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------- DPM-Solver-v3-style statistics
+@torch.no_grad()
+def fit_ems(model: Callable, x0: Tensor, ref: Reference, stat_times: Sequence[float], cond=None, guidance=None,
+            probes: int = 4, eps: Optional[float] = None, path: PathLike = "linear", ref_velocity: Optional[Callable] = None,
+            rtol: float = REF_TOL, seed: int = 0) -> Tuple[Tensor, Dict[str, Any]]:
+    """Empirical linear statistic of :mod:`straightflow.solvers.ems`: at each of ``stat_times``, the
+    per-dimension mean over the calibration batch (on its reference trajectory) of the Jacobian
+    diagonal of the data prediction, by Hutchinson probes ``z`` (Rademacher) with central finite
+    differences ``z * (m(x + eps z) - m(x - eps z)) / (2 eps)`` (no backprop; ``2 probes`` model calls
+    per time). ``l = 0`` where ``alpha = 0`` and ``l = 1`` where ``sigma = 0`` (exact there).
+    Returns ``(ell (K, *shape), stats)``."""
+    p = get_path(path)
+    f = _Calls(_velocity(model, guidance), cond)
+    st = [float(t) for t in stat_times]
+    if ref_velocity is not None:
+        ref.extend(ref_velocity, st, cond=cond, rtol=rtol)
+    eps = eps if eps is not None else (1e-3 if x0.dtype == torch.float64 else 1e-2)
+    g = torch.Generator(device=x0.device).manual_seed(int(seed))
+    out = []
+    for t in st:
+        tt = torch.tensor(t, dtype=torch.float64)
+        a, sg = float(p.alpha(tt)), float(p.sigma(tt))
+        if abs(a) < 1e-12 or abs(sg) < 1e-12:
+            out.append(torch.full(x0.shape[1:], 0.0 if abs(a) < 1e-12 else 1.0, dtype=torch.float64))
+            continue
+        x = ref.at(t).to(x0.dtype)
+        tx = torch.as_tensor(t, dtype=x.dtype)
+        m = lambda y: p.velocity_to_x1(f(y, t), y, tx)  # noqa: E731
+        acc = torch.zeros_like(x, dtype=torch.float64)
+        for _ in range(int(probes)):
+            z = (torch.randint(0, 2, x.shape, generator=g, device=x.device) * 2 - 1).to(x.dtype)
+            acc += (z * (m(x + eps * z) - m(x - eps * z)) / (2 * eps)).double()
+        out.append((acc / probes).mean(0))
+    return torch.stack(out), {"calls": f.calls}
 
 
 # ---------------------------------------------------------------------------- calibration
