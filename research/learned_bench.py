@@ -99,16 +99,46 @@ def _ems(fld, calib, ccond, rc, rh, nfe):
     st = sorted(set(g) | {0.5 * (a + b) for a, b in zip(g, g[1:])})
     ell, info = fit_ems(fld.model, calib, rc, st, cond=ccond, ref_velocity=fld.model64)
     res = sample_ems(fld.model, fld.noise, g, st, ell, cond=fld.cond)
-    assert res.nfe == nfe
+    assert res.nfe == nfe * (2 if fld.name == "digits-cfg" else 1)  # guided rows count twice
     return {"heldout_chosen": rmse(res.x, rh.at(1.0)), "fallback": False, "cpu_seconds": time.process_time() - t0,
             "model_calls": {"stats": info["calls"], "sample": nfe}}
+
+
+GUIDANCE = 2.0
+
+
+def _cfg_field():
+    """Class-conditional digits UNet (research/train_cfg_digits.py) under classifier-free guidance 2:
+    the field every method samples is the guided velocity, labels cycling through the classes."""
+    import copy
+
+    from straightflow import checkpoint
+    from straightflow.bench.solvers import Field
+    from straightflow.solvers import ClassifierFreeGuidance
+
+    run = OUT / "runs" / "digits-cond"
+    raw = checkpoint.load(run).eval()
+    for p in raw.parameters():
+        p.requires_grad_(False)
+    raw64 = copy.deepcopy(raw).double()
+    shape = tuple(raw.sample_shape)
+    x = noise((128, *shape), 0, torch.float32)
+    fld = Field("digits-cfg", "class-conditional digits 8x8 UNet, CFG scale 2 (float32)",
+                ClassifierFreeGuidance(raw, GUIDANCE), torch.float32, x, x, model64=ClassifierFreeGuidance(raw64, GUIDANCE),
+                cond={"y": torch.arange(128) % raw.num_classes}, source=f"trained `{run}` (bench digits settings, conditional)")
+    return fld, raw, raw64
 
 
 def run_field(name, nfes, modes, grad_iters):
     path = OUT / f"{name}.json"
     out = json.loads(path.read_text()) if path.is_file() else {}
-    fld = _make_field(name.replace("-cfg", ""), OUT, None, False, 0, None, False)
     guidance = None
+    if name == "digits-cfg":
+        fld, raw, raw64 = _cfg_field()
+        guidance = GUIDANCE
+    else:
+        fld = _make_field(name, OUT, None, False, 0, None, False)
+        raw, raw64 = fld.model, fld.model64
     calib = noise((CALIB_N[name], *fld.noise.shape[1:]), 1000, fld.dtype)
     ccond = None
     if fld.cond:
@@ -137,9 +167,9 @@ def run_field(name, nfes, modes, grad_iters):
                 out["calibrated"].setdefault(mode, {})[str(nfe)] = rec
                 print(f"{name} NFE {nfe} ems: held {rec['heldout_chosen']:.3e} cpu {rec['cpu_seconds']:.1f}s", flush=True)
                 continue
-            r = calibrate(fld.model, calib, fld.noise, nfe, mode=mode, cond=ccond, heldout_cond=fld.cond,
-                          guidance=guidance, model64=fld.model64, references=(rc, rh), grad_iters=grad_iters)
-            check = rmse(sample_learned(fld.model, fld.noise, r.solver, cond=fld.cond).x, ref)
+            r = calibrate(raw, calib, fld.noise, nfe, mode=mode, cond=ccond, heldout_cond=fld.cond,
+                          guidance=guidance, model64=raw64, references=(rc, rh), grad_iters=grad_iters)
+            check = rmse(sample_learned(raw, fld.noise, r.solver, cond=fld.cond).x, ref)
             rec = r.to_dict()
             rec["heldout_chosen"] = check
             out["calibrated"].setdefault(mode, {})[str(nfe)] = rec
@@ -196,17 +226,43 @@ def report(fields, modes):
     return "\n".join(L)
 
 
+def summary(fields, modes, pick="auto"):
+    """field x NFE: uncalibrated / best peer, ``pick`` mode / best peer, best calibrated kind / best peer."""
+    nfes = list(NFES)
+    L = ["| field | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for name in fields:
+        p = OUT / f"{name}.json"
+        if not p.is_file():
+            continue
+        d = json.loads(p.read_text())
+        conv = lambda m: {k: {int(n): v for n, v in vv.items()} for k, vv in m.items()}  # noqa: E731
+        peers, ours = conv(d["peers"]), conv(d["ours"])
+        cal = {m: {int(n): v for n, v in d["calibrated"].get(m, {}).items()} for m in modes}
+        cells = []
+        for n in nfes:
+            bp, _ = _best(peers, n)
+            bo, _ = _best(ours, n)
+            best = min([(cal[m][n]["heldout_chosen"], m) for m in modes if n in cal[m]], default=(math.nan, "-"))
+            auto = cal.get(pick, {}).get(n)
+            a = f"{auto['heldout_chosen'] / bp:.2f}" if auto else "-"
+            cells.append(f"{bo / bp:.2f} / {a} / {best[0] / bp:.2f} ({best[1]})")
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(L)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--fields", default="oracle2d,oracle64d,checkerboard,digits")
     ap.add_argument("--nfes", default=",".join(map(str, NFES)))
     ap.add_argument("--modes", default="ls,grad,ls+grad,dc")
-    ap.add_argument("--grad-iters", type=int, default=40)
+    ap.add_argument("--grad-iters", type=int, default=120)
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args(argv)
     fields = [f for f in a.fields.split(",") if f]
     modes = [m for m in a.modes.split(",") if m]
     if a.report:
+        print(summary(fields, modes))
+        print()
         print(report(fields, modes))
         return 0
     for f in fields:

@@ -126,8 +126,8 @@ def model_fingerprint(model: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _slice_cond(cond: Optional[Dict[str, Any]], n: int) -> Optional[Dict[str, Any]]:
-    return None if cond is None else {k: (v[:n] if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in cond.items()}
+def _slice_rows(cond: Optional[Dict[str, Any]], rows: Tensor) -> Optional[Dict[str, Any]]:
+    return None if cond is None else {k: (v[rows] if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in cond.items()}
 
 
 # ---------------------------------------------------------------------------- reference
@@ -144,6 +144,10 @@ class Reference:
         if abs(key - float(t)) > 1e-12:
             raise KeyError(f"no reference state at t = {t} (have {sorted(self.states)})")
         return self.states[key]
+
+    def subset(self, rows: Tensor) -> "Reference":
+        """The same reference for the batch rows ``rows`` (no model call)."""
+        return Reference(self.x0[rows], {t: v[rows] for t, v in self.states.items()}, 0)
 
     def extend(self, model64: Callable, times: Sequence[float], cond=None, rtol: float = REF_TOL) -> "Reference":
         """Add the states at ``times`` not yet present (one more float64 dopri5 solve)."""
@@ -256,10 +260,11 @@ def _assemble(tm, w, a, bflat, mask):
 
 # ---------------------------------------------------------------------------- mode (a): gradients
 def fit_grad(model: Callable, x0: Tensor, ref_end: Tensor, init: LearnedSolver, cond=None, guidance=None,
-             iters: int = 40, fit_times: bool = True, ridge: float = 0.0) -> Tuple[LearnedSolver, Dict[str, Any]]:
-    """Exact-gradient fit of every parameter (L-BFGS, strong Wolfe line search, ``iters`` outer
-    iterations of up to 10 inner ones) to ``mean |x_out - ref_end|^2`` on ``x0``; ``ridge`` adds
-    ``ridge * |theta - theta_init|^2``. Returns the best iterate (by calibration loss) and stats."""
+             iters: int = 120, fit_times: bool = True, ridge: float = 0.0) -> Tuple[LearnedSolver, Dict[str, Any]]:
+    """Exact-gradient fit of every parameter (L-BFGS with a strong Wolfe line search, at most
+    ``iters`` iterations and ``1.25 iters`` loss evaluations, each ``n`` model calls forward and
+    back) to ``mean |x_out - ref_end|^2`` on ``x0``; ``ridge`` adds ``ridge * |theta - theta_init|^2``.
+    Returns the best iterate (by calibration loss) and stats."""
     f = _Calls(_velocity(model, guidance), cond)
     tm, a0, b0, mask = _table_params(init)
     w = tm.w0.clone().requires_grad_(fit_times)
@@ -280,7 +285,8 @@ def fit_grad(model: Callable, x0: Tensor, ref_end: Tensor, init: LearnedSolver, 
             loss = loss + ridge * ((a - a0).pow(2).sum() + (b - b0).pow(2).sum())
         return loss
 
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=10, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=int(iters), max_eval=int(iters) * 5 // 4, history_size=20,
+                            tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -296,13 +302,8 @@ def fit_grad(model: Callable, x0: Tensor, ref_end: Tensor, init: LearnedSolver, 
         return loss
 
     with torch.enable_grad():
-        closure()
-        for _ in range(int(iters)):
-            before = best["loss"]
-            opt.step(closure)
-            history.append(best["loss"])
-            if before - best["loss"] <= 1e-7 * before:
-                break
+        opt.step(closure)
+    history.append(best["loss"])
     wb, ab, bb = best["state"]
     times, aa, BB = _assemble(tm, wb, ab, bb, mask)
     fitted = LearnedSolver.from_tensors(times, aa, BB, guidance=init.guidance, meta=dict(init.meta))
@@ -533,16 +534,21 @@ class FitResult:
                    dict(d["model_calls"]), dict(d.get("candidates") or {}), dict(d.get("meta") or {}))
 
 
-MODES = ("grad", "ls", "ls+grad", "dc")
+MODES = ("grad", "ls", "ls+grad", "dc", "auto")
+AUTO_MODES = ("ls", "grad", "ls+grad")
 
 
 def calibrate(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: str = "ls+grad", cond=None,
               heldout_cond=None, guidance: Optional[float] = None, path: PathLike = "linear",
               init: Optional[LearnedSolver] = None, names: Optional[Sequence[str]] = None,
-              model64: Optional[Callable] = None, rtol: float = REF_TOL, grad_iters: int = 40,
+              model64: Optional[Callable] = None, rtol: float = REF_TOL, grad_iters: int = 120,
               ridge: float = 1e-6, time_shifts: Sequence[float] = (0.7, 1.0, 1.4), dc_solver: Optional[str] = None,
               references: Optional[Tuple[Reference, Reference]] = None) -> FitResult:
     """Fit a learned table (or DC ratios, ``mode="dc"``) at ``nfe`` evaluations to ``model``.
+
+    ``mode``: ``"grad"``, ``"ls"``, ``"ls+grad"``, ``"dc"`` (module doc) or ``"auto"``: each of
+    ``ls``, ``grad``, ``ls+grad`` fitted on three quarters of ``calib`` and the one (or the
+    initial table) with the lowest RMSE on the remaining quarter kept.
 
     ``calib`` / ``heldout``: disjoint noise batches (t = 0) with their conditioning ``cond`` /
     ``heldout_cond``; ``guidance``: classifier-free guidance scale (stored in the table).
@@ -573,33 +579,59 @@ def calibrate(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: s
     elif init.nfe != nfe:
         raise ValueError(f"init has {init.nfe} evaluations, not nfe = {nfe}")
     init = LearnedSolver(init.times, init.a, init.b, guidance=guidance, meta=dict(init.meta))
-    fitted = init
-    if mode == "dc":
-        label = dc_solver or init.meta.get("init", "unipc")
-        spec_name, opts = next(((s, o) for l, s, o in CANDIDATES if l == label), (label, {}))
-        steps = int(init.meta.get("steps") or SOLVERS.get(spec_name).steps_for_nfe(nfe, **opts))
-        fitted, st = fit_dc(model, calib, rc, spec_name, steps, cond, guidance, path=path, options=opts,
-                            ref_velocity=m64, rtol=rtol)
-        calls["fit"] += st["calls"]
-    if mode in ("ls", "ls+grad"):
-        trials = [_warp(init, s) for s in time_shifts]
-        for tr in trials:
-            rc.extend(m64, tr.times, cond=cond, rtol=rtol)
-        best = None
-        for s, tr in zip(time_shifts, trials):
-            cand, st = fit_ls(model, calib, rc, tr, cond, guidance, ridge=ridge)
+
+    def run_mode(md: str, x: Tensor, r: Reference, c) -> LearnedSolver:
+        fitted = init
+        if md == "dc":
+            label = dc_solver or init.meta.get("init", "unipc")
+            spec_name, opts = next(((s_, o) for l_, s_, o in CANDIDATES if l_ == label), (label, {}))
+            steps = int(init.meta.get("steps") or SOLVERS.get(spec_name).steps_for_nfe(nfe, **opts))
+            fitted, st = fit_dc(model, x, r, spec_name, steps, c, guidance, path=path, options=opts,
+                                ref_velocity=m64, rtol=rtol)
             calls["fit"] += st["calls"]
-            f = _Calls(_velocity(model, guidance), cond)
-            with torch.no_grad():
-                err = _rmse(ns_solve(f, calib, cand.times, cand.a, cand.b)[0], rc.at(1.0))
-            calls["fit"] += f.calls
-            if math.isfinite(err) and (best is None or err < best[0]):
-                best = (err, cand, s)
-        fitted = best[1]
-        fitted.meta["time_shift"] = best[2]
-    if mode in ("grad", "ls+grad"):
-        fitted, st = fit_grad(model, calib, rc.at(1.0), fitted, cond, guidance, iters=grad_iters)
-        calls["fit"] += st["calls"]
+        if md in ("ls", "ls+grad"):
+            best = None
+            for sh in time_shifts:
+                cand, st = fit_ls(model, x, r, _warp(init, sh), c, guidance, ridge=ridge)
+                f = _Calls(_velocity(model, guidance), c)
+                with torch.no_grad():
+                    err = _rmse(ns_solve(f, x, cand.times, cand.a, cand.b)[0], r.at(1.0))
+                calls["fit"] += st["calls"] + f.calls
+                if math.isfinite(err) and (best is None or err < best[0]):
+                    best = (err, cand, sh)
+            if best is not None:
+                fitted = best[1]
+                fitted.meta["time_shift"] = best[2]
+        if md in ("grad", "ls+grad"):
+            fitted, st = fit_grad(model, x, r.at(1.0), fitted, c, guidance, iters=grad_iters)
+            calls["fit"] += st["calls"]
+        return fitted
+
+    if mode in ("ls", "ls+grad", "auto"):  # the reference at every time the least-squares fits use
+        for sh in time_shifts:
+            rc.extend(m64, _warp(init, sh).times, cond=cond, rtol=rtol)
+    if mode != "auto":
+        fitted = run_mode(mode, calib, rc, cond)
+    else:
+        # choose among the modes on a validation quarter of the calibration batch (fitted on the
+        # other three quarters), so the held-out batch stays untouched until the final check
+        nb = calib.shape[0]
+        nv = max(1, nb // 4)
+        fit_rows, val_rows = torch.arange(nb - nv), torch.arange(nb - nv, nb)
+        cf, cv = _slice_rows(cond, fit_rows), _slice_rows(cond, val_rows)
+        rf, rv = rc.subset(fit_rows), rc.subset(val_rows)
+        fv = _Calls(_velocity(model, guidance), cv)
+        scores = {}
+        tables = {"init": init}
+        for md in AUTO_MODES:
+            tables[md] = run_mode(md, calib[fit_rows], rf, cf)
+        with torch.no_grad():
+            for md, tb in tables.items():
+                scores[md] = _rmse(ns_solve(fv, calib[val_rows], tb.times, tb.a, tb.b)[0], rv.at(1.0))
+        calls["fit"] += fv.calls
+        pick = min(scores, key=lambda k: scores[k] if math.isfinite(scores[k]) else math.inf)
+        fitted = tables[pick]
+        fitted.meta["auto"] = {"picked": pick, "validation_rmse": scores}
     # held-out check and fallback
     f = _Calls(_velocity(model, guidance), heldout_cond)
     with torch.no_grad():
