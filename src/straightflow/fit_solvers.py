@@ -12,7 +12,8 @@ Reference: float64 adaptive Dormand-Prince (``solvers.sample(..., solver="dopri5
 fit needs (endpoint, or the evaluation times). Metric: RMSE over all elements.
 
 Initial solver (:func:`select_initial`): every candidate of :data:`CANDIDATES` whose exact cost is
-the target NFE (iPNDM orders 3/4, DPM-Solver++ 2M/3M, UniPC, DEIS and DEIS-pc, AB2, Euler, ...)
+the target NFE (iPNDM orders 3/4, UniPC, DPM-Solver++ 2M/3M, DEIS and DEIS-pc, AB2/AB3, Heun with
+FlowTurbo's pseudo-corrector, Euler, midpoint, Heun, RK4)
 is converted to its exact table and run on the calibration batch; the most accurate one starts
 the fit (and is the fallback).
 
@@ -68,11 +69,13 @@ from .time import shift_time
 __all__ = ["CANDIDATES", "FitResult", "Reference", "reference", "candidates", "select_initial", "fit_grad",
            "fit_ls", "fit_dc", "fit_ems", "calibrate", "DCCompensation", "model_fingerprint"]
 
-# (label, solver, options): the classical starting points, all one evaluation per step except ab3
+# (label, solver, options): the classical starting points (each at the step count whose exact cost is
+# the target NFE; the Runge-Kutta ones only where that is a multiple of their stages)
 CANDIDATES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
     ("ipndm3", "ipndm", {"order": 3}), ("ipndm", "ipndm", {}), ("unipc", "unipc", {}),
     ("dpm++2m", "dpm++2m", {}), ("dpm++3m", "dpm++3m", {}), ("deis-pc", "deis-pc", {}), ("deis", "deis", {}),
     ("ab2", "ab2", {}), ("ab3", "ab3", {}), ("heun_pc", "heun_pc", {}), ("euler", "euler", {}),
+    ("midpoint", "midpoint", {}), ("heun", "heun", {}), ("rk4", "rk4", {}),
 )
 REF_TOL = 1e-8
 
@@ -607,9 +610,8 @@ def calibrate(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: s
             calls["fit"] += st["calls"]
         return fitted
 
-    if mode in ("ls", "ls+grad", "auto"):  # the reference at every time the least-squares fits use
-        for sh in time_shifts:
-            rc.extend(m64, _warp(init, sh).times, cond=cond, rtol=rtol)
+    if mode in ("ls", "ls+grad", "auto"):  # the reference at every time the least-squares fits use (one solve)
+        rc.extend(m64, [t for sh in time_shifts for t in _warp(init, sh).times], cond=cond, rtol=rtol)
     if mode != "auto":
         fitted = run_mode(mode, calib, rc, cond)
     else:
