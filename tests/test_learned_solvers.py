@@ -213,3 +213,12 @@ def test_ems_with_zero_statistic_is_deis_and_statistics_are_exact_at_the_ends(or
     assert ell.shape == (4, 2) and info["calls"] == 2 * 2 * 2
     assert torch.equal(ell[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(ell[-1], torch.ones(2, dtype=torch.float64))
     assert bool(((ell[1:3] > -1.0) & (ell[1:3] < 2.0)).all())
+
+
+def test_reference_merges_times_that_coincide_to_rounding(oracle2d):
+    o, xc, _, _ = oracle2d
+    t = 1.0 / 3.0
+    r = reference(o, xc[:8], [t, t * (1 + 1e-15), 0.5])  # a dopri5 stop 5e-17 apart would underflow
+    assert torch.equal(r.at(t), r.at(t * (1 + 1e-15))) and len(r.states) == 3
+    with pytest.raises(KeyError):
+        r.at(0.25)

@@ -134,6 +134,17 @@ def _slice_rows(cond: Optional[Dict[str, Any]], rows: Tensor) -> Optional[Dict[s
 
 
 # ---------------------------------------------------------------------------- reference
+_TIME_TOL = 1e-9  # reference times closer than this are one (the state moves by ~1e-9 between them)
+
+
+def _merge_times(times: Sequence[float]) -> List[float]:
+    out: List[float] = []
+    for t in sorted(float(v) for v in times):
+        if not out or t - out[-1] > _TIME_TOL:
+            out.append(t)
+    return out
+
+
 @dataclass
 class Reference:
     """Reference states ``states[t]`` (float64) of a batch at the times asked for, and the model calls."""
@@ -144,7 +155,7 @@ class Reference:
 
     def at(self, t: float) -> Tensor:
         key = min(self.states, key=lambda s: abs(s - float(t)))
-        if abs(key - float(t)) > 1e-12:
+        if abs(key - float(t)) > _TIME_TOL:
             raise KeyError(f"no reference state at t = {t} (have {sorted(self.states)})")
         return self.states[key]
 
@@ -154,10 +165,11 @@ class Reference:
 
     def extend(self, model64: Callable, times: Sequence[float], cond=None, rtol: float = REF_TOL) -> "Reference":
         """Add the states at ``times`` not yet present (one more float64 dopri5 solve)."""
-        new = sorted({round(float(t), 15) for t in times} - {round(s, 15) for s in self.states})
+        have = sorted(self.states)
+        new = [t for t in _merge_times(times) if not have or min(abs(t - h) for h in have) > _TIME_TOL]
         if new:
             ref = reference(model64, self.x0, new, cond=cond, rtol=rtol)
-            self.states.update({t: v for t, v in ref.states.items() if round(t, 15) in set(new)})
+            self.states.update({t: v for t, v in ref.states.items() if min(abs(t - q) for q in new) <= _TIME_TOL})
             self.calls += ref.calls
         return self
 
@@ -165,8 +177,9 @@ class Reference:
 @torch.no_grad()
 def reference(model64: Callable, x0: Tensor, times: Sequence[float] = (1.0,), cond=None,
               rtol: float = REF_TOL) -> Reference:
-    """float64 dopri5 from ``x0`` (t = 0) to t = 1 stopping exactly at ``times`` (in [0, 1])."""
-    ts = sorted({float(t) for t in times} | {1.0})
+    """float64 dopri5 from ``x0`` (t = 0) to t = 1 stopping exactly at ``times`` (in [0, 1]; times
+    closer than 1e-9 are one stop, found by :meth:`Reference.at` from either)."""
+    ts = _merge_times(list(times) + [1.0])
     if ts[0] < 0.0:
         raise ValueError(f"reference times must lie in [0, 1], got {ts}")
     grid = [0.0] + [t for t in ts if t > 0.0]
