@@ -1,9 +1,9 @@
 """Shared helpers of the research scripts (not library code): fields, references, peers."""
 from __future__ import annotations
 
-import math
+
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor

@@ -210,7 +210,6 @@ class LearnedSolver:
     @classmethod
     def from_run(cls, run: SymbolicRun, guidance: Optional[float] = None,
                  meta: Optional[Dict[str, Any]] = None) -> "LearnedSolver":
-        n = len(run.times)
         rows = run.rows + [run.out]
         return cls(list(run.times), [r[0] for r in rows], [r[1:1 + j] for j, r in enumerate(rows)],
                    guidance=guidance, meta=dict(meta or {}))
