@@ -131,8 +131,8 @@ def _cfg_field():
     return fld, raw, raw64
 
 
-def run_field(name, nfes, modes, grad_iters):
-    path = OUT / f"{name}.json"
+def run_field(name, nfes, modes, grad_iters, calib_n=None):
+    path = OUT / (f"{name}-c{calib_n}.json" if calib_n else f"{name}.json")
     out = json.loads(path.read_text()) if path.is_file() else {}
     guidance = None
     if name == "digits-cfg":
@@ -142,7 +142,7 @@ def run_field(name, nfes, modes, grad_iters):
         base, _, n_eval = name.partition("-")  # "oracle64d-2048": the same field, a larger held-out batch
         fld = _make_field(base, OUT, None, False, 0, int(n_eval) if n_eval else None, False)
         raw, raw64 = fld.model, fld.model64
-    calib = noise((CALIB_N[name], *fld.noise.shape[1:]), 1000, fld.dtype)
+    calib = noise((calib_n or CALIB_N[name], *fld.noise.shape[1:]), 1000, fld.dtype)
     ccond = None
     if fld.cond:
         nc = int(fld.cond["y"].max()) + 1
@@ -263,6 +263,29 @@ def summary(fields, modes, pick="auto"):
     return "\n".join(L)
 
 
+def defaults(fields, top=8):
+    """Uncalibrated straightflow solvers (uniform grid) by their worst RMSE / best-peer ratio over
+    the fields and NFE 4-10 they reach (a candidate for the uncalibrated default)."""
+    worst, seen = {}, {}
+    for name in fields:
+        p = OUT / f"{name}.json"
+        if not p.is_file():
+            continue
+        d = json.loads(p.read_text())
+        peers = {k: {int(n): v for n, v in vv.items()} for k, vv in d["peers"].items()}
+        for solver, row in d["ours"].items():
+            for n, v in row.items():
+                n = int(n)
+                if 4 <= n <= 10 and isinstance(v, float):
+                    r = v / _best(peers, n)[0]
+                    worst[solver] = max(worst.get(solver, 0.0), r)
+                    seen.setdefault(solver, set()).add((name, n))
+    full = max((len(v) for v in seen.values()), default=0)
+    rows = sorted((w, s) for s, w in worst.items() if len(seen[s]) == full)[:top]
+    return "\n".join(["| solver (uniform grid) | worst RMSE / best peer, NFE 4-10, all fields |", "|---|---:|"]
+                     + [f"| {s} | {w:.2f} |" for w, s in rows])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--fields", default="oracle2d,oracle64d,checkerboard,digits")
@@ -270,17 +293,21 @@ def main(argv=None):
     ap.add_argument("--modes", default="ls,grad,ls+grad,dc")
     ap.add_argument("--grad-iters", type=int, default=120)
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--calib-n", type=int, default=None, help="calibration batch (default: per field); "
+                    "results go to out/<field>-c<N>.json, reported as field <field>-c<N>")
     a = ap.parse_args(argv)
     fields = [f for f in a.fields.split(",") if f]
     modes = [m for m in a.modes.split(",") if m]
     if a.report:
         print(summary(fields, modes))
         print()
+        print(defaults(fields))
+        print()
         print(report(fields, modes))
         return 0
     for f in fields:
         t0 = time.time()
-        run_field(f, [int(v) for v in a.nfes.split(",")], modes, a.grad_iters)
+        run_field(f, [int(v) for v in a.nfes.split(",")], modes, a.grad_iters, a.calib_n)
         print(f"{f} done in {time.time() - t0:.0f} s", flush=True)
     return 0
 
