@@ -222,3 +222,16 @@ def test_reference_merges_times_that_coincide_to_rounding(oracle2d):
     assert torch.equal(r.at(t), r.at(t * (1 + 1e-15))) and len(r.states) == 3
     with pytest.raises(KeyError):
         r.at(0.25)
+
+
+def test_calibration_with_conditioning_and_guidance(oracle2d):
+    """A class-conditional field under classifier-free guidance 2: references, fit and table all use
+    the guided field with the labels; the table stores the scale and counts guided rows twice."""
+    o, xc, xh, _ = oracle2d
+    m = _Guided(o)
+    yc, yh = {"y": torch.arange(xc.shape[0]) % 8}, {"y": torch.arange(xh.shape[0]) % 8}
+    res = calibrate(m, xc, xh, 4, mode="ls", cond=yc, heldout_cond=yh, guidance=2.0)
+    assert res.solver.guidance == 2.0 and res.meta["guidance"] == 2.0
+    ref = sample(m, xh, solver="dopri5", steps=1, guidance=2.0, cond=yh, rtol=1e-8, atol=1e-8).x
+    out = sample_learned(m, xh, res.solver, cond=yh)
+    assert out.nfe == 8 and rmse(out.x, ref) == pytest.approx(min(res.heldout_rmse.values()), rel=1e-5)

@@ -183,11 +183,11 @@ def reference(model64: Callable, x0: Tensor, times: Sequence[float] = (1.0,), co
     if ts[0] < 0.0:
         raise ValueError(f"reference times must lie in [0, 1], got {ts}")
     grid = [0.0] + [t for t in ts if t > 0.0]
-    f = _Calls(model64)
+    f = _Calls(model64, cond)
     x = x0.double()
     states = {0.0: x.clone()} if 0.0 in ts else {}
     if len(grid) > 1:
-        res = _sample(f, x, solver="dopri5", grid=torch.tensor(grid, dtype=torch.float64), cond=cond,
+        res = _sample(f, x, solver="dopri5", grid=torch.tensor(grid, dtype=torch.float64),
                       return_trajectory=True, rtol=rtol, atol=rtol)
         states.update({t: res.trajectory[k] for k, t in enumerate(grid) if k > 0 or t in ts})
     return Reference(x0, states, f.calls)
