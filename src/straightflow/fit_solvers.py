@@ -34,13 +34,23 @@ Fitting modes (:func:`calibrate`):
   given the velocities. Times: the initial solver's, or the best of a few SD3-shift warps of them
   (``time_shifts``), each scored by the fitted table's calibration loss.
 * ``"ls+grad"`` -- ``"ls"`` then ``"grad"`` from its result.
+* ``"auto"`` -- ``ls``, ``grad`` and ``ls+grad`` fitted on three quarters of the calibration
+  batch; the one (or the initial table) with the lowest RMSE on the last quarter is kept.
+
+The per-sample endpoint errors are heavy-tailed (on the checkerboard MLP 1 % of the samples
+carry 90 % of the squared error at NFE 10), so the calibration batch must be large enough to
+hold that tail: on cheap models use thousands of samples (``research/RESULTS.md``).
 
 DC-Solver (:func:`fit_dc`; Zhao et al. 2024, "DC-Solver: Improving Predictor-Corrector Diffusion
 Sampler via Dynamic Compensation"): each evaluation ``j >= K`` of a multistep solver is
 replaced by the Lagrange interpolant (degree ``K``, in t) of the last ``K + 1`` (compensated)
 data predictions evaluated at ``tau'_j = tau_{j-1} + rho_j (tau_j - tau_{j-1})``; the ratios
-``rho_j`` are fitted one after the other to the reference state after step ``j``. The
-compensated solver is again linear in the raw evaluations, so it is run as a table.
+``rho_j`` are fitted one after the other (golden section) to the reference state after step
+``j``, each kept only if the calibration endpoint does not get worse. The compensated solver is
+again linear in the raw evaluations, so it is run as a table.
+
+DPM-Solver-v3-style statistics (:func:`fit_ems`): the per-dimension Jacobian diagonal of the data
+prediction along the calibration trajectories, for :mod:`straightflow.solvers.ems`.
 
 Costs are recorded as CPU seconds (``time.process_time``) and model calls (batch evaluations,
 reference included). Results are small dataclasses of floats (:class:`FitResult`), serialisable
