@@ -156,6 +156,61 @@ def test_shift_and_dynamic_shift_like_flow_match_euler(tiny):
         StraightflowScheduler(use_dynamic_shifting=True).set_timesteps(4)
 
 
+@pytest.mark.parametrize("kw", [
+    {"shift": 3.0, "shift_terminal": 0.1}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True},
+    {"shift": 2.0, "shift_terminal": 0.05, "use_beta_sigmas": True}, {"use_dynamic_shifting": True, "shift_terminal": 0.2},
+])
+def test_flow_match_sigma_options_from_config(tiny, kw):
+    """from_config of a FlowMatchEuler config used to drop shift_terminal and the karras / exponential /
+    beta spacings while its config still reported them: the sigmas were plain shifted ones."""
+    if kw.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    model, noise, cond = tiny
+    n, mu = 6, (0.8 if kw.get("use_dynamic_shifting") else None)
+    sigmas = torch.linspace(1.0, 1.0 / n, n).tolist()
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(**kw)
+    ref.set_timesteps(sigmas=sigmas, mu=mu)
+    sch = StraightflowScheduler.from_config(ref.config, solver="euler")
+    assert all(sch.config[k] == ref.config[k] for k in kw)
+    sch.set_timesteps(sigmas=sigmas, mu=mu)
+    assert torch.allclose(sch.sigmas, ref.sigmas, atol=1e-6), (sch.sigmas, ref.sigmas)
+    assert torch.allclose(sch.timesteps, ref.timesteps, atol=1e-3)
+    x_ref = diffusers_loop(ref, Counted(model, cond), noise)
+    x = diffusers_loop(sch, Counted(model, cond), noise)
+    assert (x - x_ref).abs().max().item() < 1e-5
+
+
+def test_flow_match_options_refused_or_checked():
+    for kw, match in (({"invert_sigmas": True}, "invert_sigmas"), ({"stochastic_sampling": True}, "stochastic"),
+                      ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one"),
+                      ({"shift_terminal": 1.5}, "shift_terminal")):
+        with pytest.raises(ValueError, match=match):
+            StraightflowScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler().config, **kw)
+    # grid="shifted" with its own shift and the scheduler's shift: refused (it used to shift twice)
+    with pytest.raises(ValueError, match="twice"):
+        StraightflowScheduler(grid="shifted", shift=3.0, grid_options={"shift": 3.0})
+    a = StraightflowScheduler(grid="shifted", grid_options={"shift": 3.0})
+    b = StraightflowScheduler(shift=3.0)
+    a.set_timesteps(5)
+    b.set_timesteps(5)
+    assert torch.allclose(a.sigmas, b.sigmas)
+
+
+def test_explicit_timesteps_are_what_the_model_sees(tiny, caplog):
+    """FlowMatchEuler passes explicit timesteps to the model unshifted; ours used to shift them."""
+    ts = [1000.0, 800.0, 500.0, 200.0]
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(timesteps=ts)
+    sch = StraightflowScheduler(shift=3.0)
+    with caplog.at_level("WARNING"):
+        sch.set_timesteps(timesteps=ts)
+    assert torch.allclose(sch.timesteps, ref.timesteps) and torch.allclose(sch.timesteps, torch.tensor(ts))
+    assert "StraightflowScheduler: `timesteps` without `sigmas` are used as given" in caplog.text
+    plain = StraightflowScheduler()
+    plain.set_timesteps(timesteps=ts)
+    assert torch.allclose(plain.sigmas, sch.sigmas)
+
+
 @torch.no_grad()
 def test_img2img_start_with_scale_noise_and_begin_index(tiny):
     model, noise, cond = tiny

@@ -219,3 +219,33 @@ def test_map_time_matches_snr_and_scale():
     same = P.convert_velocity(lambda x, t: torch.sin(x) * t[:, None], "cosine", "cosine")
     x = torch.randn(19, 2, dtype=F64)
     torch.testing.assert_close(same(x, t), torch.sin(x) * t[:, None])
+
+
+# ---------------------------------------------------------------------------- division guard
+@pytest.mark.parametrize("t", [1e-5, 1e-7, 1 - 1e-9])
+def test_division_guard_only_at_the_ends(t):
+    """Polynomial n = 3: at t = 1e-5 alpha = 1e-15 is a true value and the old 1e-12 floor made
+    ``x0_to_x1`` 1000x off; at t = 1e-7 the velocity conversions' denominator -3 t^2 = -3e-14 was
+    floored too (33x off). ``x0_to_x1`` is checked on ``x = alpha x1`` (x0_hat = 0), where the
+    division is exact: with a nonzero x0_hat the subtraction ``x - sigma x0_hat`` loses all digits
+    at alpha = 1e-15 anyway (that is the path, not the guard)."""
+    p = get_path("polynomial", n=3.0)
+    g = torch.Generator().manual_seed(0)
+    x1, x0 = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
+    tt = torch.full((4,), t, dtype=F64)
+    a = p.alpha(tt)[:, None]
+    torch.testing.assert_close(p.x0_to_x1(torch.zeros_like(x0), a * x1, tt), x1, rtol=1e-12, atol=0)
+    x, u = p.interpolate(x0, x1, tt)
+    torch.testing.assert_close(p.velocity_to_x0(u, x, tt), x0, rtol=1e-8, atol=1e-8)
+    if t < 0.5:
+        torch.testing.assert_close(p.velocity_to_x1(u, x, tt), x1, rtol=1e-6, atol=1e-6)
+
+
+def test_division_guard_still_guards_the_ends():
+    for name in ("linear", "cosine", "polynomial"):
+        p = get_path(name)
+        x = torch.randn(3, 2, dtype=F64)
+        for t in (0.0, 1.0):
+            tt = torch.full((3,), t, dtype=F64)
+            for out in (p.x0_to_x1(x, x, tt), p.x1_to_x0(x, x, tt), p.velocity_to_x1(x, x, tt), p.velocity_to_x0(x, x, tt)):
+                assert not torch.isnan(out).any(), (name, t)

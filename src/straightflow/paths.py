@@ -30,7 +30,7 @@ PATHS: Registry = Registry("path")
 
 PREDICTIONS = ("velocity", "x1", "x0", "score")
 
-# Divisions by alpha (at t = 0) or sigma (at t = 1) are guarded with this floor.
+# Divisions by alpha (at t = 0) or sigma (at t = 1) are guarded with this floor, at the ends only.
 _EPS = 1e-12
 
 
@@ -42,9 +42,17 @@ def _bcast(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
 
-def _safe(d: Tensor) -> Tensor:
-    """Keep the sign, keep |d| >= eps (avoids 0/0 at the ends of the interval)."""
-    return torch.where(d.abs() < _EPS, torch.full_like(d, _EPS) * torch.where(d < 0, -1.0, 1.0), d)
+def _safe(d: Tensor, t: Tensor) -> Tensor:
+    """A denominator ``d`` at time ``t`` with the ends guarded (avoids 0/0 where alpha or sigma vanish).
+
+    The floor ``|d| >= eps`` (sign kept) applies only at the ends of the interval (``t <= 0`` or
+    ``t >= 1``, where e.g. ``cos(pi / 2) = 6e-17`` stands for 0) and to exact zeros (underflow).
+    Inside (0, 1) a small denominator is the true value: ``alpha = t^3 = 1e-15`` at ``t = 1e-5``
+    on the polynomial path must divide as is (a floor there was off by a factor 1000).
+    """
+    t = torch.as_tensor(t, dtype=d.dtype, device=d.device)
+    tiny = (d == 0) | (((t <= 0) | (t >= 1)) & (d.abs() < _EPS))
+    return torch.where(tiny, torch.full_like(d, _EPS) * torch.where(d < 0, -1.0, 1.0), d)
 
 
 class AffinePath(ABC):
@@ -106,22 +114,22 @@ class AffinePath(ABC):
     def velocity_to_x1(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``x1_hat = (sigma' x - sigma v) / (alpha sigma' - sigma alpha')``."""
         a, s, da, ds = self.coefficients(t, x)
-        return (ds * x - s * v) / _safe(a * ds - s * da)
+        return (ds * x - s * v) / _safe(a * ds - s * da, _bcast(t, x))
 
     def velocity_to_x0(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``x0_hat = (alpha v - alpha' x) / (alpha sigma' - sigma alpha')``."""
         a, s, da, ds = self.coefficients(t, x)
-        return (a * v - da * x) / _safe(a * ds - s * da)
+        return (a * v - da * x) / _safe(a * ds - s * da, _bcast(t, x))
 
     def x1_to_x0(self, x1: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``x0_hat = (x - alpha x1_hat) / sigma``."""
         a, s, _, _ = self.coefficients(t, x)
-        return (x - a * x1) / _safe(s)
+        return (x - a * x1) / _safe(s, _bcast(t, x))
 
     def x0_to_x1(self, x0: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``x1_hat = (x - sigma x0_hat) / alpha``."""
         a, s, _, _ = self.coefficients(t, x)
-        return (x - s * x0) / _safe(a)
+        return (x - s * x0) / _safe(a, _bcast(t, x))
 
     def x1_to_velocity(self, x1: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``v = alpha' x1_hat + sigma' (x - alpha x1_hat) / sigma``."""
@@ -136,7 +144,7 @@ class AffinePath(ABC):
     def velocity_to_score(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """Score of the marginal for a N(0, I) source: ``s = -x0_hat / sigma``."""
         _, s, _, _ = self.coefficients(t, x)
-        return -self.velocity_to_x0(v, x, t) / _safe(s)
+        return -self.velocity_to_x0(v, x, t) / _safe(s, _bcast(t, x))
 
     def score_to_velocity(self, score: Tensor, x: Tensor, t: Tensor) -> Tensor:
         """``x0_hat = -sigma s``, then :meth:`x0_to_velocity`."""

@@ -270,6 +270,25 @@ def _build_scheduler_class():
                 ``use_dynamic_shifting`` and the pipeline passes ``mu``. ``shift=1`` (default) is none.
             solver_options: keyword options of the solver (``{"order": 3}`` for UniPC, ...).
             grid_options: keyword options of the grid (``{"t_min": 1e-3}`` for ``"logsnr"``, ...).
+                With ``grid="shifted"`` a ``shift``/``mu``/``resolution`` here is the only shift:
+                combined with ``shift != 1`` or ``use_dynamic_shifting`` it is refused (it would
+                shift twice).
+            shift_terminal, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: as in
+                FlowMatchEulerDiscreteScheduler, with its formulas, applied in its order after the
+                shift to the sigmas at which the steps start (the final ``sigma = 0`` is kept):
+                stretch so the last starting sigma is ``shift_terminal``; then at most one of the
+                Karras (rho = 7), exponential or beta (0.6, 0.6) spacings between the first and
+                the last starting sigma.
+            invert_sigmas, stochastic_sampling: accepted so that ``from_config`` of a
+                FlowMatchEulerDiscreteScheduler config works, but only ``False``: ``True`` raises
+                (Mochi's inverted timestep convention is not supported; for stochastic sampling
+                pick a stochastic straightflow solver, ``solver="sde"``).
+
+        Explicit schedules follow FlowMatchEulerDiscreteScheduler's contract: ``sigmas`` go through
+        the shift (and the options above); ``timesteps`` alone are what the model sees, so they are
+        used as given, unshifted (FlowMatchEuler would still shift the step sizes derived from them,
+        which a solver that evaluates the model at the times it integrates over cannot do; a
+        warning says so when a shift is configured).
 
         ``timesteps`` holds one entry per model call (``len(timesteps)`` is the NFE; multi-stage
         solvers have several per grid step and ``order`` is the solver's evaluations per step);
@@ -304,6 +323,12 @@ def _build_scheduler_class():
             time_shift_type: str = "exponential",
             solver_options: Optional[Dict[str, Any]] = None,
             grid_options: Optional[Dict[str, Any]] = None,
+            shift_terminal: Optional[float] = None,
+            use_karras_sigmas: bool = False,
+            use_exponential_sigmas: bool = False,
+            use_beta_sigmas: bool = False,
+            invert_sigmas: bool = False,
+            stochastic_sampling: bool = False,
         ):
             self._spec = SOLVERS.get(solver)  # unknown names fail here, with the list of valid ones
             GRIDS.canonical(grid)
@@ -311,6 +336,22 @@ def _build_scheduler_class():
                 raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
             if shift <= 0:
                 raise ValueError(f"shift must be > 0, got {shift}")
+            if invert_sigmas:
+                raise ValueError("StraightflowScheduler does not support invert_sigmas=True (Mochi's inverted "
+                                 "timestep convention); wrap such a model so it takes sigma * num_train_timesteps")
+            if stochastic_sampling:
+                raise ValueError("StraightflowScheduler does not support stochastic_sampling=True (FlowMatchEuler's "
+                                 "renoising step); pick a stochastic straightflow solver instead, e.g. solver='sde'")
+            if sum(bool(v) for v in (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)) > 1:
+                raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be used")
+            if shift_terminal is not None and not 0.0 <= float(shift_terminal) < 1.0:
+                raise ValueError(f"shift_terminal must be in [0, 1), got {shift_terminal}")
+            gshift = sorted({"shift", "mu", "resolution"} & set((grid_options or {}).keys()))
+            if GRIDS.canonical(grid) == "shifted" and gshift and (shift != 1.0 or use_dynamic_shifting):
+                raise ValueError(
+                    f"grid='shifted' with {gshift[0]!r} in grid_options and the scheduler's own "
+                    f"{'dynamic shifting' if use_dynamic_shifting else f'shift={shift}'} would shift the grid "
+                    "twice; give the shift once (the scheduler's shift, or grid_options with shift=1)")
             self.order = self._spec.evals_per_step
             self._shift = float(shift)
             self.timesteps: Optional[Tensor] = None
@@ -375,8 +416,13 @@ def _build_scheduler_class():
             if sigmas is not None and timesteps is not None:
                 logger.warning("StraightflowScheduler: both sigmas and timesteps given; using sigmas (the "
                                "timesteps the model sees are always those of the solver's evaluations)")
-            if timesteps is not None and sigmas is None:
+            as_given = timesteps is not None and sigmas is None
+            if as_given:
                 sigmas = [float(s) / cfg.num_train_timesteps for s in _as_list(timesteps)]
+                if cfg.use_dynamic_shifting or self._shift != 1.0 or cfg.shift_terminal is not None or _spacing(cfg):
+                    logger.warning("StraightflowScheduler: `timesteps` without `sigmas` are used as given, not "
+                                   "shifted or respaced (the model sees them as in FlowMatchEulerDiscreteScheduler); "
+                                   "pass `sigmas` to get the configured shift")
             if sigmas is not None:
                 s = torch.tensor(_as_list(sigmas), dtype=torch.float64)
                 if num_inference_steps is not None and len(s) != num_inference_steps:
@@ -399,8 +445,10 @@ def _build_scheduler_class():
                 s_ = self._shift
             if s_ <= 0:
                 raise ValueError(f"the time shift must be > 0, got {s_}")
-            if s_ != 1.0:
+            if s_ != 1.0 and not as_given:
                 g = shift_time(g, s_)
+            if not as_given and (cfg.shift_terminal is not None or _spacing(cfg)):
+                g = _flow_match_sigma_options(cfg, g)
             ts = validate_grid(g, direction=+1).tolist()
             evals = _evaluation_schedule(self._spec, ts, cfg.solver_options)
             t_eval = torch.tensor([t for t, _ in evals], dtype=torch.float32)
@@ -574,6 +622,35 @@ def _build_scheduler_class():
     StraightflowScheduler.__module__ = __name__  # pickle finds it through this module's __getattr__
     StraightflowScheduler.__qualname__ = "StraightflowScheduler"
     return StraightflowScheduler
+
+
+def _spacing(cfg) -> bool:
+    return bool(cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas)
+
+
+def _flow_match_sigma_options(cfg, g: Tensor) -> Tensor:
+    """FlowMatchEulerDiscreteScheduler's ``shift_terminal`` and Karras/exponential/beta spacings,
+    applied (with its own methods, in its order) to the starting sigmas ``1 - g[:-1]``; the end
+    ``g[-1]`` is kept."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fm = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, shift_terminal=cfg.shift_terminal,
+        use_karras_sigmas=cfg.use_karras_sigmas, use_exponential_sigmas=cfg.use_exponential_sigmas,
+        use_beta_sigmas=cfg.use_beta_sigmas)
+    g = torch.as_tensor(g, dtype=torch.float64)
+    sig = sigma_from_t(g[:-1]).numpy()
+    n = len(sig)
+    if cfg.shift_terminal is not None:
+        sig = fm.stretch_shift_to_terminal(sig)
+    if cfg.use_karras_sigmas:
+        sig = fm._convert_to_karras(in_sigmas=torch.as_tensor(sig), num_inference_steps=n)
+    elif cfg.use_exponential_sigmas:
+        sig = fm._convert_to_exponential(in_sigmas=torch.as_tensor(sig), num_inference_steps=n)
+    elif cfg.use_beta_sigmas:
+        sig = fm._convert_to_beta(in_sigmas=torch.as_tensor(sig), num_inference_steps=n)
+    starts = t_from_sigma(torch.as_tensor(sig, dtype=torch.float64).reshape(-1))
+    return torch.cat([starts, g[-1:]])
 
 
 def _as_list(values) -> List[float]:

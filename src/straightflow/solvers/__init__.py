@@ -20,6 +20,7 @@ from . import deis  # noqa: F401  (registers deis, deis-pc)
 from . import multistep  # noqa: F401  (registers ab2, ab3, ab4, plms/pndm, hb, ghvb, heun_pc/flowturbo)
 from . import adaptive  # noqa: F401  (registers dopri5)
 from . import sde  # noqa: F401  (registers sde/euler_maruyama)
+from . import ipndm  # noqa: F401  (registers ipndm)
 from .guidance import ClassifierFreeGuidance
 from .noise import initial_noise
 

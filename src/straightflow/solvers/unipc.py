@@ -17,9 +17,28 @@ the paper does; that is where ``B`` matters. ``B(h)`` is ``h`` (``bh1``) or ``1 
 
 ``m_t`` is the evaluation the next predictor step needs anyway, so the corrector costs no
 extra NFE (one evaluation per step; no corrector after the last step). Orders: predictor ``p``,
-predictor + corrector ``p + 1``. Steps that start or end at an infinite ``lam`` (t = 0 or 1 on
-the linear path) are first order and not corrected, and history at an infinite ``lam`` is not
-used (see :mod:`.dpm`). Inversion (decreasing ``ts``) is supported.
+predictor + corrector ``p + 1``. Inversion (decreasing ``ts``) is supported.
+
+Endpoints, as in the reference implementations (the original UniPC code and diffusers'
+``UniPCMultistepScheduler`` with flow sigmas), which this module matches to float32 rounding
+on the same grid:
+
+* An evaluation at ``alpha = 0`` (t = 0 on the linear path, ``lam = -inf``) is placed at the
+  log-SNR of ``t = T_NOISE = 1e-6`` for the history and the corrector (diffusers' flow sigmas
+  start at ``sigma = 1 - 1e-6`` for that reason); the first step's predictor keeps the exact
+  ``alpha_s = 0`` form (DDIM). So the first step *is* corrected: with ``bh2``, ``B(h) -> 1``,
+  ``x_1 ~ sigma_1 x_0 + alpha_1 (m_0 + m_1) / 2``. Discarding that evaluation instead (as an
+  earlier version did) left UniPC 1.1-2x behind diffusers' at NFE 3-5 on the oracle. With
+  ``bh1`` (``B(h) = h``, about 14 on that step) the correction would blow up, so there the
+  evaluation at ``lam = -inf`` is neither history nor corrected (diffusers' bh1 gives NaN on
+  flow sigmas, so there is no reference to follow).
+* ``lower_order_final``: the last ``order - 1`` steps use orders ``..., 2, 1`` whatever the
+  number of steps (DPM-Solver++ lowers only below 15 steps; UniPC's reference code always does).
+  A predictor-only final step of order >= 2 extrapolates the data prediction in ``lam`` over
+  the (long, in ``lam``) last step and was up to 10x less accurate (order 3 at >= 15 steps; order
+  2 on grids that stop short of t = 1).
+* A step that ends at ``sigma = 0`` (``lam = +inf``) is first order; a step that starts there
+  (inversion from the data) is DDIM with both predictions.
 
 The corrected state of step ``i`` is known only after the evaluation at step ``i + 1``, so
 ``callback(i + 1, t, x)`` is called then (with the corrected state), one evaluation late.
@@ -29,12 +48,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from .base import lincomb, register_solver
 from .logsnr import (alpha_sigma_lambda, as_path, first_order_step, hphi, order_now, push_history, x1_coefficients,
                      x1_from_velocity)
 
 _VARIANTS = ("bh1", "bh2")
+T_NOISE = 1e-6  # where an evaluation at alpha = 0 sits in log-SNR (history, corrector)
 
 
 def _b(h: float, variant: str) -> float:
@@ -79,6 +100,12 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
     path = as_path(path)
     n = len(ts) - 1
     ab = alpha_sigma_lambda(path, ts)
+    # an evaluation at alpha = 0 (t = 0 on the linear path, lam = -inf) enters the history and the
+    # corrector at the log-SNR of t = T_NOISE, as the reference code's flow sigmas (starting at
+    # sigma = 1 - 1e-6) do; its first-order part keeps the exact alpha_s = 0 form
+    lam_noise = 0.5 * float(path.log_snr(torch.tensor(T_NOISE, dtype=torch.float64)))
+    if variant == "bh2":  # bh1's B(h) = h would weight that correction by ~14: it stays uncorrected
+        ab = [(a, s, lam_noise if lam == -math.inf and s > 0.0 else lam) for a, s, lam in ab]
     cm = x1_coefficients(path, ts)
     hist: list = []  # (lam, x1_hat) at finite lam, newest last
     prev = None      # (x at the start of the last step, order used, its history points)
@@ -97,7 +124,9 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
                 callback(i, ts[i], x)
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
         hist = push_history(hist, lam_s, m, order)
-        k = order_now(order, len(hist), i, n, lower_order_final, lam_s, lam_t)
+        k = order_now(order, len(hist), i, n, False, lam_s, lam_t)
+        if lower_order_final:  # the last steps at lower order whatever n, as the reference code does
+            k = min(k, n - i)
         pts = hist[-k:] if hist else []
         if ab[i][1] <= 0.0:  # from the data (inversion): DDIM with both predictions
             x_new = first_order_step(path, x, m, v, ts[i], ab[i], ab[i + 1])
@@ -120,7 +149,7 @@ def unipc(f, x, ts, callback=None, path=None, order: int = 2, variant: str = "bh
 
     ``variant`` ``"bh1"`` (``B(h) = h``) or ``"bh2"`` (``B(h) = 1 - e^{-h}``); ``corrector=False``
     leaves the predictor alone (order ``order``). Warm-up at lower order on the first steps;
-    ``lower_order_final``: lower order on the last steps when there are fewer than 15.
+    ``lower_order_final``: orders ``..., 2, 1`` on the last ``order - 1`` steps (any step count).
     """
     return _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callback)
 

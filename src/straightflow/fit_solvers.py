@@ -1,0 +1,678 @@
+"""Solvers fitted to the user's own model: learned non-stationary tables and DC-Solver ratios.
+
+Everything here calibrates a :class:`~straightflow.solvers.learned.LearnedSolver` (``n`` times,
+``(n + 1)(n + 2) / 2`` coefficients; see that module) against an accurate reference of the same
+model on a *calibration* noise batch (with its conditioning and guidance scale), checks it on a
+disjoint *held-out* batch, and falls back to the initial classical solver when the fitted table
+is not more accurate there (so a calibration never returns something worse than its start on
+held-out noise).
+
+Reference: float64 adaptive Dormand-Prince (``solvers.sample(..., solver="dopri5")``) at
+``rtol = atol = 1e-8`` by default, on a float64 copy of the model; its states at the times a
+fit needs (endpoint, or the evaluation times). Metric: RMSE over all elements.
+
+Initial solver (:func:`select_initial`): every candidate of :data:`CANDIDATES` whose exact cost is
+the target NFE (iPNDM orders 3/4, UniPC, DPM-Solver++ 2M/3M, DEIS and DEIS-pc, AB2/AB3, Heun with
+FlowTurbo's pseudo-corrector, Euler, midpoint, Heun, RK4)
+is converted to its exact table and run on the calibration batch; the most accurate one starts
+the fit (and is the fallback).
+
+Fitting modes (:func:`calibrate`):
+
+* ``"grad"`` -- exact gradients through the model (small models): the loss
+  ``mean |x_out(theta) - x_ref(1)|^2`` is minimised over all parameters by L-BFGS, back-propagating
+  through the ``n`` evaluations (``u_j`` depends on the times and coefficients of the earlier
+  rows). Times stay ordered: the distinct interior times are ``lo + (1 - lo) cumsum(softmax(w))``
+  (evaluations that share a time keep sharing it), initialised exactly at the initial solver's.
+* ``"ls"`` -- never back-propagates into the network (large models; PAS-like, Wang et al. 2024
+  correct the sampling directions from the reference trajectory step by step): along the
+  table's own trajectory, row ``j`` (the point of evaluation ``j``, then the output) is fitted
+  by ridge-regularised least squares to the reference state at its time,
+  ``min_c |F_j c - x_ref(tau_j)|^2 + lam |c - c_init|^2`` with ``F_j = [x_0, u_0, ..., u_{j-1}]``
+  (closed form, ``(j + 1) x (j + 1)``), and ``u_j`` is then evaluated forward at the fitted point
+  (``n`` model calls in all). The output row is thereby the exact minimiser of the endpoint loss
+  given the velocities. Times: the initial solver's, or the best of a few SD3-shift warps of them
+  (``time_shifts``), each scored by the fitted table's calibration loss.
+* ``"ls+grad"`` -- ``"ls"`` then ``"grad"`` from its result.
+* ``"auto"`` -- ``ls``, ``grad`` and ``ls+grad`` fitted on three quarters of the calibration
+  batch; the one (or the initial table) with the lowest RMSE on the last quarter is kept.
+
+The per-sample endpoint errors are heavy-tailed (on the checkerboard MLP 1 % of the samples
+carry 90 % of the squared error at NFE 10), so the calibration batch must be large enough to
+hold that tail: on cheap models use thousands of samples (``research/RESULTS.md``).
+
+DC-Solver (:func:`fit_dc`; Zhao et al. 2024, "DC-Solver: Improving Predictor-Corrector Diffusion
+Sampler via Dynamic Compensation"): each evaluation ``j >= K`` of a multistep solver is
+replaced by the Lagrange interpolant (degree ``K``, in t) of the last ``K + 1`` (compensated)
+data predictions evaluated at ``tau'_j = tau_{j-1} + rho_j (tau_j - tau_{j-1})``; the ratios
+``rho_j`` are fitted one after the other (golden section) to the reference state after step
+``j``, each kept only if the calibration endpoint does not get worse. The compensated solver is
+again linear in the raw evaluations, so it is run as a table.
+
+DPM-Solver-v3-style statistics (:func:`fit_ems`): the per-dimension Jacobian diagonal of the data
+prediction along the calibration trajectories, for :mod:`straightflow.solvers.ems`.
+
+Costs are recorded as CPU seconds (``time.process_time``) and model calls (batch evaluations,
+reference included). Results are small dataclasses of floats (:class:`FitResult`), serialisable
+to plain dicts (JSON); nothing is pickled.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .grids import make_grid
+from .paths import PathLike, get_path
+from .solvers import sample as _sample
+from .solvers.base import SOLVERS
+from .solvers.guidance import ClassifierFreeGuidance
+from .solvers.learned import LearnedSolver, ns_solve, symbolic_run
+from .time import shift_time
+
+__all__ = ["CANDIDATES", "FitResult", "Reference", "reference", "candidates", "select_initial", "fit_grad",
+           "fit_ls", "fit_dc", "fit_ems", "calibrate", "DCCompensation", "model_fingerprint"]
+
+# (label, solver, options): the classical starting points (each at the step count whose exact cost is
+# the target NFE; the Runge-Kutta ones only where that is a multiple of their stages)
+CANDIDATES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
+    ("ipndm3", "ipndm", {"order": 3}), ("ipndm", "ipndm", {}), ("unipc", "unipc", {}),
+    ("dpm++2m", "dpm++2m", {}), ("dpm++3m", "dpm++3m", {}), ("deis-pc", "deis-pc", {}), ("deis", "deis", {}),
+    ("ab2", "ab2", {}), ("ab3", "ab3", {}), ("heun_pc", "heun_pc", {}), ("euler", "euler", {}),
+    ("midpoint", "midpoint", {}), ("heun", "heun", {}), ("rk4", "rk4", {}),
+)
+REF_TOL = 1e-8
+
+
+def _rmse(a: Tensor, b: Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+class _Calls:
+    """Velocity ``f(x, t, i=-1)`` around a model: counts batch calls (``calls``) and rows (``rows``)."""
+
+    def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None) -> None:
+        self.model, self.cond, self.calls, self.rows = model, dict(cond or {}), 0, 0
+
+    def __call__(self, x: Tensor, t, i: int = -1) -> Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
+        self.calls += 1
+        self.rows += x.shape[0] * int(getattr(self.model, "evals_per_call", 1))
+        return self.model(x, tb, **self.cond)
+
+
+def _velocity(model: Callable, guidance: Optional[float]) -> Callable:
+    return model if guidance is None else ClassifierFreeGuidance(model, float(guidance))
+
+
+def _float64(model: Callable) -> Callable:
+    """A float64 copy of an ``nn.Module`` (references in float64); other callables as they are."""
+    if isinstance(model, torch.nn.Module):
+        return copy.deepcopy(model).double().eval()
+    return model
+
+
+def model_fingerprint(model: Any) -> str:
+    """SHA-256 of a module's state dict (sorted names, dtypes, shapes, bytes), an object's own
+    ``fingerprint()``, or of a Gaussian-mixture oracle's parameters; ``""`` when none applies."""
+    fp = getattr(model, "fingerprint", None)
+    if callable(fp):
+        return str(fp())
+    if isinstance(model, torch.nn.Module):
+        state = model.state_dict()
+    elif all(hasattr(model, k) for k in ("means", "covs", "weights")):
+        state = {"means": model.means, "covs": model.covs, "weights": model.weights}
+    else:
+        return ""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _slice_rows(cond: Optional[Dict[str, Any]], rows: Tensor) -> Optional[Dict[str, Any]]:
+    return None if cond is None else {k: (v[rows] if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in cond.items()}
+
+
+# ---------------------------------------------------------------------------- reference
+_TIME_TOL = 1e-9  # reference times closer than this are one (the state moves by ~1e-9 between them)
+
+
+def _merge_times(times: Sequence[float]) -> List[float]:
+    out: List[float] = []
+    for t in sorted(float(v) for v in times):
+        if not out or t - out[-1] > _TIME_TOL:
+            out.append(t)
+    return out
+
+
+@dataclass
+class Reference:
+    """Reference states ``states[t]`` (float64) of a batch at the times asked for, and the model calls."""
+
+    x0: Tensor
+    states: Dict[float, Tensor]
+    calls: int
+
+    def at(self, t: float) -> Tensor:
+        key = min(self.states, key=lambda s: abs(s - float(t)))
+        if abs(key - float(t)) > _TIME_TOL:
+            raise KeyError(f"no reference state at t = {t} (have {sorted(self.states)})")
+        return self.states[key]
+
+    def subset(self, rows: Tensor) -> "Reference":
+        """The same reference for the batch rows ``rows`` (no model call)."""
+        return Reference(self.x0[rows], {t: v[rows] for t, v in self.states.items()}, 0)
+
+    def extend(self, model64: Callable, times: Sequence[float], cond=None, rtol: float = REF_TOL) -> "Reference":
+        """Add the states at ``times`` not yet present (one more float64 dopri5 solve)."""
+        have = sorted(self.states)
+        new = [t for t in _merge_times(times) if not have or min(abs(t - h) for h in have) > _TIME_TOL]
+        if new:
+            ref = reference(model64, self.x0, new, cond=cond, rtol=rtol)
+            self.states.update({t: v for t, v in ref.states.items() if min(abs(t - q) for q in new) <= _TIME_TOL})
+            self.calls += ref.calls
+        return self
+
+
+@torch.no_grad()
+def reference(model64: Callable, x0: Tensor, times: Sequence[float] = (1.0,), cond=None,
+              rtol: float = REF_TOL) -> Reference:
+    """float64 dopri5 from ``x0`` (t = 0) to t = 1 stopping exactly at ``times`` (in [0, 1]; times
+    closer than 1e-9 are one stop, found by :meth:`Reference.at` from either)."""
+    ts = _merge_times(list(times) + [1.0])
+    if ts[0] < 0.0:
+        raise ValueError(f"reference times must lie in [0, 1], got {ts}")
+    grid = [0.0] + [t for t in ts if t > 0.0]
+    f = _Calls(model64, cond)
+    x = x0.double()
+    states = {0.0: x.clone()} if 0.0 in ts else {}
+    if len(grid) > 1:
+        res = _sample(f, x, solver="dopri5", grid=torch.tensor(grid, dtype=torch.float64),
+                      return_trajectory=True, rtol=rtol, atol=rtol)
+        states.update({t: res.trajectory[k] for k, t in enumerate(grid) if k > 0 or t in ts})
+    return Reference(x0, states, f.calls)
+
+
+# ---------------------------------------------------------------------------- initial solver
+def candidates(nfe: int, names: Optional[Sequence[str]] = None, path: PathLike = "linear",
+               grid: str = "uniform") -> List[Tuple[str, LearnedSolver]]:
+    """Exact tables of the candidate solvers that cost exactly ``nfe`` evaluations on ``grid``."""
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    out = []
+    for label, solver, opts in CANDIDATES:
+        if names is not None and label not in names and solver not in names:
+            continue
+        spec = SOLVERS.get(solver)
+        steps = spec.steps_for_nfe(nfe, **opts)
+        for s in (steps, steps - 1, steps + 1):
+            if s < 1:
+                continue
+            ls = LearnedSolver.from_solver(solver, s, grid=grid, path=path, **opts)
+            if ls.nfe == nfe:
+                ls.meta["init"] = label
+                out.append((label, ls))
+                break
+    if not out:
+        raise ValueError(f"no candidate solver costs exactly {nfe} evaluations")
+    return out
+
+
+@torch.no_grad()
+def select_initial(model: Callable, x0: Tensor, ref_end: Tensor, nfe: int, cond=None, guidance=None,
+                   names: Optional[Sequence[str]] = None, path: PathLike = "linear"
+                   ) -> Tuple[LearnedSolver, Dict[str, float], int]:
+    """The most accurate candidate at ``nfe`` on the batch ``x0``; returns (table, {label: RMSE}, calls)."""
+    f = _Calls(_velocity(model, guidance), cond)
+    errs: Dict[str, float] = {}
+    best = None
+    for label, ls in candidates(nfe, names, path):
+        out, _ = ns_solve(f, x0, ls.times, ls.a, ls.b)
+        errs[label] = _rmse(out, ref_end)
+        if math.isfinite(errs[label]) and (best is None or errs[label] < errs[best[0]]):
+            best = (label, ls)
+    if best is None:
+        raise FloatingPointError("every candidate solver diverged on the calibration batch")
+    return best[1], errs, f.calls
+
+
+# ---------------------------------------------------------------------------- parametrisation
+class _TimeMap:
+    """Ordered times from free logits: distinct interior times ``lo + (1 - lo) cumsum(softmax(w))``.
+
+    ``lo`` is the first initial time (kept), values equal to 1 stay at 1, and evaluations that
+    share a time keep sharing it. ``w0`` reproduces the initial times (to rounding)."""
+
+    def __init__(self, times: Sequence[float]) -> None:
+        uniq = sorted(set(float(t) for t in times))
+        self.lo = uniq[0]
+        if self.lo >= 1.0:
+            raise ValueError("the first evaluation time must be < 1")
+        inner = [u for u in uniq if self.lo < u < 1.0]
+        nodes = [self.lo] + inner + [1.0]
+        inc = torch.tensor([b - a for a, b in zip(nodes, nodes[1:])], dtype=torch.float64)
+        self.w0 = inc.log()
+        pos = {u: k for k, u in enumerate(nodes)}
+        self.index = torch.tensor([pos[min(pos, key=lambda u: abs(u - float(t)))] for t in times])
+
+    def __call__(self, w: Tensor) -> Tensor:
+        nodes = self.lo + (1.0 - self.lo) * torch.cumsum(torch.softmax(w, 0), 0)
+        full = torch.cat([torch.full((1,), self.lo, dtype=w.dtype), nodes[:-1], torch.ones(1, dtype=w.dtype)])
+        return full[self.index]
+
+
+def _table_params(ls: LearnedSolver):
+    tm = _TimeMap(ls.times)
+    _, a, B = ls.tensors()
+    n = ls.nfe
+    mask = torch.tril(torch.ones(n + 1, n, dtype=torch.bool), diagonal=-1)
+    return tm, a.clone(), B[mask].clone(), mask
+
+
+def _assemble(tm, w, a, bflat, mask):
+    B = torch.zeros(mask.shape, dtype=bflat.dtype).masked_scatter(mask, bflat)
+    return tm(w), a, B
+
+
+# ---------------------------------------------------------------------------- mode (a): gradients
+def fit_grad(model: Callable, x0: Tensor, ref_end: Tensor, init: LearnedSolver, cond=None, guidance=None,
+             iters: int = 120, fit_times: bool = True, ridge: float = 0.0) -> Tuple[LearnedSolver, Dict[str, Any]]:
+    """Exact-gradient fit of every parameter (L-BFGS with a strong Wolfe line search, at most
+    ``iters`` iterations and ``1.25 iters`` loss evaluations, each ``n`` model calls forward and
+    back) to ``mean |x_out - ref_end|^2`` on ``x0``; ``ridge`` adds ``ridge * |theta - theta_init|^2``.
+    Returns the best iterate (by calibration loss) and stats."""
+    f = _Calls(_velocity(model, guidance), cond)
+    tm, a0, b0, mask = _table_params(init)
+    w = tm.w0.clone().requires_grad_(fit_times)
+    a = a0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    params = [p for p in (w, a, b) if p.requires_grad]
+    ref = ref_end.double()
+    history: List[float] = []
+    best = {"loss": math.inf, "state": None}
+
+    def loss_fn():
+        times, aa, BB = _assemble(tm, w, a, b, mask)
+        n = init.nfe
+        out, _ = ns_solve(f, x0, [times[j] for j in range(n)], [aa[j] for j in range(n + 1)],
+                          [[BB[j, k] for k in range(j)] for j in range(n + 1)])
+        loss = (out.double() - ref).pow(2).mean()
+        if ridge:
+            loss = loss + ridge * ((a - a0).pow(2).sum() + (b - b0).pow(2).sum())
+        return loss
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=int(iters), max_eval=int(iters) * 5 // 4, history_size=20,
+                            tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            return loss
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        v = float(loss.detach())
+        if v < best["loss"]:
+            best["loss"], best["state"] = v, (w.detach().clone(), a.detach().clone(), b.detach().clone())
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    history.append(best["loss"])
+    wb, ab, bb = best["state"]
+    times, aa, BB = _assemble(tm, wb, ab, bb, mask)
+    fitted = LearnedSolver.from_tensors(times, aa, BB, guidance=init.guidance, meta=dict(init.meta))
+    return fitted, {"calls": f.calls, "loss_history": history, "calib_rmse": math.sqrt(max(best["loss"], 0.0))}
+
+
+# ---------------------------------------------------------------------------- mode (b): least squares
+@torch.no_grad()
+def fit_ls(model: Callable, x0: Tensor, ref: Reference, init: LearnedSolver, cond=None, guidance=None,
+           ridge: float = 1e-6) -> Tuple[LearnedSolver, Dict[str, Any]]:
+    """Row-by-row ridge least squares along the table's own trajectory (module doc, mode ``"ls"``);
+    ``ref`` must hold the states at the table's times and at 1. ``n`` model calls, no backprop."""
+    f = _Calls(_velocity(model, guidance), cond)
+    n = init.nfe
+    a, b = list(init.a), [list(r) for r in init.b]
+    flat = lambda z: z.reshape(-1).double()  # noqa: E731
+    feats = [flat(x0)]
+    us: List[Tensor] = []
+    for j in range(n + 1):
+        if j > 0:
+            y = flat(ref.at(init.times[j] if j < n else 1.0))
+            F = torch.stack(feats)  # (j + 1, N)
+            G = F @ F.T
+            c0 = torch.tensor([a[j]] + b[j], dtype=torch.float64)
+            lam = ridge * float(torch.diagonal(G).mean())
+            c = torch.linalg.solve(G + lam * torch.eye(j + 1, dtype=torch.float64), F @ y + lam * c0)
+            if not bool(torch.isfinite(c).all()):
+                c = c0
+            a[j], b[j] = float(c[0]), c[1:].tolist()
+        if j < n:
+            X = a[j] * x0 + sum(bk * uk for bk, uk in zip(b[j], us)) if us else a[j] * x0
+            us.append(f(X, init.times[j], j))
+            feats.append(flat(us[-1]))
+    fitted = LearnedSolver(list(init.times), a, b, guidance=init.guidance, meta=dict(init.meta))
+    return fitted, {"calls": f.calls}
+
+
+def _warp(ls: LearnedSolver, s: float) -> LearnedSolver:
+    """``ls`` with its times pushed through the SD3 shift ``s`` (same coefficients)."""
+    if s == 1.0:
+        return ls
+    t = shift_time(torch.tensor(ls.times, dtype=torch.float64), s).clamp(0.0, 1.0).tolist()
+    return LearnedSolver(t, ls.a, ls.b, guidance=ls.guidance, meta=dict(ls.meta))
+
+
+# ---------------------------------------------------------------------------- DC-Solver
+class DCCompensation:
+    """DC-Solver's dynamic compensation as a velocity wrapper (linear in the evaluations).
+
+    Evaluation ``j >= order`` returns, instead of ``m_j``, the Lagrange interpolant in t of the last
+    ``order + 1`` compensated data predictions evaluated at ``tau_{j-1} + rho_j (tau_j - tau_{j-1})``
+    (converted back to a velocity at ``X_j``); ``rho_j = 1`` (the default) changes nothing.
+    ``space="velocity"`` interpolates the velocities themselves instead."""
+
+    def __init__(self, ratios: Dict[int, float], order: int = 2, path: PathLike = "linear", space: str = "data") -> None:
+        if order < 1:
+            raise ValueError(f"DC order must be >= 1, got {order}")
+        if space not in ("data", "velocity"):
+            raise ValueError(f"space must be 'data' or 'velocity', got {space!r}")
+        self.ratios, self.order, self.path, self.space = dict(ratios), int(order), get_path(path), space
+
+    def __call__(self, f: Callable) -> Callable:
+        hist: List[Tuple[float, Tensor]] = []
+        p = self.path
+
+        def g(x, t, i=-1):
+            v = f(x, t, i)
+            j = len(hist)
+            tt = torch.as_tensor(float(t), dtype=x.dtype, device=x.device)
+            m = v if self.space == "velocity" else p.velocity_to_x1(v, x, tt)
+            rho = self.ratios.get(j, 1.0)
+            pts = hist[-self.order:] + [(float(t), m)]
+            distinct = len({p_[0] for p_ in pts}) == len(pts)  # a stage at a repeated time: left alone
+            if rho != 1.0 and j >= self.order and distinct:
+                tp = pts[-2][0] + rho * (pts[-1][0] - pts[-2][0])
+                m_c = 0.0
+                for k, (tk, mk) in enumerate(pts):
+                    w = 1.0
+                    for l, (tl, _) in enumerate(pts):
+                        if l != k:
+                            w *= (tp - tl) / (tk - tl)
+                    m_c = m_c + w * mk
+                m = m_c
+                v = m if self.space == "velocity" else p.x1_to_velocity(m, x, tt)
+            hist.append((float(t), m))
+            return v
+
+        return g
+
+
+@torch.no_grad()
+def fit_dc(model: Callable, x0: Tensor, ref: Reference, solver: str, steps: int, cond=None, guidance=None,
+           order: int = 2, path: PathLike = "linear", grid: str = "uniform", options: Optional[Dict[str, Any]] = None,
+           bounds: Tuple[float, float] = (0.0, 2.0), trials: int = 14, ref_velocity: Optional[Callable] = None,
+           rtol: float = REF_TOL) -> Tuple[LearnedSolver, Dict[str, Any]]:
+    """Fit DC-Solver's ratios ``rho_j`` of ``solver`` one after the other (golden-section search in
+    ``bounds``) to the reference state at the first grid time after evaluation ``j``; the raw
+    evaluations up to ``j`` are cached (a ratio changes only later rows). ``ref`` is extended
+    with the grid times it lacks using ``ref_velocity`` (the float64 reference velocity, guidance
+    included). Returns the compensated table."""
+    f = _Calls(_velocity(model, guidance), cond)
+    opts = dict(options or {})
+    g = make_grid(grid, steps)
+    base = symbolic_run(solver, g, path, **opts)
+    if ref_velocity is not None:
+        ref.extend(ref_velocity, [t for _, t, _ in base.states], cond=cond, rtol=rtol)
+    n = len(base.times)
+    ratios: Dict[int, float] = {}
+    us: List[Tensor] = []
+    gr = (math.sqrt(5) - 1) / 2
+
+    def table(r):
+        run = symbolic_run(solver, g, path, wrap=DCCompensation(r, order, path), **opts)
+        return run
+
+    def state_loss(run, j, end=False):
+        # the reported state at the first grid time after evaluation j (or the output), and the
+        # evaluations it needs (the cached ones up to j are reused: a ratio changes only later rows)
+        tj = run.times[j]
+        hit = [(t, row) for _, t, row in run.states if t > tj + 1e-12]
+        if not hit:
+            return None
+        t, row = hit[-1] if end else hit[0]
+        last = max([k for k, c in enumerate(row[1:]) if c != 0.0] + [j])
+        ls = LearnedSolver.from_run(run)
+        _, uu = ns_solve(f, x0, ls.times, ls.a, ls.b, us=us[: j + 1], upto=last + 1)
+        return _rmse(row[0] * x0 + sum(c * u for c, u in zip(row[1:], uu)), ref.at(t))
+
+    for j in range(order, n):
+        if len(us) < j + 1:
+            ls = LearnedSolver.from_run(table(ratios))
+            _, us = ns_solve(f, x0, ls.times, ls.a, ls.b, us=us, upto=j + 1)
+        if state_loss(table(ratios), j) is None:
+            continue
+        lo, hi = bounds
+        c1, c2 = hi - gr * (hi - lo), lo + gr * (hi - lo)
+        val: Dict[float, float] = {}
+
+        def L(r):
+            if r not in val:
+                val[r] = state_loss(table({**ratios, j: r}), j)
+            return val[r]
+
+        for _ in range(int(trials)):
+            if L(c1) <= L(c2):
+                hi, c2 = c2, c1
+                c1 = hi - gr * (hi - lo)
+            else:
+                lo, c1 = c1, c2
+                c2 = lo + gr * (hi - lo)
+        cand = min(val, key=lambda r: val[r])
+        # kept only if the endpoint on the calibration batch does not get worse (DC-Solver fits the
+        # intermediate states; a ratio that helps there can still hurt the output)
+        if state_loss(table({**ratios, j: cand}), j, end=True) <= state_loss(table(ratios), j, end=True):
+            ratios[j] = cand
+        us = us[: j + 1]
+    run = table(ratios)
+    fitted = LearnedSolver.from_run(run, guidance=guidance, meta={"init": f"dc-{solver}", "dc_ratios": ratios,
+                                                                  "dc_order": order})
+    return fitted, {"calls": f.calls, "ratios": ratios}
+
+
+# ---------------------------------------------------------------------------- DPM-Solver-v3-style statistics
+@torch.no_grad()
+def fit_ems(model: Callable, x0: Tensor, ref: Reference, stat_times: Sequence[float], cond=None, guidance=None,
+            probes: int = 4, eps: Optional[float] = None, path: PathLike = "linear", ref_velocity: Optional[Callable] = None,
+            rtol: float = REF_TOL, seed: int = 0) -> Tuple[Tensor, Dict[str, Any]]:
+    """Empirical linear statistic of :mod:`straightflow.solvers.ems`: at each of ``stat_times``, the
+    per-dimension mean over the calibration batch (on its reference trajectory) of the Jacobian
+    diagonal of the data prediction, by Hutchinson probes ``z`` (Rademacher) with central finite
+    differences ``z * (m(x + eps z) - m(x - eps z)) / (2 eps)`` (no backprop; ``2 probes`` model calls
+    per time). ``l = 0`` where ``alpha = 0`` and ``l = 1`` where ``sigma = 0`` (exact there).
+    Returns ``(ell (K, *shape), stats)``."""
+    p = get_path(path)
+    f = _Calls(_velocity(model, guidance), cond)
+    st = [float(t) for t in stat_times]
+    if ref_velocity is not None:
+        ref.extend(ref_velocity, st, cond=cond, rtol=rtol)
+    eps = eps if eps is not None else (1e-3 if x0.dtype == torch.float64 else 1e-2)
+    g = torch.Generator(device=x0.device).manual_seed(int(seed))
+    out = []
+    for t in st:
+        tt = torch.tensor(t, dtype=torch.float64)
+        a, sg = float(p.alpha(tt)), float(p.sigma(tt))
+        if abs(a) < 1e-12 or abs(sg) < 1e-12:
+            out.append(torch.full(x0.shape[1:], 0.0 if abs(a) < 1e-12 else 1.0, dtype=torch.float64))
+            continue
+        x = ref.at(t).to(x0.dtype)
+        tx = torch.as_tensor(t, dtype=x.dtype)
+        m = lambda y: p.velocity_to_x1(f(y, t), y, tx)  # noqa: E731
+        acc = torch.zeros_like(x, dtype=torch.float64)
+        for _ in range(int(probes)):
+            z = (torch.randint(0, 2, x.shape, generator=g, device=x.device) * 2 - 1).to(x.dtype)
+            acc += (z * (m(x + eps * z) - m(x - eps * z)) / (2 * eps)).double()
+        out.append((acc / probes).mean(0))
+    return torch.stack(out), {"calls": f.calls}
+
+
+# ---------------------------------------------------------------------------- calibration
+@dataclass
+class FitResult:
+    """A calibration: the table to use (the fitted one, or the initial one on fallback) and its record."""
+
+    solver: LearnedSolver
+    initial: LearnedSolver
+    mode: str
+    nfe: int
+    calib_rmse: Dict[str, float]
+    heldout_rmse: Dict[str, float]
+    fallback: bool
+    cpu_seconds: float
+    model_calls: Dict[str, int]
+    candidates: Dict[str, float] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": "learned-solver-calibration", "solver": self.solver.to_dict(), "initial": self.initial.to_dict(),
+                "mode": self.mode, "nfe": self.nfe, "calib_rmse": dict(self.calib_rmse),
+                "heldout_rmse": dict(self.heldout_rmse), "fallback": self.fallback, "cpu_seconds": self.cpu_seconds,
+                "model_calls": dict(self.model_calls), "candidates": dict(self.candidates), "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "FitResult":
+        if d.get("kind") != "learned-solver-calibration":
+            raise ValueError("not a learned-solver calibration record")
+        return cls(LearnedSolver.from_dict(d["solver"]), LearnedSolver.from_dict(d["initial"]), d["mode"], int(d["nfe"]),
+                   dict(d["calib_rmse"]), dict(d["heldout_rmse"]), bool(d["fallback"]), float(d["cpu_seconds"]),
+                   dict(d["model_calls"]), dict(d.get("candidates") or {}), dict(d.get("meta") or {}))
+
+
+MODES = ("grad", "ls", "ls+grad", "dc", "auto")
+AUTO_MODES = ("ls", "grad", "ls+grad")
+
+
+def calibrate(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: str = "ls+grad", cond=None,
+              heldout_cond=None, guidance: Optional[float] = None, path: PathLike = "linear",
+              init: Optional[LearnedSolver] = None, names: Optional[Sequence[str]] = None,
+              model64: Optional[Callable] = None, rtol: float = REF_TOL, grad_iters: int = 120,
+              ridge: float = 1e-6, time_shifts: Sequence[float] = (0.7, 1.0, 1.4), dc_solver: Optional[str] = None,
+              references: Optional[Tuple[Reference, Reference]] = None) -> FitResult:
+    """Fit a learned table (or DC ratios, ``mode="dc"``) at ``nfe`` evaluations to ``model``.
+
+    ``mode``: ``"grad"``, ``"ls"``, ``"ls+grad"``, ``"dc"`` (module doc) or ``"auto"``: each of
+    ``ls``, ``grad``, ``ls+grad`` fitted on three quarters of ``calib`` and the one (or the
+    initial table) with the lowest RMSE on the remaining quarter kept.
+
+    ``calib`` / ``heldout``: disjoint noise batches (t = 0) with their conditioning ``cond`` /
+    ``heldout_cond``; ``guidance``: classifier-free guidance scale (stored in the table).
+    ``init``: the starting table (default: :func:`select_initial` over ``names``).
+    ``model64``: float64 model for the reference (default: a float64 copy of an ``nn.Module``).
+    ``references``: precomputed (calibration, held-out) references to reuse across NFE; the
+    calibration one is extended with the times a fit needs.
+    The fitted table is returned only if its held-out RMSE is below the initial table's.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown calibration mode {mode!r}; valid: {', '.join(MODES)}")
+    if not torch.is_tensor(calib) or not torch.is_tensor(heldout):
+        raise TypeError("calib and heldout must be noise tensors")
+    if calib.shape[1:] != heldout.shape[1:]:
+        raise ValueError(f"calib and heldout have different sample shapes {tuple(calib.shape[1:])} and {tuple(heldout.shape[1:])}")
+    cpu0 = time.process_time()
+    m64 = _velocity(model64 if model64 is not None else _float64(model), guidance)
+    if references is None:
+        rc = reference(m64, calib, cond=cond, rtol=rtol)
+        rh = reference(m64, heldout, cond=heldout_cond, rtol=rtol)
+    else:
+        rc, rh = references
+    ref_calls0 = 0 if references is None else rc.calls + rh.calls
+    calls = {"select": 0, "fit": 0, "heldout": 0}
+    cands: Dict[str, float] = {}
+    if init is None:
+        init, cands, calls["select"] = select_initial(model, calib, rc.at(1.0), nfe, cond, guidance, names, path)
+    elif init.nfe != nfe:
+        raise ValueError(f"init has {init.nfe} evaluations, not nfe = {nfe}")
+    init = LearnedSolver(init.times, init.a, init.b, guidance=guidance, meta=dict(init.meta))
+
+    def run_mode(md: str, x: Tensor, r: Reference, c) -> LearnedSolver:
+        fitted = init
+        if md == "dc":
+            label = dc_solver or init.meta.get("init", "unipc")
+            spec_name, opts = next(((s_, o) for l_, s_, o in CANDIDATES if l_ == label), (label, {}))
+            steps = int(init.meta.get("steps") or SOLVERS.get(spec_name).steps_for_nfe(nfe, **opts))
+            fitted, st = fit_dc(model, x, r, spec_name, steps, c, guidance, path=path, options=opts,
+                                ref_velocity=m64, rtol=rtol)
+            calls["fit"] += st["calls"]
+        if md in ("ls", "ls+grad"):
+            best = None
+            for sh in time_shifts:
+                cand, st = fit_ls(model, x, r, _warp(init, sh), c, guidance, ridge=ridge)
+                f = _Calls(_velocity(model, guidance), c)
+                with torch.no_grad():
+                    err = _rmse(ns_solve(f, x, cand.times, cand.a, cand.b)[0], r.at(1.0))
+                calls["fit"] += st["calls"] + f.calls
+                if math.isfinite(err) and (best is None or err < best[0]):
+                    best = (err, cand, sh)
+            if best is not None:
+                fitted = best[1]
+                fitted.meta["time_shift"] = best[2]
+        if md in ("grad", "ls+grad"):
+            fitted, st = fit_grad(model, x, r.at(1.0), fitted, c, guidance, iters=grad_iters)
+            calls["fit"] += st["calls"]
+        return fitted
+
+    if mode in ("ls", "ls+grad", "auto"):  # the reference at every time the least-squares fits use (one solve)
+        rc.extend(m64, [t for sh in time_shifts for t in _warp(init, sh).times], cond=cond, rtol=rtol)
+    if mode != "auto":
+        fitted = run_mode(mode, calib, rc, cond)
+    else:
+        # choose among the modes on a validation quarter of the calibration batch (fitted on the
+        # other three quarters), so the held-out batch stays untouched until the final check
+        nb = calib.shape[0]
+        nv = max(1, nb // 4)
+        fit_rows, val_rows = torch.arange(nb - nv), torch.arange(nb - nv, nb)
+        cf, cv = _slice_rows(cond, fit_rows), _slice_rows(cond, val_rows)
+        rf, rv = rc.subset(fit_rows), rc.subset(val_rows)
+        fv = _Calls(_velocity(model, guidance), cv)
+        scores = {}
+        tables = {"init": init}
+        for md in AUTO_MODES:
+            tables[md] = run_mode(md, calib[fit_rows], rf, cf)
+        with torch.no_grad():
+            for md, tb in tables.items():
+                scores[md] = _rmse(ns_solve(fv, calib[val_rows], tb.times, tb.a, tb.b)[0], rv.at(1.0))
+        calls["fit"] += fv.calls
+        pick = min(scores, key=lambda k: scores[k] if math.isfinite(scores[k]) else math.inf)
+        fitted = tables[pick]
+        fitted.meta["auto"] = {"picked": pick, "validation_rmse": scores}
+    # held-out check and fallback
+    f = _Calls(_velocity(model, guidance), heldout_cond)
+    with torch.no_grad():
+        f.cond = dict(heldout_cond or {})
+        h_init = _rmse(ns_solve(f, heldout, init.times, init.a, init.b)[0], rh.at(1.0))
+        h_fit = _rmse(ns_solve(f, heldout, fitted.times, fitted.a, fitted.b)[0], rh.at(1.0))
+        fc = _Calls(_velocity(model, guidance), cond)
+        c_init = _rmse(ns_solve(fc, calib, init.times, init.a, init.b)[0], rc.at(1.0))
+        c_fit = _rmse(ns_solve(fc, calib, fitted.times, fitted.a, fitted.b)[0], rc.at(1.0))
+    calls["heldout"] = f.calls + fc.calls
+    fallback = not (math.isfinite(h_fit) and h_fit < h_init)
+    chosen = init if fallback else fitted
+    calls["reference"] = rc.calls + rh.calls - ref_calls0  # incurred by this calibration
+    meta = {"fingerprint": model_fingerprint(model), "shape": list(calib.shape[1:]), "path": get_path(path).config(),
+            "init": init.meta.get("init"), "guidance": guidance, "n_calib": int(calib.shape[0]),
+            "n_heldout": int(heldout.shape[0]), "ref_rtol": rtol, "n_params": chosen.n_params}
+    chosen.meta.update({"mode": mode if not fallback else "fallback", **{k: meta[k] for k in ("fingerprint", "init")}})
+    return FitResult(chosen, init, mode, nfe, {"init": c_init, "fitted": c_fit}, {"init": h_init, "fitted": h_fit},
+                     fallback, time.process_time() - cpu0, calls, cands, meta)
