@@ -1,4 +1,4 @@
-"""Learned non-stationary solvers (solvers/learned.py), iPNDM, and their fitting (fit_solvers.py).
+"""Learned non-stationary solvers (solvers/learned.py), iPNDM, and their fitting (optimize/learned.py).
 
 Asserted: the table of every classical solver reproduces it to rounding (float64 oracle), the
 time parametrisation is exact at initialisation, guidance and NFE counting, serialisation,
@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
-from straightflow.fit_solvers import (DCCompensation, _TimeMap, calibrate, candidates, fit_dc, fit_ls, reference,
-                                      select_initial)
+from straightflow.optimize.learned import (DCCompensation, _TimeMap, candidates, fit_dc, fit_ls, reference,
+                                          select_initial)
+from straightflow.optimize.learned import fit_learned as calibrate
 from straightflow.oracle import GaussianMixtureFlow
 from straightflow.solvers import get_solver, sample
 from straightflow.solvers.learned import LearnedSolver, sample_learned, symbolic_run
@@ -194,25 +195,6 @@ def test_calibrate_rejects_bad_input(oracle2d):
     with pytest.raises(ValueError, match="nfe"):
         candidates(0)
     assert math.isfinite(refs[0].calls)
-
-
-def test_ems_with_zero_statistic_is_deis_and_statistics_are_exact_at_the_ends(oracle2d):
-    from straightflow.fit_solvers import fit_ems
-    from straightflow.solvers.ems import sample_ems
-
-    o, xc, _, (rc, _) = oracle2d
-    z = xc[:64]
-    for grid in (torch.linspace(0, 0.95, 7, dtype=torch.float64), torch.linspace(0, 1, 6, dtype=torch.float64)):
-        st = [0.0, 0.5, 1.0]
-        zero = torch.zeros(3, 2, dtype=torch.float64)
-        for order, corr, name, kw in ((3, False, "deis", {"order": 3}), (2, True, "deis-pc", {"order": 2})):
-            a = sample_ems(o, z, grid.tolist(), st, zero, order=order, corrector=corr)
-            b = sample(o, z, solver=name, grid=grid, **kw).x
-            assert a.nfe == grid.numel() - 1 and (a.x - b).abs().max().item() < 1e-10, name
-    ell, info = fit_ems(o, xc, rc, [0.0, 0.3, 0.7, 1.0], ref_velocity=o, probes=2)
-    assert ell.shape == (4, 2) and info["calls"] == 2 * 2 * 2
-    assert torch.equal(ell[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(ell[-1], torch.ones(2, dtype=torch.float64))
-    assert bool(((ell[1:3] > -1.0) & (ell[1:3] < 2.0)).all())
 
 
 def test_reference_merges_times_that_coincide_to_rounding(oracle2d):

@@ -42,6 +42,7 @@ from .calibration import (  # noqa: F401
     MODEL_FILE,
     Calibration,
     CalibrationKind,
+    CalibrationMismatch,
     CalibrationRequest,
     calibration_kinds,
     calibration_path,
@@ -49,7 +50,9 @@ from .calibration import (  # noqa: F401
     model_fingerprint,
     register_calibration_kind,
     save_calibration,
+    stored_calibrations,
 )
+from .learned import DCCompensation, FitResult, LearnedSolver, fit_dc, fit_learned, fit_ls, fit_grad  # noqa: F401
 from .reference import ReferenceTrajectory, reference_trajectory
 from .search import Schedule, run_schedule, search_schedule
 
@@ -59,4 +62,5 @@ __all__ = [
     "calibration_path", "save_calibration", "load_calibration", "calibrate", "calibrated_grid",
     "calibrated_schedule", "CALIBRATION_DIR",
     "CALIBRATION_KINDS", "CalibrationKind", "CalibrationRequest", "calibration_kinds", "register_calibration_kind",
+    "CalibrationMismatch", "stored_calibrations", "fit_learned", "LearnedSolver",
 ]

@@ -17,6 +17,7 @@ Adding a kind is registering one function: ``@register_calibration_kind("name")`
 """
 from __future__ import annotations
 
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import Tensor
 from ..checkpoint import load as load_run
 from ..paths import PathLike as PathSpec
 from ..paths import get_path
+from ..solvers.guidance import ClassifierFreeGuidance
 from .base import NoiseLike, _check_deterministic, _noise, _rmse
 from .boss import boss_grid
 from .calibration import (
@@ -47,8 +49,8 @@ from .search import run_schedule, search_schedule
 # ====================================================================== built-in kinds
 @register_calibration_kind("boss")
 def _calibrate_boss(req: CalibrationRequest) -> Calibration:
-    """A BOSS grid for ``req.solver``, scored on the calibration and the held-out batch."""
-    model, x, ref, cond, path, seed = req.model, req.x, req.reference, req.cond, req.path, req.seed
+    """BOSS time grid for one solver (Nguyen et al. 2023), scored on the calibration and held-out batch."""
+    model, x, ref, cond, path, seed = req.velocity, req.x, req.reference, req.cond, req.path, req.seed
     holdout, holdout_cond = req.holdout, req.holdout_cond
     spec = _check_deterministic(req.solver)
     grid, info = boss_grid(model, x, req.nfe, spec.name, cond=cond, path=path, reference=ref,
@@ -68,11 +70,11 @@ def _calibrate_boss(req: CalibrationRequest) -> Calibration:
 
 @register_calibration_kind("search", solver_list=True)
 def _calibrate_search(req: CalibrationRequest) -> Calibration:
-    """The searched schedule over the ``+``-joined candidates in ``req.solver``."""
+    """Searched schedule: time grid and one solver per step over the +-joined candidates (S^3-style)."""
     x, holdout, seed, options = req.x, req.holdout, req.seed, req.options
     label = req.solver
     cands = label.split("+")
-    sch = search_schedule(req.model, x, req.nfe, candidates=cands, holdout=holdout, cond=req.cond,
+    sch = search_schedule(req.velocity, x, req.nfe, candidates=cands, holdout=holdout, cond=req.cond,
                           holdout_cond=req.holdout_cond, path=req.path,
                           seed=seed, reference=req.reference, **options)
     settings = dict(calibration_nfe=sch.calibration_nfe, holdout_batch=(
@@ -106,6 +108,7 @@ def calibrate(
     *,
     run_dir: Optional[Union[str, os.PathLike]] = None,
     cond: Optional[Dict[str, Any]] = None,
+    guidance: Optional[float] = None,
     holdout: Optional[NoiseLike] = None,
     holdout_cond: Optional[Dict[str, Any]] = None,
     fine_steps: int = 256,
@@ -116,42 +119,65 @@ def calibrate(
     save: bool = True,
     **options,
 ) -> Calibration:
-    """Load the calibration for (kind, solver, nfe) beside the model, or compute and save it.
+    """A solver calibrated to this model at ``nfe`` evaluations: reused from beside the model, or
+    computed (and saved there).
 
     ``run_dir_or_model`` is a run directory (the model is loaded from it only if a computation is
-    needed) or a model (then ``run_dir=`` says where to cache; without it nothing is cached).
-    ``kind="boss"``: :func:`boss_grid` for ``solver``; ``kind="search"``: :func:`search_schedule`
-    with ``candidates=solver`` (a sequence, or a ``+``-joined string; ``grids=`` etc. in
-    ``options``); any other name in :func:`calibration_kinds` runs its registered function. A
-    stored file is reused, with no model evaluation, when its weights fingerprint matches; a
-    mismatch (retrained weights) recomputes and overwrites it.
+    needed) or any velocity model ``model(x, t, **cond)``, as :func:`straightflow.sample` takes it
+    (then ``run_dir=`` says where to store it; without it nothing is stored). ``kind`` is one of
+    :func:`calibration_kinds`: ``"learned"`` (a non-stationary multistep table fitted to an
+    accurate reference, ``solver`` its starting solver or ``"auto"``), ``"dc"`` (DC-Solver
+    compensation of ``solver``), ``"boss"`` (:func:`boss_grid` for ``solver``), ``"search"``
+    (:func:`search_schedule` over ``solver``, a sequence or a ``+``-joined string; ``grids=`` etc.
+    in ``options``). ``noise_or_shape``: the calibration batch (or its shape, drawn with ``seed``;
+    default ``(batch, *model.sample_shape)``); ``holdout``: the held-out batch (default: drawn like
+    it with ``seed + 1``) on which every kind is scored. ``cond`` / ``guidance``: conditioning and
+    classifier-free guidance scale the calibration is fitted with (and only valid for).
+
+    The result samples with ``straightflow.sample(model, noise, solver=cal)`` and records what it
+    is valid for (weights fingerprint, NFE, guidance, sample shape, path). A stored file is reused,
+    with no model evaluation, when its fingerprint matches; a mismatch (retrained weights)
+    recomputes and overwrites it (``recompute=True`` always does).
     """
     spec = CALIBRATION_KINDS.get(kind)  # an unknown kind: UnknownNameError listing the registered names
     kind = spec.name
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if guidance is not None and not math.isfinite(float(guidance)):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if isinstance(run_dir_or_model, (str, os.PathLike)):
         run_dir = Path(run_dir_or_model)
         model = None
         fp = model_fingerprint(run_dir)
     else:
         model = run_dir_or_model
-        fp = model_fingerprint(model)
+        fp = model_fingerprint(model, strict=False)
+        if run_dir is not None and save and not fp:
+            raise ValueError("cannot store a calibration for a velocity function with no weights to fingerprint "
+                             "(give an nn.Module, or an object with a fingerprint() method, or save=False)")
     label = _canon_solver(kind, solver)
     if run_dir is not None and not recompute:
-        cal = load_calibration(run_dir, kind, label, nfe, fingerprint=fp)
+        cal = load_calibration(run_dir, kind, label, nfe, fingerprint=fp, guidance=guidance)
         if cal is not None:
             return cal
     if model is None:
         model = load_run(run_dir)
     x = _noise(noise_or_shape if noise_or_shape is not None else _default_shape(model, batch), seed)
-    ref = reference_trajectory(model, x, fine_steps, cond)
-    settings = {"solver": "rk4", "fine_steps": fine_steps, "calib_batch": int(x.shape[0]),
-                "seed": seed, "path": str(get_path(path).config())}
+    velocity = model if guidance is None else ClassifierFreeGuidance(model, float(guidance))
+    ref = None if spec.own_reference else reference_trajectory(velocity, x, fine_steps, cond)
+    settings = {"calib_batch": int(x.shape[0]), "seed": seed}
+    if ref is not None:
+        settings.update(solver="rk4", fine_steps=fine_steps)
     cal = spec.fn(CalibrationRequest(
         model=model, x=x, reference=ref, solver=label, nfe=nfe, cond=cond, holdout=holdout,
-        holdout_cond=holdout_cond, fine_steps=fine_steps, path=path, seed=seed, options=options))
+        holdout_cond=holdout_cond, fine_steps=fine_steps, path=path, seed=seed, guidance=guidance,
+        options=options))
     cal.reference = {**settings, **cal.reference}  # the kind's own settings after the common ones
     cal.fingerprint = fp
     cal.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    cal.shape = [int(s) for s in x.shape[1:]]
+    cal.guidance = None if guidance is None else float(guidance)
+    cal.path = get_path(path).config()
     # the file is named by the requested budget so that the same request finds it again
     cal.nfe = int(nfe)
     if run_dir is not None and save:

@@ -33,6 +33,8 @@ from ..paths import PathLike as PathSpec
 from ..registry import Registry
 from ..solvers import SampleResult
 from ..solvers.base import SOLVERS
+from ..solvers.guidance import ClassifierFreeGuidance
+from ..solvers.learned import LearnedSolver, sample_learned
 from .base import NoiseLike
 from .reference import ReferenceTrajectory
 from .search import run_schedule
@@ -42,14 +44,24 @@ MODEL_FILE = "model.safetensors"
 _FORMAT_VERSION = 1
 
 
+class CalibrationMismatch(ValueError):
+    """A calibration used with a model, shape or guidance scale it was not computed for."""
+
+
 @dataclass
 class Calibration:
-    """A stored optimised schedule: what it is for, the grid, the per-step solvers and its scores.
+    """A calibrated solver: what it is valid for, how it samples, and its scores.
 
-    ``kind``: ``"boss"`` (a BOSS grid for one solver), ``"search"`` (a searched schedule;
-    ``solver`` is then the ``+``-joined candidate list) or another registered kind
-    (:func:`calibration_kinds`). ``times`` has ``len(solvers) + 1``
-    entries. ``fingerprint`` identifies the weights it was computed for (:func:`model_fingerprint`).
+    Two forms. A *schedule* (kinds ``boss`` and ``search``): ``times`` has ``len(solvers) + 1``
+    entries, a time grid with one registered solver per step. A *table* (kinds ``learned`` and
+    ``dc``): ``table`` is a :class:`~straightflow.solvers.learned.LearnedSolver` record (its
+    evaluation times and coefficients), ``times`` its evaluation times and ``solvers`` empty.
+
+    Validity: ``fingerprint`` (the weights, :func:`model_fingerprint`; ``""`` for a velocity
+    function that has none), ``nfe``, ``guidance`` (the classifier-free guidance scale it was fitted
+    at, None: unguided), ``shape`` (the sample shape, without the batch) and ``path``.
+    :meth:`sample` refuses anything else with :class:`CalibrationMismatch`.
+    ``straightflow.sample(model, noise, solver=cal)`` calls :meth:`sample`.
     """
 
     kind: str
@@ -64,19 +76,66 @@ class Calibration:
     fingerprint: str = ""
     created: str = ""
     info: Dict[str, Any] = field(default_factory=dict)
+    table: Optional[Dict[str, Any]] = None
+    shape: Optional[List[int]] = None
+    guidance: Optional[float] = None
+    path: Any = "linear"
     version: int = _FORMAT_VERSION
 
     @property
     def grid_tensor(self) -> Tensor:
+        if self.table is not None:
+            raise ValueError(f"a {self.kind!r} calibration is a coefficient table, not a time grid")
         return validate_grid(torch.tensor(self.times, dtype=torch.float64), direction=1)
 
     @property
     def steps(self) -> int:
-        return len(self.solvers)
+        return len(self.times) if self.table is not None else len(self.solvers)
+
+    @property
+    def learned_solver(self) -> LearnedSolver:
+        """The coefficient table (kinds ``learned`` and ``dc``)."""
+        if self.table is None:
+            raise ValueError(f"a {self.kind!r} calibration has no coefficient table")
+        return LearnedSolver.from_dict(self.table)
+
+    def describe(self) -> str:
+        """One line: what it is and what it is valid for."""
+        g = "" if self.guidance is None else f", guidance {self.guidance:g}"
+        shape = "any shape" if self.shape is None else "shape " + "x".join(str(s) for s in self.shape)
+        return f"{self.kind} calibration of {self.solver} at NFE {self.nfe} ({shape}{g})"
+
+    def check(self, model: Any = None, noise: Optional[Tensor] = None, guidance: Optional[float] = None) -> None:
+        """Raise :class:`CalibrationMismatch` unless ``model`` / ``noise`` / ``guidance`` are what
+        this calibration was computed for (``None`` skips that check)."""
+        if noise is not None and self.shape is not None and list(noise.shape[1:]) != list(self.shape):
+            raise CalibrationMismatch(f"{self.describe()} was computed for samples of shape {tuple(self.shape)}, "
+                                      f"got noise of shape {tuple(noise.shape[1:])}: calibrate for this shape")
+        if guidance is not None and (self.guidance is None or float(guidance) != float(self.guidance)):
+            raise CalibrationMismatch(f"{self.describe()} was computed at guidance {self.guidance}, "
+                                      f"got guidance {guidance}: calibrate at that scale")
+        if model is not None and self.fingerprint:
+            fp = model_fingerprint(model, strict=False)
+            if fp and fp != self.fingerprint:
+                raise CalibrationMismatch(
+                    f"{self.describe()} was computed for other weights (fingerprint {self.fingerprint[:19]}..., "
+                    f"this model {fp[:19]}...); calibrate again for these weights")
+
+    def sample(self, model: Callable, noise: Tensor, cond: Optional[Dict[str, Any]] = None,
+               guidance: Optional[float] = None, check_finite: bool = True, verify: bool = True) -> SampleResult:
+        """Sample from ``noise`` (t = 0) with this calibration; ``res.nfe`` is counted. The guidance
+        scale is the calibration's (another one is refused). ``verify=False`` skips the weights
+        check (hashing the weights costs a pass over them)."""
+        self.check(model if verify else None, noise, guidance)
+        if self.table is not None:
+            return sample_learned(model, noise, self.learned_solver, cond=cond, check_finite=check_finite)
+        velocity = model if self.guidance is None else ClassifierFreeGuidance(model, float(self.guidance))
+        return run_schedule(velocity, noise, self.grid_tensor, self.solvers, cond=cond, path=self.path,
+                            check_finite=check_finite)
 
     def run(self, model, x, cond=None, **kw) -> SampleResult:
-        """Sample with this calibration (:func:`run_schedule`)."""
-        return run_schedule(model, x, self.grid_tensor, self.solvers, cond=cond, **kw)
+        """Sample with this calibration (same as :meth:`sample`)."""
+        return self.sample(model, x, cond=cond, **kw)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -90,6 +149,11 @@ class Calibration:
         if missing:
             raise ValueError(f"calibration lacks {sorted(missing)}")
         cal = cls(**{k: v for k, v in d.items() if k in names})
+        if cal.table is not None:
+            ls = cal.learned_solver  # validates the table
+            if ls.nfe != int(cal.nfe):
+                raise ValueError(f"calibration table has {ls.nfe} evaluations, its record says NFE {cal.nfe}")
+            return cal
         if len(cal.times) != len(cal.solvers) + 1:
             raise ValueError(f"calibration has {len(cal.times)} times for {len(cal.solvers)} steps")
         cal.grid_tensor  # validates
@@ -102,7 +166,9 @@ class CalibrationRequest:
     """What :func:`~straightflow.optimize.calibrate` hands a calibration kind.
 
     ``x`` is the calibration batch (noise at t = 0) and ``reference`` its RK4 reference
-    trajectory (``fine_steps`` steps); ``solver`` is the canonical solver label (for a kind
+    trajectory (``fine_steps`` steps; None for a kind registered with ``own_reference=True``,
+    which computes its own); ``model`` is the model as given and :attr:`velocity` the field to
+    integrate (``model`` under classifier-free guidance at scale ``guidance``); ``solver`` is the canonical solver label (for a kind
     registered with ``solver_list=True``, the ``+``-joined candidate list); ``holdout`` /
     ``holdout_cond`` are the held-out batch (tensor or shape; ``None``: like ``x``, drawn with
     ``seed + 1``) and its conditioning; ``options`` are the extra keyword arguments of
@@ -111,7 +177,7 @@ class CalibrationRequest:
 
     model: Callable
     x: Tensor
-    reference: ReferenceTrajectory
+    reference: Optional[ReferenceTrajectory]
     solver: str
     nfe: int
     cond: Optional[Dict[str, Any]] = None
@@ -120,23 +186,31 @@ class CalibrationRequest:
     fine_steps: int = 256
     path: PathSpec = "linear"
     seed: int = 0
+    guidance: Optional[float] = None
     options: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def velocity(self) -> Callable:
+        return self.model if self.guidance is None else ClassifierFreeGuidance(self.model, float(self.guidance))
 
 
 @dataclass(frozen=True)
 class CalibrationKind:
-    """A registered calibration kind: its name, its function, and whether ``solver`` is a list."""
+    """A registered calibration kind: its name, its function, whether ``solver`` is a list, whether
+    it computes its own reference, and one line for ``straightflow list``."""
 
     name: str
     fn: Callable[[CalibrationRequest], Calibration]
     solver_list: bool = False
+    own_reference: bool = False
+    summary: str = ""
 
 
 CALIBRATION_KINDS: Registry[CalibrationKind] = Registry("calibration kind")
 
 
 def register_calibration_kind(
-    name: str, solver_list: bool = False
+    name: str, solver_list: bool = False, own_reference: bool = False, summary: str = ""
 ) -> Callable[[Callable[[CalibrationRequest], Calibration]], Callable[[CalibrationRequest], Calibration]]:
     """Register ``fn(request) -> Calibration`` as calibration kind ``name`` (a decorator).
 
@@ -146,11 +220,14 @@ def register_calibration_kind(
     which :func:`~straightflow.optimize.calibrate` appends to the common ones (reference solver,
     steps, batch, seed, path) before it sets the fingerprint, the date and the requested ``nfe``
     and saves the file. ``solver_list=True``: the kind takes a list of solvers (a sequence or a
-    ``+``-joined string), named ``a+b+c`` in the file name.
+    ``+``-joined string), named ``a+b+c`` in the file name. ``own_reference=True``: the kind
+    computes its own reference (``request.reference`` is None).
     """
 
     def deco(fn: Callable[[CalibrationRequest], Calibration]) -> Callable[[CalibrationRequest], Calibration]:
-        CALIBRATION_KINDS.register(name)(CalibrationKind(name.lower(), fn, solver_list))
+        doc = (fn.__doc__ or "").strip()
+        text = summary or (doc.splitlines()[0] if doc else "")
+        CALIBRATION_KINDS.register(name)(CalibrationKind(name.lower(), fn, solver_list, own_reference, text))
         return fn
 
     return deco
@@ -179,9 +256,12 @@ def _canon_solver(kind: str, solver: Union[str, Sequence[str]]) -> str:
     return "+".join(SOLVERS.canonical(p) if p in SOLVERS else p for p in parts)
 
 
-def calibration_path(run_dir: Union[str, os.PathLike], kind: str, solver: Union[str, Sequence[str]], nfe: int) -> Path:
-    """``run_dir/calibrations/<kind>-<solver>-nfe<k>.json`` (solver names canonicalised)."""
-    return Path(run_dir) / CALIBRATION_DIR / f"{_sanitize(kind)}-{_sanitize(_canon_solver(kind, solver))}-nfe{int(nfe)}.json"
+def calibration_path(run_dir: Union[str, os.PathLike], kind: str, solver: Union[str, Sequence[str]], nfe: int,
+                     guidance: Optional[float] = None) -> Path:
+    """``run_dir/calibrations/<kind>-<solver>-nfe<k>[-cfg<w>].json`` (solver names canonicalised;
+    the suffix for a calibration at classifier-free guidance scale ``w``)."""
+    g = "" if guidance is None else f"-cfg{float(guidance):g}"
+    return Path(run_dir) / CALIBRATION_DIR / f"{_sanitize(kind)}-{_sanitize(_canon_solver(kind, solver))}-nfe{int(nfe)}{_sanitize(g)}.json"
 
 
 def _hash_state(state: Mapping[str, Tensor]) -> str:
@@ -193,11 +273,12 @@ def _hash_state(state: Mapping[str, Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def model_fingerprint(model_or_run_dir: Any) -> str:
+def model_fingerprint(model_or_run_dir: Any, strict: bool = True) -> str:
     """Identify a model's weights: SHA-256 over the sorted (name, dtype, shape, bytes) of its
     state dict. A run directory is fingerprinted from its ``model.safetensors`` the same way, so a
     model loaded from the run and the run directory itself agree. Objects with a
-    ``fingerprint()`` method use it; the Gaussian-mixture oracle hashes its parameters and path."""
+    ``fingerprint()`` method use it; the Gaussian-mixture oracle hashes its parameters and path.
+    Anything else raises ``TypeError``, or gives ``""`` with ``strict=False``."""
     if isinstance(model_or_run_dir, (str, os.PathLike)):
         return _hash_state(load_tensors(Path(model_or_run_dir) / MODEL_FILE))
     m = model_or_run_dir
@@ -211,25 +292,27 @@ def model_fingerprint(model_or_run_dir: Any) -> str:
         state = {"means": m.means, "covs": m.covs, "weights": m.weights}
         cfg = m.path.config() if hasattr(m.path, "config") else repr(m.path)
         return _hash_state(state) + "|path=" + hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+    if not strict:  # a plain velocity function: nothing to identify it by
+        return ""
     raise TypeError(f"cannot fingerprint a {type(m).__name__}: give an nn.Module, a run directory, "
                     "or an object with a fingerprint() method")
 
 
 def save_calibration(run_dir: Union[str, os.PathLike], cal: Calibration) -> Path:
     """Write ``cal`` to :func:`calibration_path` atomically; returns the path."""
-    p = calibration_path(run_dir, cal.kind, cal.solver, cal.nfe)
+    p = calibration_path(run_dir, cal.kind, cal.solver, cal.nfe, cal.guidance)
     save_json(p, cal.to_dict())
     return p
 
 
 def load_calibration(
     run_dir: Union[str, os.PathLike], kind: str, solver: Union[str, Sequence[str]], nfe: int,
-    fingerprint: Optional[str] = None, model: Any = None,
+    fingerprint: Optional[str] = None, model: Any = None, guidance: Optional[float] = None,
 ) -> Optional[Calibration]:
     """The stored calibration, or None when there is none, it is unreadable, or its fingerprint
     does not match the weights: ``fingerprint`` if given, else ``model``'s, else the run's
     ``model.safetensors`` (None when none of these exists: an unverifiable file is not reused)."""
-    p = calibration_path(run_dir, kind, solver, nfe)
+    p = calibration_path(run_dir, kind, solver, nfe, guidance)
     if not p.is_file():
         return None
     try:
@@ -245,3 +328,15 @@ def load_calibration(
         else:
             return None
     return cal if cal.fingerprint == fingerprint else None
+
+
+def stored_calibrations(run_dir: Union[str, os.PathLike]) -> List[Calibration]:
+    """Every readable calibration file in ``run_dir/calibrations`` (not checked against the weights;
+    :meth:`Calibration.check` does that), sorted by kind, NFE and solver."""
+    out = []
+    for p in sorted((Path(run_dir) / CALIBRATION_DIR).glob("*.json")):
+        try:
+            out.append(Calibration.from_dict(load_json(p)))
+        except (CheckpointError, ValueError, TypeError) as e:
+            warnings.warn(f"ignoring unreadable calibration {p}: {e}")
+    return sorted(out, key=lambda c: (c.kind, c.nfe, c.solver))

@@ -91,8 +91,8 @@ def solve(
 def sample(
     model: Callable,
     noise: Union[Tensor, Sequence[int]],
-    solver: str = "euler",
-    steps: Optional[int] = 8,
+    solver: Union[str, Any] = "euler",
+    steps: Optional[int] = None,
     grid: GridLike = "uniform",
     guidance: Optional[Union[float, ClassifierFreeGuidance]] = None,
     cond: Optional[Dict[str, Any]] = None,
@@ -112,9 +112,19 @@ def sample(
     grid name (``straightflow.grids.available()``) with ``steps``, or an explicit increasing tensor
     of times. ``path`` is the path the model was trained on (used by solvers that need it). ``guidance`` (a float scale or a :class:`ClassifierFreeGuidance`) needs ``cond={"y": ...}``
     and a model with a null class. Returns a :class:`SampleResult` with ``.x``, ``.nfe`` (velocity
-    evaluations per sample, guided rows included) and ``.trajectory`` when asked.
+    evaluations per sample, guided rows included) and ``.trajectory`` when asked. ``steps``
+    defaults to 8.
+
+    ``solver`` may also be a calibration (``straightflow.optimize.calibrate(...)``, or any object
+    with a ``sample(model, noise, cond=, guidance=, check_finite=)`` method): it fixes its own
+    times and NFE and refuses a model, shape or guidance scale it was not computed for.
     """
+    if not isinstance(solver, str):
+        return _sample_calibrated(solver, model, noise, steps, grid, guidance, cond, seed, generator,
+                                  return_trajectory, check_finite, solver_options)
     SOLVERS.canonical(solver)  # fail on a bad name before any work
+    if steps is None and not _is_explicit(grid):
+        steps = 8
     x, _ = initial_noise(noise, seed, generator)
     if generator is None and seed is not None:
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
@@ -126,6 +136,24 @@ def sample(
         velocity = guidance if isinstance(guidance, ClassifierFreeGuidance) else ClassifierFreeGuidance(model, float(guidance))
     return solve(velocity, x, g, solver, cond=cond, return_trajectory=return_trajectory,
                  check_finite=check_finite, generator=generator, path=path, **solver_options)
+
+
+def _sample_calibrated(cal, model, noise, steps, grid, guidance, cond, seed, generator, return_trajectory,
+                       check_finite, solver_options) -> SampleResult:
+    run = getattr(cal, "sample", None)
+    if not callable(run):
+        raise TypeError(f"solver must be a solver name ({', '.join(available())}) or a calibration, "
+                        f"got {type(cal).__name__}")
+    nfe = getattr(cal, "nfe", None)
+    if steps is not None and nfe is not None and int(steps) != int(nfe):
+        raise ValueError(f"this calibration runs at NFE {nfe}; got steps={steps} (leave steps unset)")
+    if _is_explicit(grid) or grid != "uniform" or solver_options or return_trajectory:
+        raise ValueError("a calibration fixes its own times and update: grid=, solver options and "
+                         "return_trajectory do not apply")
+    if isinstance(guidance, ClassifierFreeGuidance):
+        raise ValueError("give a calibration the guidance scale as a number (it must be the scale it was fitted at)")
+    x, _ = initial_noise(noise, seed, generator)
+    return run(model, x, cond=cond, guidance=guidance, check_finite=check_finite)
 
 
 def _is_explicit(grid) -> bool:

@@ -17,7 +17,8 @@ FlowTurbo's pseudo-corrector, Euler, midpoint, Heun, RK4)
 is converted to its exact table and run on the calibration batch; the most accurate one starts
 the fit (and is the fallback).
 
-Fitting modes (:func:`calibrate`):
+Fitting modes (:func:`fit_learned`; the calibration kinds ``learned`` and ``dc`` of
+:func:`straightflow.optimize.calibrate` call it):
 
 * ``"grad"`` -- exact gradients through the model (small models): the loss
   ``mean |x_out(theta) - x_ref(1)|^2`` is minimised over all parameters by L-BFGS, back-propagating
@@ -49,8 +50,9 @@ data predictions evaluated at ``tau'_j = tau_{j-1} + rho_j (tau_j - tau_{j-1})``
 ``j``, each kept only if the calibration endpoint does not get worse. The compensated solver is
 again linear in the raw evaluations, so it is run as a table.
 
-DPM-Solver-v3-style statistics (:func:`fit_ems`): the per-dimension Jacobian diagonal of the data
-prediction along the calibration trajectories, for :mod:`straightflow.solvers.ems`.
+A DPM-Solver-v3-style solver (per-dimension empirical model statistics from the calibration
+batch, Zheng et al. 2023) was built and measured here too and dropped: it was less accurate than
+the best uncalibrated solver in all 24 cells measured (3 fields, NFE 3-10; ``research/RESULTS.md``).
 
 Costs are recorded as CPU seconds (``time.process_time``) and model calls (batch evaluations,
 reference included). Results are small dataclasses of floats (:class:`FitResult`), serialisable
@@ -59,7 +61,6 @@ to plain dicts (JSON); nothing is pickled.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -68,16 +69,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .grids import make_grid
-from .paths import PathLike, get_path
-from .solvers import sample as _sample
-from .solvers.base import SOLVERS
-from .solvers.guidance import ClassifierFreeGuidance
-from .solvers.learned import LearnedSolver, ns_solve, symbolic_run
-from .time import shift_time
+from ..grids import make_grid
+from ..paths import PathLike, get_path
+from ..solvers import sample as _sample
+from ..solvers.base import SOLVERS
+from ..solvers.guidance import ClassifierFreeGuidance
+from ..solvers.learned import LearnedSolver, ns_solve, symbolic_run
+from ..time import shift_time
+from .base import _noise, _rmse
+from .calibration import Calibration, CalibrationRequest, model_fingerprint, register_calibration_kind
 
 __all__ = ["CANDIDATES", "FitResult", "Reference", "reference", "candidates", "select_initial", "fit_grad",
-           "fit_ls", "fit_dc", "fit_ems", "calibrate", "DCCompensation", "model_fingerprint"]
+           "fit_ls", "fit_dc", "fit_learned", "DCCompensation"]
 
 # (label, solver, options): the classical starting points (each at the step count whose exact cost is
 # the target NFE; the Runge-Kutta ones only where that is a multiple of their stages)
@@ -88,10 +91,6 @@ CANDIDATES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
     ("midpoint", "midpoint", {}), ("heun", "heun", {}), ("rk4", "rk4", {}),
 )
 REF_TOL = 1e-8
-
-
-def _rmse(a: Tensor, b: Tensor) -> float:
-    return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
 class _Calls:
@@ -117,26 +116,6 @@ def _float64(model: Callable) -> Callable:
     if isinstance(model, torch.nn.Module):
         return copy.deepcopy(model).double().eval()
     return model
-
-
-def model_fingerprint(model: Any) -> str:
-    """SHA-256 of a module's state dict (sorted names, dtypes, shapes, bytes), an object's own
-    ``fingerprint()``, or of a Gaussian-mixture oracle's parameters; ``""`` when none applies."""
-    fp = getattr(model, "fingerprint", None)
-    if callable(fp):
-        return str(fp())
-    if isinstance(model, torch.nn.Module):
-        state = model.state_dict()
-    elif all(hasattr(model, k) for k in ("means", "covs", "weights")):
-        state = {"means": model.means, "covs": model.covs, "weights": model.weights}
-    else:
-        return ""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k].detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return "sha256:" + h.hexdigest()
 
 
 def _slice_rows(cond: Optional[Dict[str, Any]], rows: Tensor) -> Optional[Dict[str, Any]]:
@@ -492,42 +471,6 @@ def fit_dc(model: Callable, x0: Tensor, ref: Reference, solver: str, steps: int,
     return fitted, {"calls": f.calls, "ratios": ratios}
 
 
-# ---------------------------------------------------------------------------- DPM-Solver-v3-style statistics
-@torch.no_grad()
-def fit_ems(model: Callable, x0: Tensor, ref: Reference, stat_times: Sequence[float], cond=None, guidance=None,
-            probes: int = 4, eps: Optional[float] = None, path: PathLike = "linear", ref_velocity: Optional[Callable] = None,
-            rtol: float = REF_TOL, seed: int = 0) -> Tuple[Tensor, Dict[str, Any]]:
-    """Empirical linear statistic of :mod:`straightflow.solvers.ems`: at each of ``stat_times``, the
-    per-dimension mean over the calibration batch (on its reference trajectory) of the Jacobian
-    diagonal of the data prediction, by Hutchinson probes ``z`` (Rademacher) with central finite
-    differences ``z * (m(x + eps z) - m(x - eps z)) / (2 eps)`` (no backprop; ``2 probes`` model calls
-    per time). ``l = 0`` where ``alpha = 0`` and ``l = 1`` where ``sigma = 0`` (exact there).
-    Returns ``(ell (K, *shape), stats)``."""
-    p = get_path(path)
-    f = _Calls(_velocity(model, guidance), cond)
-    st = [float(t) for t in stat_times]
-    if ref_velocity is not None:
-        ref.extend(ref_velocity, st, cond=cond, rtol=rtol)
-    eps = eps if eps is not None else (1e-3 if x0.dtype == torch.float64 else 1e-2)
-    g = torch.Generator(device=x0.device).manual_seed(int(seed))
-    out = []
-    for t in st:
-        tt = torch.tensor(t, dtype=torch.float64)
-        a, sg = float(p.alpha(tt)), float(p.sigma(tt))
-        if abs(a) < 1e-12 or abs(sg) < 1e-12:
-            out.append(torch.full(x0.shape[1:], 0.0 if abs(a) < 1e-12 else 1.0, dtype=torch.float64))
-            continue
-        x = ref.at(t).to(x0.dtype)
-        tx = torch.as_tensor(t, dtype=x.dtype)
-        m = lambda y: p.velocity_to_x1(f(y, t), y, tx)  # noqa: E731
-        acc = torch.zeros_like(x, dtype=torch.float64)
-        for _ in range(int(probes)):
-            z = (torch.randint(0, 2, x.shape, generator=g, device=x.device) * 2 - 1).to(x.dtype)
-            acc += (z * (m(x + eps * z) - m(x - eps * z)) / (2 * eps)).double()
-        out.append((acc / probes).mean(0))
-    return torch.stack(out), {"calls": f.calls}
-
-
 # ---------------------------------------------------------------------------- calibration
 @dataclass
 class FitResult:
@@ -564,7 +507,7 @@ MODES = ("grad", "ls", "ls+grad", "dc", "auto")
 AUTO_MODES = ("ls", "grad", "ls+grad")
 
 
-def calibrate(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: str = "ls+grad", cond=None,
+def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: str = "auto", cond=None,
               heldout_cond=None, guidance: Optional[float] = None, path: PathLike = "linear",
               init: Optional[LearnedSolver] = None, names: Optional[Sequence[str]] = None,
               model64: Optional[Callable] = None, rtol: float = REF_TOL, grad_iters: int = 120,
@@ -670,9 +613,51 @@ def calibrate(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode: s
     fallback = not (math.isfinite(h_fit) and h_fit < h_init)
     chosen = init if fallback else fitted
     calls["reference"] = rc.calls + rh.calls - ref_calls0  # incurred by this calibration
-    meta = {"fingerprint": model_fingerprint(model), "shape": list(calib.shape[1:]), "path": get_path(path).config(),
+    meta = {"fingerprint": model_fingerprint(model, strict=False), "shape": list(calib.shape[1:]), "path": get_path(path).config(),
             "init": init.meta.get("init"), "guidance": guidance, "n_calib": int(calib.shape[0]),
             "n_heldout": int(heldout.shape[0]), "ref_rtol": rtol, "n_params": chosen.n_params}
     chosen.meta.update({"mode": mode if not fallback else "fallback", **{k: meta[k] for k in ("fingerprint", "init")}})
     return FitResult(chosen, init, mode, nfe, {"init": c_init, "fitted": c_fit}, {"init": h_init, "fitted": h_fit},
                      fallback, time.process_time() - cpu0, calls, cands, meta)
+
+
+# ---------------------------------------------------------------------------- calibration kinds
+def _fit_request(req: CalibrationRequest, mode: str) -> Calibration:
+    """Run :func:`fit_learned` for a :class:`CalibrationRequest` and wrap the result as a :class:`Calibration`."""
+    opts = dict(req.options)
+    mode = opts.pop("mode", mode)
+    rtol = float(opts.pop("rtol", REF_TOL))
+    xh = _noise(req.holdout if req.holdout is not None else tuple(req.x.shape), req.seed + 1)
+    if xh.shape[1:] != req.x.shape[1:]:
+        raise ValueError(f"the held-out batch has samples of shape {tuple(xh.shape[1:])}, the calibration batch "
+                         f"{tuple(req.x.shape[1:])}")
+    hcond = req.holdout_cond if req.holdout_cond is not None else (req.cond if req.holdout is None else None)
+    names = None if req.solver == "auto" else [req.solver]
+    res = fit_learned(req.model, req.x, xh, req.nfe, mode=mode, cond=req.cond, heldout_cond=hcond,
+                      guidance=req.guidance, path=req.path, names=names, rtol=rtol, **opts)
+    pick = "init" if res.fallback else "fitted"
+    table = res.solver.to_dict()
+    table["meta"] = {k: v for k, v in table["meta"].items() if k not in ("fingerprint",)}
+    return Calibration(
+        kind=mode if mode == "dc" else "learned", solver=req.solver, nfe=res.nfe, times=list(res.solver.times),
+        solvers=[], grid="learned", calib_rmse=res.calib_rmse[pick], holdout_rmse=res.heldout_rmse[pick],
+        reference={"solver": "dopri5", "rtol": rtol, "dtype": "float64", "holdout_batch": int(xh.shape[0])},
+        info={"mode": mode, "initial_solver": res.initial.meta.get("init"), "fallback": res.fallback,
+              "calib_rmse": res.calib_rmse, "holdout_rmse": res.heldout_rmse, "cpu_seconds": res.cpu_seconds,
+              "model_calls": res.model_calls, "candidates": res.candidates, "n_params": res.solver.n_params,
+              "initial_table": res.initial.to_dict()},
+        table=table)
+
+
+@register_calibration_kind("learned", own_reference=True,
+                           summary="learned non-stationary multistep table (BNS-style), fitted to a dopri5 reference")
+def _calibrate_learned(req: CalibrationRequest) -> Calibration:
+    """The learned table (``mode`` option: auto / ls / grad / ls+grad; default auto)."""
+    return _fit_request(req, "auto")
+
+
+@register_calibration_kind("dc", own_reference=True,
+                           summary="DC-Solver dynamic compensation of a multistep solver (Zhao et al. 2024)")
+def _calibrate_dc(req: CalibrationRequest) -> Calibration:
+    """DC-Solver compensation ratios of ``req.solver`` (or of the best candidate with ``"auto"``)."""
+    return _fit_request(req, "dc")
