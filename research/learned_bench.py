@@ -29,8 +29,7 @@ import torch
 torch.set_num_threads(1)
 
 from straightflow.bench.solvers import _make_field, make_peers, Counter  # noqa: E402
-from straightflow.fit_solvers import calibrate, fit_ems, reference  # noqa: E402
-from straightflow.solvers.ems import sample_ems  # noqa: E402
+from straightflow.optimize.learned import fit_learned as calibrate, reference  # noqa: E402
 from straightflow.time import shift_time  # noqa: E402
 from straightflow.solvers import available, get_solver, sample  # noqa: E402
 from straightflow.solvers.learned import LearnedSolver, _is_fixed_deterministic, sample_learned  # noqa: E402
@@ -92,18 +91,6 @@ def ours_table(fld, ref, nfes):
                     rows.setdefault(spec.name, {})[nfe] = rmse(r.x, ref)
                     break
     return rows
-
-
-def _ems(fld, calib, ccond, rc, rh, nfe):
-    """DPM-Solver-v3-style EMS solver: statistics at the uniform grid and its midpoints."""
-    t0 = time.process_time()
-    g = torch.linspace(0, 1, nfe + 1, dtype=torch.float64).tolist()
-    st = sorted(set(g) | {0.5 * (a + b) for a, b in zip(g, g[1:])})
-    ell, info = fit_ems(fld.model, calib, rc, st, cond=ccond, ref_velocity=fld.model64)
-    res = sample_ems(fld.model, fld.noise, g, st, ell, cond=fld.cond)
-    assert res.nfe == nfe * (2 if fld.name == "digits-cfg" else 1)  # guided rows count twice
-    return {"heldout_chosen": rmse(res.x, rh.at(1.0)), "fallback": False, "cpu_seconds": time.process_time() - t0,
-            "model_calls": {"stats": info["calls"], "sample": nfe}}
 
 
 GUIDANCE = 2.0
@@ -174,11 +161,6 @@ def run_field(name, nfes, modes, grad_iters, calib_n=None):
     for nfe in nfes:
         for mode in modes:
             if str(nfe) in out["calibrated"].get(mode, {}):
-                continue
-            if mode == "ems":
-                rec = _ems(fld, calib, ccond, rc, rh, nfe)
-                out["calibrated"].setdefault(mode, {})[str(nfe)] = rec
-                print(f"{name} NFE {nfe} ems: held {rec['heldout_chosen']:.3e} cpu {rec['cpu_seconds']:.1f}s", flush=True)
                 continue
             r = calibrate(raw, calib, fld.noise, nfe, mode=mode, cond=ccond, heldout_cond=fld.cond,
                           guidance=guidance, model64=raw64, references=(rc, rh), grad_iters=grad_iters)
