@@ -9,6 +9,8 @@ denoising loop through ``StraightflowScheduler``.
 """
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -158,3 +160,31 @@ def test_guided_calibration_records_its_scale(oracle):
     assert torch.equal(out.x, sf.sample(m, z, solver=cal, cond=y, guidance=2.0).x)
     with pytest.raises(CalibrationMismatch, match="guidance 2.0"):
         sf.sample(m, z, solver=cal, cond=y, guidance=3.0)
+
+
+def test_command_line_calibrate_then_sample_calibrated(tmp_path, capsys):
+    from straightflow.cli.main import main
+
+    run = tmp_path / "moons"
+    assert main(["train", "--data", "moons", "--n", "2000", "--steps", "60", "--batch-size", "64",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "--calibrated", "--out", str(tmp_path / "x.png")]) == 2
+    assert "straightflow calibrate" in capsys.readouterr().err  # says how to make one
+    assert main(["calibrate", str(run), "--nfe", "4", "--batch", "128", "--mode", "ls", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out RMSE" in out and "learned-auto-nfe4.json" in out
+    png = tmp_path / "cal.png"
+    assert main(["sample", str(run), "--calibrated", "--n", "64", "--out", str(png)]) == 0
+    assert "NFE 4" in capsys.readouterr().out and png.is_file()
+    x = np.load(png.with_suffix(".npz"))["x"]
+    m = sf.load(run)
+    cal = load_calibration(run, "learned", "auto", 4)
+    z = torch.as_tensor(np.load(png.with_suffix(".npz"))["noise"])
+    assert np.allclose(x, sf.sample(m, z, solver=cal).x.numpy(), atol=1e-6)
+    assert main(["sample", str(run), "--calibrated", "--nfe", "6", "--out", str(png)]) == 2
+    assert "no calibration at NFE 6" in capsys.readouterr().err
+    # training on changes the weights: the stored calibration is refused, not silently used
+    assert main(["train", "--data", "moons", "--n", "2000", "--steps", "70", "--batch-size", "64",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["sample", str(run), "--calibrated", "--out", str(png)]) == 2
+    assert "other weights" in capsys.readouterr().err

@@ -74,6 +74,12 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["digits"][-1]["nfe"] == 100 and rep["digits"][-1]["ratio"] < 3.0, rep["digits"][-1]
     assert rep["checkerboard"][-1]["ratio"] < 3.0, rep["checkerboard"][-1]
+    # the few-step section: Euler, AB2 and a calibrated solver at NFE 4, same noise; the calibrated
+    # one is closer to the accurate solve than Euler, and its file is stored beside the run
+    few = rep["few_step"]["rows"]
+    assert [r[1] for r in few] == [4, 4, 4] and few[2][2] < few[0][2], few
+    assert "Few-step sampling" in md and (tmp_path / "out" / "few-step.png").is_file()
+    assert list((tmp_path / "out" / "run-digits" / "calibrations").glob("learned-auto-nfe4.json"))
 
 
 def test_invert_report_and_boss_grid(tmp_path, capsys):

@@ -352,3 +352,53 @@ def test_flux_pipeline_dynamic_shift_end_to_end():
     res = sf.sample(DiffusersVelocity(model, **fixed), latents, solver="heun", grid=torch.tensor(sch.grid), steps=None)
     assert res.nfe == 8
     assert (out - res.x).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
+def test_calibration_runs_in_the_scheduler_and_a_pipeline(tiny):
+    """A learned table fitted to the tiny transformer runs through StraightflowScheduler in a
+    diffusers loop and in StableDiffusion3Pipeline, giving exactly ``sf.sample(..., solver=cal)``
+    with NFE model calls; it refuses another NFE, another sample shape and a restart mid-way."""
+    from straightflow.optimize import CalibrationMismatch, calibrate
+
+    model, noise, cond = tiny
+    vel = DiffusersVelocity(model)
+    g = torch.Generator().manual_seed(9)
+    xc, xh = torch.randn(B, C, H, H, generator=g), torch.randn(B, C, H, H, generator=g)
+    with pytest.warns(UserWarning, match="float64"):  # its timestep embedding is float32: own precision
+        cal = calibrate(vel, "learned", "auto", 4, xc, holdout=xh, cond=cond, holdout_cond=cond, mode="ls", rtol=1e-5)
+    ref = sf.sample(vel, noise, solver=cal, cond=cond)
+    assert ref.nfe == 4
+    sch = StraightflowScheduler.from_calibration(cal)
+    sch.set_timesteps(4)
+    assert len(sch.timesteps) == 4
+    net = Counted(model, cond)
+    out = diffusers_loop(sch, net, noise)
+    assert net.calls == 4 and (out - ref.x).abs().max().item() <= 1e-6
+    with pytest.raises(ValueError, match="NFE 4"):
+        sch.set_timesteps(6)
+    sch.set_timesteps(4)
+    with pytest.raises(CalibrationMismatch, match="shape"):
+        sch.step(torch.zeros_like(noise[:, :2]), sch.timesteps[0], noise[:, :2])
+    sch.set_timesteps(4)
+    sch.set_begin_index(2)
+    with pytest.raises(ValueError, match="cannot start"):
+        sch.step(torch.zeros_like(noise), sch.timesteps[2], noise)
+    # the scheduler's config (JSON) carries the calibration: save/load round trip
+    again = StraightflowScheduler.from_config(sch.config)
+    again.set_timesteps(4)
+    assert torch.equal(diffusers_loop(again, Counted(model, cond), noise), out)
+    pytest.importorskip("transformers", reason="StableDiffusion3Pipeline imports transformers")
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=model, scheduler=StraightflowScheduler.from_calibration(cal), vae=None,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        img = pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                   latents=noise, num_inference_steps=4, guidance_scale=1.0, output_type="latent").images
+    finally:
+        hook.remove()
+    assert len(calls) == 4 and (img - ref.x).abs().max().item() <= 1e-6

@@ -9,6 +9,7 @@ import torch
 
 from .. import data as sfdata, models, plotting, report
 from ..optimize import calibrated_grid
+from .calibrate import pick_calibration
 from ..runs import train_run
 from ..solvers import available as solver_names, get_solver, initial_noise, sample
 from ..straighten.meanflow import sample_mean
@@ -60,6 +61,14 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if cond is None and (a.guidance is not None or a.label is not None):
         raise ValueError("--label/--guidance need a class-conditional model")
     grid = a.grid
+    cal = None
+    if a.calibrated:  # a solver fitted to this run by `straightflow calibrate`, stored beside it
+        if info.average_velocity:
+            raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: its sampler takes no calibration")
+        cal = pick_calibration(a.run, a.nfe, a.guidance)
+        cal.check(model=model, noise=noise)  # refuses changed weights before any work
+    elif a.nfe is not None:
+        raise ValueError("--nfe selects a stored calibration: use it with --calibrated (else --steps)")
     if grid == "boss":  # Bellman-optimal grid for this solver and NFE, calibrated once and kept beside the model
         grid = calibrated_grid(a.run, spec.name, spec.nfe(a.steps))
     on_dev = {"y": cond["y"].to(dev)} if cond else None
@@ -71,6 +80,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
                     raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: sample it without --guidance")
                 res = sample_mean(model, noise.to(dev), steps=a.steps, cond=on_dev, grid=grid)
                 label = f"{info.objective} (average velocity)"
+            elif cal is not None:
+                res = sample(model, noise.to(dev), solver=cal, cond=on_dev, guidance=a.guidance)
+                label = f"calibrated {cal.kind} ({cal.info.get('initial_solver') or cal.solver})"
             else:
                 res = sample(model, noise.to(dev), solver=spec.name, steps=a.steps, grid=grid, cond=on_dev,
                              guidance=a.guidance, path=info.path, callback=progress)
@@ -85,7 +97,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if cond:
         arrays["y"] = cond["y"].numpy()
     np.savez(out.with_suffix(".npz"), **arrays)
-    title = f"{label}, {a.steps} steps, NFE {res.nfe}"
+    title = f"{label}, NFE {res.nfe}" if cal is not None else f"{label}, {a.steps} steps, NFE {res.nfe}"
     if res.x.ndim == 4:
         plotting.save_image_panels([(title, res.x[:100])], out)
     else:
@@ -158,6 +170,10 @@ def register(sub) -> None:
                    help="a grid name (see `straightflow list`), or boss (calibrated for this run, cached)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--label", type=int, default=None, help="class label (default: cycle through classes)")
+    s.add_argument("--calibrated", action="store_true",
+                   help="sample with the solver `straightflow calibrate` stored beside the run (replaces --solver)")
+    s.add_argument("--nfe", type=flags.positive_int, default=None,
+                   help="with --calibrated: which stored calibration (default: the only NFE stored)")
     flags.add_seed(s)
     flags.add_device(s)
     flags.add_quiet(s)

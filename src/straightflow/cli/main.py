@@ -19,11 +19,12 @@ import torch
 from ..bench.harness import show_defaults
 from ..checkpoint import CheckpointError, UnfinishedRunWarning, straightflow_version
 from ..registry import UnknownNameError
-from . import align, bench, control, core, demo, hub, images, straighten, stream
+from . import align, bench, calibrate, control, core, demo, hub, images, straighten, stream
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (
     core.register,        # train, sample, invert, eval
+    calibrate.register,   # calibrate
     demo.register,        # demo
     bench.register,       # bench SUITE
     straighten.register,  # pairs, reflow, distill, meanflow

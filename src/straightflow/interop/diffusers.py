@@ -143,6 +143,10 @@ def _evaluation_schedule(spec, ts: List[float], options: Optional[Dict[str, Any]
     different velocities: a solver that picks its times from the state (adaptive step size)
     cannot be a fixed-schedule diffusers scheduler."""
 
+    if getattr(spec, "adaptive", False):
+        raise ValueError(f"solver {spec.name!r} chooses its evaluation times from the state (adaptive steps); "
+                         "a diffusers scheduler needs a fixed schedule, use a fixed-step solver")
+
     def record(velocity):
         calls: List[Tuple[float, int]] = []
 
@@ -163,6 +167,36 @@ def _evaluation_schedule(spec, ts: List[float], options: Optional[Dict[str, Any]
     if not a:
         raise ValueError(f"solver {spec.name!r} made no velocity evaluation on the grid {ts}")
     return a
+
+
+class _TableSpec:
+    """A calibrated coefficient table (``straightflow.optimize`` kinds ``learned`` / ``dc``) dressed as
+    a solver spec for the scheduler: one model call per entry of ``timesteps``, on the grid of its
+    distinct evaluation times (plus t = 1); it runs only from its first time to the end."""
+
+    needs_path = False
+    stochastic = False
+    adaptive = False
+    evals_per_step = 1
+
+    def __init__(self, cal) -> None:
+        from ..solvers.learned import ns_solve
+
+        self.cal = cal
+        ls = cal.learned_solver
+        self.name = f"calibrated {cal.kind} ({cal.info.get('initial_solver') or cal.solver}, NFE {cal.nfe})"
+        uniq = sorted(set(ls.times))
+        self.grid = uniq + ([1.0] if uniq[-1] < 1.0 else [])
+        where = {t: i for i, t in enumerate(uniq)}
+        index = [where[t] for t in ls.times]
+
+        def fn(f, x, ts, callback=None, **_):
+            if len(ts) != len(self.grid) or abs(float(ts[0]) - self.grid[0]) > 1e-12:
+                raise ValueError(f"{self.name} is one non-stationary update from t = {self.grid[0]:.6g} to 1: "
+                                 "it cannot start or restart elsewhere (img2img, a changed state)")
+            return ns_solve(lambda X, t, j: f(X, t, index[j]), x, ls.times, ls.a, ls.b)[0]
+
+        self.fn = fn
 
 
 # ---------------------------------------------------------------------- the solver as a coroutine
@@ -279,6 +313,12 @@ def _build_scheduler_class():
                 stretch so the last starting sigma is ``shift_terminal``; then at most one of the
                 Karras (rho = 7), exponential or beta (0.6, 0.6) spacings between the first and
                 the last starting sigma.
+            calibration: a calibration of kind ``learned`` or ``dc`` as a dict (build the scheduler
+                with :meth:`from_calibration`): the scheduler then runs that fitted table instead of
+                ``solver``; it fixes its own times and NFE (``num_inference_steps`` must be its NFE
+                or None; the pipeline's ``sigmas``/``mu`` are ignored, with a warning). The
+                pipeline's transformer must be the calibrated model, at the calibration's guidance
+                scale (a table is fitted to one velocity field; the scheduler cannot check this).
             invert_sigmas, stochastic_sampling: accepted so that ``from_config`` of a
                 FlowMatchEulerDiscreteScheduler config works, but only ``False``: ``True`` raises
                 (Mochi's inverted timestep convention is not supported; for stochastic sampling
@@ -329,8 +369,22 @@ def _build_scheduler_class():
             use_beta_sigmas: bool = False,
             invert_sigmas: bool = False,
             stochastic_sampling: bool = False,
+            calibration: Optional[Dict[str, Any]] = None,
         ):
-            self._spec = SOLVERS.get(solver)  # unknown names fail here, with the list of valid ones
+            self._cal = None
+            if calibration is not None:
+                from ..optimize import Calibration
+
+                if not isinstance(calibration, dict):
+                    raise TypeError("calibration must be a dict (Calibration.to_dict()); use "
+                                    "StraightflowScheduler.from_calibration(cal)")
+                self._cal = Calibration.from_dict(calibration)
+                if self._cal.table is None:
+                    raise ValueError(f"a {self._cal.kind!r} calibration is a grid with per-step solvers; the "
+                                     "scheduler runs coefficient tables (kinds learned, dc)")
+                self._spec = _TableSpec(self._cal)
+            else:
+                self._spec = SOLVERS.get(solver)  # unknown names fail here, with the list of valid ones
             GRIDS.canonical(grid)
             if time_shift_type not in ("exponential", "linear"):
                 raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
@@ -362,6 +416,13 @@ def _build_scheduler_class():
             self._run: Optional[_Run] = None
             self._step_index: Optional[int] = None
             self._begin_index: Optional[int] = None
+
+        @classmethod
+        def from_calibration(cls, calibration, **kwargs) -> "StraightflowScheduler":
+            """A scheduler that runs ``calibration`` (``straightflow.optimize.calibrate(...)`` of kind
+            ``learned`` or ``dc``, or its dict) inside a pipeline."""
+            d = calibration if isinstance(calibration, dict) else calibration.to_dict()
+            return cls(calibration=d, **kwargs)
 
         # ------------------------------------------------------------ diffusers API
         @property
@@ -411,6 +472,15 @@ def _build_scheduler_class():
             """Build the grid and the evaluation schedule; ends any solve in progress."""
             cfg = self.config
             self._reset()
+            if self._cal is not None:
+                if num_inference_steps is not None and int(num_inference_steps) != self._cal.nfe:
+                    raise ValueError(f"this scheduler runs a calibration made for NFE {self._cal.nfe}; call the "
+                                     f"pipeline with num_inference_steps={self._cal.nfe}")
+                if sigmas is not None or timesteps is not None or mu is not None:
+                    logger.warning("StraightflowScheduler: the calibration fixes its own times; the pipeline's "
+                                   "sigmas/timesteps/mu are ignored")
+                self._set_schedule(list(self._spec.grid), device)
+                return
             if cfg.use_dynamic_shifting and mu is None:
                 raise ValueError("`mu` must be passed when `use_dynamic_shifting` is set to be `True`")
             if sigmas is not None and timesteps is not None:
@@ -449,8 +519,11 @@ def _build_scheduler_class():
                 g = shift_time(g, s_)
             if not as_given and (cfg.shift_terminal is not None or _spacing(cfg)):
                 g = _flow_match_sigma_options(cfg, g)
-            ts = validate_grid(g, direction=+1).tolist()
-            evals = _evaluation_schedule(self._spec, ts, cfg.solver_options)
+            self._set_schedule(validate_grid(g, direction=+1).tolist(), device)
+
+        def _set_schedule(self, ts: List[float], device) -> None:
+            cfg = self.config
+            evals = _evaluation_schedule(self._spec, ts, None if self._cal is not None else cfg.solver_options)
             t_eval = torch.tensor([t for t, _ in evals], dtype=torch.float32)
             self._grid, self._evals = ts, evals
             self.num_inference_steps = len(ts) - 1
@@ -583,6 +656,8 @@ def _build_scheduler_class():
                 if tail != [t for t, _ in self._evals[k:]]:
                     raise ValueError(f"solver {self._spec.name!r} evaluates at other times when started at "
                                      f"t = {ts[0]:.6g}; cannot start at timesteps[{k}]")
+            if self._cal is not None:
+                self._cal.check(noise=sample)  # the sample shape it was fitted for
             dtype = sample.dtype
             state_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
             x = sample.to(state_dtype)

@@ -1,35 +1,38 @@
-"""Optimised sampling schedules: BOSS time grids, per-step solver search, cached calibrations.
+"""Solvers fitted to the user's own model: learned solver tables, DC-Solver, BOSS grids, searched schedules.
 
-Three tools, all driven by one accurate *reference trajectory* computed on a calibration batch:
+One entry point, :func:`calibrate`, for every *calibration kind* (:func:`calibration_kinds`)::
 
-* :func:`boss_grid` -- Bellman Optimal Step-size Straightening (Nguyen et al. 2023): the time
-  grid for a given solver and NFE that minimises the summed one-step (local) error along the
-  reference trajectory, found exactly by dynamic programming over a fine candidate set.
-* :func:`search_schedule` -- a search over (time grid, per-step solver) under an exact NFE budget
-  (in the spirit of S^3 / USF, "A Unified Sampling Framework for Solver Searching"), scored by the
-  endpoint RMSE against the reference on the calibration batch and reported on a held-out batch.
-  Schedules run with :func:`run_schedule` (true NFE counted).
-* :class:`Calibration` + :func:`save_calibration` / :func:`load_calibration` /
-  :func:`calibrate` / :func:`calibrated_grid` -- results stored beside a model in
-  ``run_dir/calibrations/<kind>-<solver>-nfe<k>.json`` together with a fingerprint of the
-  weights, and reused (without a single model evaluation) while the weights are unchanged.
+    cal = sf.optimize.calibrate(model, "learned", "auto", nfe=6, noise_or_shape=(512, 2))
+    out = sf.sample(model, noise, solver=cal)            # NFE 6, counted as usual
+    cal = sf.optimize.calibrate("runs/x", "learned", "auto", 6)   # stored in runs/x/calibrations/
 
-Using a BOSS grid: the grid registry's functions take no model, so pass the grid explicitly::
+Kinds:
 
-    g = boss_grid(model, (256, 2), nfe=6, solver="euler")          # float64, steps + 1 times
-    out = sf.sample(model, noise, solver="euler", grid=g)            # steps come from the grid
+* ``learned`` (:mod:`.learned`) -- a non-stationary multistep table ``X_j = a_j x_0 + sum_k b_jk u_k``
+  with its own evaluation times (Bespoke Non-Stationary solvers, Shaul et al. 2024), started from
+  the exact table of the best classical solver at that NFE, fitted to a float64 dopri5 reference on
+  a calibration batch (least squares along its own trajectory without back-propagating into the
+  network, and/or L-BFGS through the model), kept only if it beats its start on held-out noise.
+* ``dc`` (:mod:`.learned`) -- DC-Solver dynamic compensation (Zhao et al. 2024) of a multistep solver.
+* ``boss`` (:mod:`.boss`) -- Bellman Optimal Step-size Straightening (Nguyen et al. 2023): the time
+  grid for a given solver that minimises the summed local error along a reference trajectory.
+* ``search`` (:mod:`.search`) -- a searched (time grid, per-step solver) schedule under an exact NFE
+  budget (in the spirit of S^3 / USF).
 
-    g = calibrated_grid("runs/x", "euler", nfe=6)                    # computed once, then cached
+A :class:`Calibration` records what it is valid for (weights fingerprint, NFE, guidance scale,
+sample shape, path) and refuses anything else (:class:`CalibrationMismatch`); stored beside a run
+it is reused while the weights are unchanged (:func:`load_calibration`, :func:`stored_calibrations`).
+``straightflow calibrate RUN --nfe 6`` and ``straightflow sample RUN --calibrated`` use the files;
+``StraightflowScheduler.from_calibration(cal)`` runs one inside a diffusers pipeline.
+
+Modules: :mod:`.base` (shared helpers), :mod:`.reference` (the RK4 reference trajectory of
+``boss``/``search``), :mod:`.boss`, :mod:`.search`, :mod:`.learned` (tables, fits, DC-Solver),
+:mod:`.calibration` (the record, the registry of kinds, files and fingerprints),
+:mod:`.calibrated` (:func:`calibrate`). A new kind is one function registered with
+:func:`register_calibration_kind`.
 
 Conventions: time runs from noise (t = 0) to data (t = 1); RMSE is over all elements,
-``sqrt(mean((x - x_ref(1))^2))``; the reference is classic RK4 on ``fine_steps`` uniform steps.
-
-Modules: :mod:`.base` (shared helpers), :mod:`.reference` (the RK4 reference trajectory),
-:mod:`.boss` (cost table, Bellman DP, BOSS grid), :mod:`.search` (running and searching
-per-step schedules), :mod:`.calibration` (the stored record, the registry of calibration kinds,
-files and fingerprints), :mod:`.calibrated` (``calibrate`` and the built-in kinds ``boss`` and
-``search``). :func:`calibration_kinds` lists the kinds; a new one is one function registered
-with :func:`register_calibration_kind`.
+``sqrt(mean((x - x_ref(1))^2))``.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ table was calibrated with). Fitting the table to a model is :mod:`straightflow.f
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -89,11 +88,7 @@ class SymbolicRun:
 
 
 def _is_fixed_deterministic(spec) -> bool:
-    try:
-        adaptive = "rtol" in inspect.signature(spec.fn).parameters
-    except (TypeError, ValueError):
-        adaptive = False
-    return not spec.stochastic and not adaptive
+    return not spec.stochastic and not spec.adaptive
 
 
 def symbolic_run(solver: str, grid: Tensor, path: PathLike = "linear",

@@ -1,0 +1,126 @@
+"""``straightflow calibrate RUN --nfe 6``: fit a solver to a trained run and store it beside the run.
+
+``straightflow sample RUN --calibrated`` then samples with the stored calibration (see
+:func:`pick_calibration`). Every calibration kind of ``straightflow.optimize.calibration_kinds()``
+is offered; the default, ``learned``, fits a non-stationary multistep table to an accurate
+reference of this model and keeps it only if it beats its classical start on held-out noise.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..optimize import (CALIBRATION_KINDS, Calibration, calibrate, calibration_kinds, calibration_path,
+                        stored_calibrations)
+from ..solvers import initial_noise
+from ..system import machine_line
+from . import flags
+
+
+def _labels(model, n: int) -> Optional[dict]:
+    k = getattr(model, "num_classes", None)
+    return {"y": torch.arange(n) % int(k)} if k else None
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    dev = flags.device(a)
+    model, info = flags.load_run(a.run, device=dev)
+    kind = CALIBRATION_KINDS.get(a.kind).name
+    if info.average_velocity:
+        raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: its sampler takes no calibration")
+    cond = _labels(model, a.batch)
+    if a.guidance is not None and cond is None:
+        raise ValueError("--guidance needs a class-conditional model")
+    x, _ = initial_noise((a.batch, *info.shape), seed=a.seed, device=dev)
+    xh, _ = initial_noise((a.batch, *info.shape), seed=a.seed + 1, device=dev)
+    cond = None if cond is None else {"y": cond["y"].to(dev)}
+    options = {}
+    if kind in ("learned", "dc"):
+        options["rtol"] = a.rtol
+        if a.mode and kind == "learned":
+            options["mode"] = a.mode
+    if not a.quiet:
+        print(f"calibrating {a.run}: {kind} ({a.solver}) at NFE {a.nfe}, {a.batch} calibration + {a.batch} held-out "
+              f"samples{'' if a.guidance is None else f', guidance {a.guidance:g}'}; the reference solve "
+              "(float64 dopri5) takes most of the time", flush=True)
+    t0 = time.process_time()
+    cal = calibrate(model, kind, a.solver, a.nfe, x, run_dir=a.run, holdout=xh, cond=cond, holdout_cond=cond,
+                    guidance=a.guidance, recompute=a.recompute, path=info.path, **options)
+    cpu = time.process_time() - t0
+    print(describe(cal, a.run, cpu))
+    return 0
+
+
+def describe(cal: Calibration, run, cpu: Optional[float] = None) -> str:
+    """A short Markdown report of a calibration: its start, its held-out error, its cost and its file."""
+    p = calibration_path(run, cal.kind, cal.solver, cal.nfe, cal.guidance)
+    lines = [f"# {cal.describe()}", "", f"file: `{p}` (created {cal.created})", ""]
+    info = cal.info
+    if cal.table is not None:
+        h = info.get("holdout_rmse", {})
+        init = info.get("initial_solver")
+        lines += ["| | held-out RMSE to the reference |", "|---|---:|",
+                  f"| {init} (classical start, uniform grid) | {h.get('init', float('nan')):.3e} |",
+                  f"| calibrated ({info.get('mode')}) | {h.get('fitted', float('nan')):.3e} |", ""]
+        if info.get("fallback"):
+            lines.append(f"The fitted table was not better on held-out noise: the calibration is {init} itself.")
+        else:
+            lines.append(f"{h['init'] / h['fitted']:.2f}x lower error than {init} at the same NFE "
+                         f"({info.get('n_params')} parameters).")
+        calls = sum(int(v) for v in (info.get("model_calls") or {}).values())
+        lines.append(f"Fit: {info.get('cpu_seconds', float('nan')):.1f} CPU s, {calls} batch model calls "
+                     "(reference included).")
+    else:
+        lines.append(f"Calibration RMSE {cal.calib_rmse:.3e}, held-out RMSE {cal.holdout_rmse:.3e}; solvers per step: "
+                     f"{', '.join(cal.solvers)}.")
+    if cpu is not None:
+        lines.append(f"This command: {cpu:.1f} CPU s ({'computed' if cpu > 1.0 else 'reused the stored file'}); "
+                     f"{machine_line()}.")
+    lines += ["", f"Sample with it: `straightflow sample {run} --calibrated --nfe {cal.nfe}`"
+              + ("" if cal.guidance is None else f" --guidance {cal.guidance:g}")]
+    return "\n".join(lines)
+
+
+def pick_calibration(run, nfe: Optional[int], guidance: Optional[float], kind: Optional[str] = None) -> Calibration:
+    """The stored calibration of ``run`` for this NFE (any, when only one NFE is stored), guidance
+    scale and kind; the lowest held-out RMSE when several match. Clear errors otherwise."""
+    cals = [c for c in stored_calibrations(run)
+            if (kind is None or c.kind == kind) and (c.guidance == (None if guidance is None else float(guidance)))]
+    hint = f"`straightflow calibrate {run} --nfe {nfe or 6}" + ("" if guidance is None else f" --guidance {guidance:g}") + "`"
+    if not cals:
+        raise FileNotFoundError(f"{Path(run) / 'calibrations'} holds no calibration"
+                                f"{'' if guidance is None else f' at guidance {guidance:g}'}: run {hint} first")
+    if nfe is None:
+        nfes = sorted({c.nfe for c in cals})
+        if len(nfes) > 1:
+            raise ValueError(f"{run} has calibrations at NFE {', '.join(map(str, nfes))}: choose one with --nfe")
+        nfe = nfes[0]
+    at: List[Calibration] = [c for c in cals if c.nfe == nfe]
+    if not at:
+        raise FileNotFoundError(f"{run} has no calibration at NFE {nfe} (stored: NFE "
+                                f"{', '.join(str(c.nfe) for c in cals)}): run {hint}")
+    return min(at, key=lambda c: c.holdout_rmse if c.holdout_rmse is not None else float("inf"))
+
+
+def register(sub) -> None:
+    c = sub.add_parser("calibrate", help="fit a solver to a trained run at a given NFE and store it beside the run")
+    c.add_argument("run")
+    c.add_argument("--nfe", type=flags.positive_int, required=True, help="velocity evaluations per sample")
+    c.add_argument("--kind", default="learned", help=f"one of: {', '.join(calibration_kinds())}")
+    c.add_argument("--solver", default="auto",
+                   help="starting solver (learned, dc; auto = the best classical one at this NFE), the solver "
+                        "(boss), or a +-joined candidate list (search)")
+    c.add_argument("--mode", default=None, help="learned: auto (default), ls (no backpropagation), grad, ls+grad")
+    c.add_argument("--batch", type=flags.positive_int, default=256, help="calibration batch (and held-out batch) size")
+    c.add_argument("--rtol", type=float, default=1e-6,
+                   help="tolerance of the float64 dopri5 reference (learned, dc)")
+    c.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale to calibrate at")
+    c.add_argument("--recompute", action="store_true", help="recompute even if a stored calibration matches")
+    flags.add_seed(c)
+    flags.add_device(c)
+    flags.add_quiet(c)
+    c.set_defaults(fn=cmd_calibrate)
