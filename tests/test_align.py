@@ -20,7 +20,7 @@ from straightflow.align.adjoint_matching import AdjointMatching, lean_adjoint
 from straightflow.align.dpo import FlowDPO
 from straightflow.align.draft import DRaFT
 from straightflow.align.grpo import FlowGRPO
-from straightflow.align.prefs import PreferenceError, Preferences, as_preferences, load_preferences, save_preferences
+from straightflow.align.prefs import PreferenceError, as_preferences, load_preferences, save_preferences
 from straightflow.align.reinflow import ReinFlow
 from straightflow.align.rwr import FlowRWR, FlowSFT, rwr_weights
 from straightflow.align.sde import (gaussian_kl, gaussian_logp, grpo_sigma, memoryless_drift, memoryless_sigma,

@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft", reason="LoRA needs peft (pip install 'straigh
 
 import straightflow as sf  # noqa: E402
 from straightflow.align import align  # noqa: E402
-from straightflow.align.base import AlignModule, write_run  # noqa: E402
+from straightflow.align.base import write_run  # noqa: E402
 from straightflow.align.lora import adapter_state, apply_lora, load_adapter, trainable_fraction  # noqa: E402
 from straightflow.align.prefs import as_preferences  # noqa: E402
 from straightflow.align.rewards import InkReward  # noqa: E402
