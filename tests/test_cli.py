@@ -70,7 +70,7 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
     md = run_demo(str(tmp_path / "out"), quick=True, progress=False)
     for f in ("report.md", "report.json", "checkerboard.png", "digits.png"):
         assert (tmp_path / "out" / f).is_file()
-    assert "floor" in md and md.count("| euler |") == 10 and "held-out" in md
+    assert "floor" in md and md.count("| euler |") == 11 and "held-out" in md  # 5 + 5 NFE rows, 1 few-step row
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["digits"][-1]["nfe"] == 100 and rep["digits"][-1]["ratio"] < 3.0, rep["digits"][-1]
     assert rep["checkerboard"][-1]["ratio"] < 3.0, rep["checkerboard"][-1]

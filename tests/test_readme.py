@@ -76,6 +76,14 @@ def test_readme_diffusers_snippet_runs():
     assert type(scope["pipe"].scheduler).__name__ == "StraightflowScheduler"
 
 
+def test_readme_calibration_snippet_runs():
+    code = next(c for c in re.findall(r"```python\n(.*?)```", README, re.S) if "optimize.calibrate" in c)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    cal, out = scope["cal"], scope["out"]
+    assert out.nfe == 4 and cal.holdout_rmse <= cal.info["holdout_rmse"]["init"]
+
+
 def test_readme_command_lines_parse():
     """Every `straightflow ...` line of the README's command block is accepted by the CLI parser."""
     from straightflow.bench import SUITES
