@@ -182,7 +182,7 @@ def test_cli_resume_says_what_it_does(tmp_path, capsys):
 
 
 def test_unfinished_run_is_announced(tmp_path, capsys):
-    """Item 3: sample/eval on a run stopped at step 2 of 6 say so."""
+    """Item 3: sample and eval on a run stopped at step 2 of 6 say so."""
     m = MLP(dim=2, hidden=16, depth=1)
     calls = {"n": 0}
 
@@ -201,6 +201,8 @@ def test_unfinished_run_is_announced(tmp_path, capsys):
     assert info.unfinished and (info.step, info.total_steps) == (2, 6)
     assert main(["sample", str(tmp_path), "--n", "8", "--steps", "2", "--out", str(tmp_path / "s.png")]) == 0
     assert "unfinished" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--nfe", "1", "--n", "64"]) == 0
+    assert "unfinished: its weights are from step 2 of 6" in capsys.readouterr().err
     with pytest.warns(checkpoint.UnfinishedRunWarning, match="step 2 of 6"):
         checkpoint.load(tmp_path)
 
@@ -273,6 +275,26 @@ def test_eval_scores_digits_on_held_out_data(tmp_path, capsys):
     row = [ln for ln in out.splitlines() if ln.startswith("| euler |")][0]
     assert row.split("|")[4].strip() == "359"
     assert "2000 samples" not in out and "capped" in out
+
+
+def test_eval_scores_a_file_run_on_its_held_out_fifth(tmp_path, capsys):
+    """Item 4: a run trained on a user's file is scored on the fifth of the file it never trained on
+    (the old `reference_data` returned the whole file, training rows included)."""
+    x = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
+    np.save(tmp_path / "pts.npy", x)
+    run = tmp_path / "f"
+    assert main(["train", "--data", str(tmp_path / "pts.npy"), "--steps", "2", "--hidden", "16", "--depth", "1",
+                 "--batch-size", "32", "--out", str(run), "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["data_split"] == "train"
+    test = checkpoint.run_info(run).load_data("test").x
+    train_rows = {tuple(r) for r in checkpoint.run_info(run).load_data("train").x.tolist()}
+    assert len(test) == 100 and not any(tuple(r) in train_rows for r in test.tolist())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--nfe", "1", "--n", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "100 held-out items of" in out and "never trained on" in out
+    row = [ln for ln in out.splitlines() if ln.startswith("| euler |")][0]
+    assert row.split("|")[4].strip() == "100"
 
 
 # ----------------------------------------------------------------------------- 5. messages, not tracebacks
