@@ -76,16 +76,17 @@ def test_short_run_ema_follows_the_weights():
 
 @pytest.mark.slow
 def test_default_moons_run_is_near_the_floor(tmp_path, capsys):
-    """Item 1: a short moons run with the default EMA samples within 3x of the W2 floor (the old
-    constant 0.999 decay left it at the initial weights: noise)."""
+    """Item 1 ("Done when"): `train --data moons --steps 300` with every other setting at its default
+    samples within 3x of the W2 floor on held-out moons (measured 1.48x / 1.71x at seeds 0 / 1; the
+    old constant 0.999 decay left the EMA at the initial weights: noise)."""
     run = tmp_path / "moons"
-    assert main(["train", "--data", "moons", "--steps", "200", "--hidden", "64", "--depth", "2", "--quiet",
-                 "--out", str(run)]) == 0
+    assert main(["train", "--data", "moons", "--steps", "300", "--quiet", "--out", str(run)]) == 0
     capsys.readouterr()
-    assert main(["eval", str(run), "--nfe", "16", "--n", "600"]) == 0
-    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| euler |")][0]
-    ratio = float([c for c in row.split("|") if c.strip().endswith("x")][0].strip().rstrip("x"))
-    assert ratio < 3.0, row  # the constant 0.999 decay read 6.3x here: its EMA was still the initial weights
+    assert main(["eval", str(run), "--nfe", "8,100", "--n", "1000"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| euler |")]
+    ratio = {int(r.split("|")[2]): float([c for c in r.split("|") if c.strip().endswith("x")][0].strip().rstrip("x"))
+             for r in rows}
+    assert ratio[100] < 3.0 and ratio[8] < 4.0, rows
 
 
 # ----------------------------------------------------------------------------- 2. seeds
