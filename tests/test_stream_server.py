@@ -325,6 +325,19 @@ def test_bench_stream_quick(tmp_path):
     res = json.loads((out / "stream.json").read_text())
     assert res["load_test"]["server_alive_after"] is True
     assert res["load_test"]["rss_mb_max"] > 0
+    # item 6 of issue 15, under load: a fifth client floods the hostile messages at the same time;
+    # each is answered (or rate-limited) on a connection that stays open, and the server logs no traceback
+    hostile = res["load_test"]["hostile"]
+    assert hostile["sent"] == 60 and hostile["open_after"] is True, hostile
+    assert hostile["error_replies"] >= 30, hostile      # the burst (30) is parsed and answered
+    assert res["load_test"]["server_tracebacks"] == 0
+    assert res["load_test"]["frame_shape"] == [1, 8, 8] and "hostile messages" in md
+    # the page section: headless Chromium's output fps, or the reason it was skipped
+    page = res["page"]
+    assert "The page in headless Chromium" in md
+    if not page.get("skipped"):
+        (row,) = page["rows"]
+        assert row["send_fps"] == 60 and row["output_fps"] > 1 and row["frames_in"] > 0, row
     rows = {(r["mode"], r["n"], r["rcfg"]) : r for r in res["throughput"] if r["threads"] == 1}
     assert rows[("stream", 2, "none")]["rows_per_frame"] == pytest.approx(2, abs=0.2)
     assert rows[("sequential", 2, "none")]["calls_per_frame"] == pytest.approx(2)

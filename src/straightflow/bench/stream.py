@@ -1,5 +1,6 @@
 """``straightflow bench stream``: Stream Batch vs sequential denoising, RCFG vs full CFG, the
-similarity filter on a clip with static stretches, motion-aware strength, and a websocket load test.
+similarity filter on a clip with static stretches, motion-aware strength, a websocket load test (with
+a client flooding hostile messages alongside), and the served page's fps in headless Chromium.
 
 Everything runs in one process on the same model and clip (the load test starts
 ``straightflow serve`` in a subprocess on loopback). Throughput is measured saturated: frames are
@@ -47,7 +48,7 @@ from .harness import header, register_suite, run_suite, write_report
 
 __all__ = ["main", "SECTIONS", "LARGE_SPEC"]
 
-SECTIONS = ("batch", "rcfg", "filter", "motion", "load", "cost")
+SECTIONS = ("batch", "rcfg", "filter", "motion", "load", "cost", "page")
 # compute-bound model for the cost section: 32x32 RGB (the shapes data), 5 classes (shapes), ~5.6M parameters
 LARGE_SPEC: Dict[str, Any] = {"in_channels": 3, "resolution": 32, "base_channels": 96, "channel_mults": (1, 2, 2),
                               "num_classes": 5}
@@ -68,12 +69,19 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter", type=float, default=0.99, help="similarity threshold for the filter comparison")
     p.add_argument("--load-frames", type=int, default=None, help="frames per load-test client (default 1000, quick 60)")
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--hostile", type=int, default=None,
+                   help="hostile messages (deep JSON, NaN shapes, bad labels, junk) flooded by one more load-test "
+                   "client at the same time (default 2000, quick 60; 0: none)")
     p.add_argument("--no-load-test", action="store_true")
     p.add_argument("--sections", default="all",
                    help=f"comma-separated sections to run: all or any of {', '.join(SECTIONS)}")
     p.add_argument("--rcfg-model", default="both", choices=("small", "large", "both"),
                    help="models of the cost section: small (the --run model), large (32x32 RGB UNet), both")
     p.add_argument("--large-frames", type=int, default=None, help="clip length for the large model (default 32, quick 4)")
+    p.add_argument("--page-send-fps", default="15,60",
+                   help="page section: the page's send rates to measure (its default is 15, its maximum 60; quick: the last)")
+    p.add_argument("--page-seconds", type=float, default=None, help="page section: seconds per send rate (default 20, quick 2)")
+    p.add_argument("--chromium", default="/usr/bin/chromium", help="page section: the Chromium executable")
 
 
 def _sections(spec: str) -> set:
@@ -416,7 +424,79 @@ async def _client(url: str, frames: List[str], res: Dict[str, Any], idle_s: floa
                latencies=lat)
 
 
-def _load_test(run: str, n_clients: int, n_frames: int, threads: int, rate: Optional[float], quick: bool) -> Dict[str, Any]:
+def hostile_messages() -> List[Any]:
+    """The messages the first-hour audit attacked the server with (issue 15, item 6): not JSON,
+    JSON nested 20,000 deep, Infinity / NaN / booleans in a frame's shape, a boolean or
+    fractional label, a NaN strength, unechoable ids, binary junk. Each must be answered with an
+    error message on an open connection."""
+    deep = "[" * 20000 + "]" * 20000
+    flat = json.dumps([0.0] * 64)
+    return [
+        "not json {",
+        deep,
+        '{"type": "frame", "id": 1, "data": ' + deep + ', "shape": [1, 8, 8]}',
+        '{"type": "frame", "data": [0.0], "shape": [Infinity, 8, 8]}',
+        '{"type": "frame", "data": [0.0], "shape": [NaN, 8, 8]}',
+        '{"type": "frame", "data": [0.0], "shape": [true, 8, 8]}',
+        json.dumps({"type": "config", "label": True}),
+        json.dumps({"type": "config", "label": 2.5}),
+        '{"type": "config", "strength": NaN}',
+        '{"type": "frame", "id": [[1]], "data": ' + flat + ', "shape": [1, 8, 8]}',
+        '{"type": "frame", "ts": Infinity, "data": ' + flat + ', "shape": [1, 8, 8]}',
+        json.dumps({"type": "dance"}),
+        b"\xff\xfe\x00" * 8,  # binary junk
+    ]
+
+
+async def _hostile_client(url: str, n_messages: int, res: Dict[str, Any], idle_s: float) -> None:
+    """Floods ``n_messages`` hostile messages (:func:`hostile_messages`, cycled), reads the replies,
+    then checks the connection still answers a ping."""
+    import websockets
+
+    msgs = hostile_messages()
+    got = {"error": 0, "rate_limited": 0, "other": 0}
+    pong = asyncio.Event()
+    closed: Dict[str, Any] = {}
+    async with websockets.connect(url, max_size=2 ** 22) as ws:
+        await ws.recv()  # hello
+
+        async def reader() -> None:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(ws.recv(), timeout=idle_s if pong.is_set() else 60)
+                except asyncio.TimeoutError:
+                    return
+                except websockets.ConnectionClosed as e:
+                    closed.update(code=getattr(e, "code", None))
+                    return
+                m = json.loads(msg)
+                if m["type"] == "pong":
+                    pong.set()
+                elif m["type"] == "error":
+                    got["error"] += 1
+                    got["rate_limited"] += bool(m.get("rate_limited"))
+                else:
+                    got["other"] += 1
+
+        rd = asyncio.create_task(reader())
+        try:
+            for i in range(n_messages):
+                await ws.send(msgs[i % len(msgs)])
+                if i % 50 == 49:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(1.5)  # let the rate limiter refill: the ping must not be rate-limited
+            await ws.send(json.dumps({"type": "ping", "ts": 1}))
+        except websockets.ConnectionClosed as e:
+            closed.update(code=getattr(e, "code", None))
+        await rd
+    res.update(sent=n_messages, error_replies=got["error"], rate_limit_notices=got["rate_limited"],
+               open_after=pong.is_set() and not closed, close_code=closed.get("code"))
+
+
+def _load_test(run: str, n_clients: int, n_frames: int, threads: int, rate: Optional[float], quick: bool,
+               shape=(1, 8, 8), n_hostile: int = 0) -> Dict[str, Any]:
+    """``n_clients`` flood PNG frames of the model's ``shape`` (C, H, W) at ``straightflow serve``;
+    with ``n_hostile`` > 0 one more client floods that many hostile messages at the same time."""
 
     port = _free_port()
     cmd = [sys.executable, "-m", "straightflow.cli", "--threads", str(threads), "serve", run, "--port", str(port),
@@ -451,13 +531,19 @@ def _load_test(run: str, n_clients: int, n_frames: int, threads: int, rate: Opti
 
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
-        clip = builtin_clip(64, 8)
+        c, h, _ = shape
+        clip = builtin_clip(64, h, c)
         pngs = [encode_png(f) for f in clip]
         results: List[Dict[str, Any]] = [{} for _ in range(n_clients)]
+        hostile: Dict[str, Any] = {}
 
         async def all_clients() -> None:
-            await asyncio.gather(*[_client(f"ws://127.0.0.1:{port}/ws", [pngs[(i + k * 7) % len(pngs)] for i in range(n_frames)],
-                                           results[k], idle_s=2.0) for k in range(n_clients)])
+            ws = f"ws://127.0.0.1:{port}/ws"
+            jobs = [_client(ws, [pngs[(i + k * 7) % len(pngs)] for i in range(n_frames)], results[k], idle_s=2.0)
+                    for k in range(n_clients)]
+            if n_hostile:
+                jobs.append(_hostile_client(ws, n_hostile, hostile, idle_s=2.0))
+            await asyncio.gather(*jobs)
 
         t1 = time.perf_counter()
         asyncio.run(all_clients())
@@ -476,7 +562,7 @@ def _load_test(run: str, n_clients: int, n_frames: int, threads: int, rate: Opti
             server={k: stats[k] for k in ("frames_in", "frames_out", "dropped_stale", "dropped_out", "rate_limited",
                                           "rejected", "processed", "withheld_warmup", "generator_errors",
                                           "latency_ms_p50", "latency_ms_p99", "clients_total")},
-            rate=rate if rate is not None else stats["config"]["rate"],
+            rate=rate if rate is not None else stats["config"]["rate"], frame_shape=list(shape), hostile=hostile,
         )
     finally:
         proc.send_signal(signal.SIGINT)
@@ -485,6 +571,9 @@ def _load_test(run: str, n_clients: int, n_frames: int, threads: int, rate: Opti
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+        out["server_tracebacks"] = text.count("Traceback")
         log.close()
     return out
 
@@ -545,12 +634,79 @@ def _plot(rows: List[Dict[str, Any]], motion: Dict[str, Any], path: Path) -> Non
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- page section
+def _page_fps(model, send_rates: List[int], seconds: float, chromium: str, settle: float = 2.0) -> Dict[str, Any]:
+    """The served page in headless Chromium (Playwright), streaming its built-in clip through
+    ``model`` with the server's defaults: per send rate, the output fps the page receives, the
+    round-trip latency it shows and the mean input/output luminance correlation it measures (and
+    the same against the input 8 frames earlier). ``{"skipped": reason}`` without Chromium or Playwright."""
+    import shutil
+
+    if not (os.path.exists(chromium) or shutil.which(chromium)):
+        return {"skipped": f"{chromium} is not installed (apt-get install chromium)"}
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return {"skipped": "playwright is not installed (make browser)"}
+    import uvicorn
+
+    from ..stream.server import ServerConfig, create_app
+
+    cfg = ServerConfig()
+    app = create_app(model, cfg)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not server.started:
+        if time.time() - t0 > 60 or not th.is_alive():
+            raise RuntimeError("the page server did not start")
+        time.sleep(0.05)
+
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and bool(np.isfinite(v))
+
+    rows: List[Dict[str, Any]] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True)
+            version = browser.version
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("window.sfTrack.length > 5", timeout=120_000)
+            for rate in send_rates:
+                page.fill("#fps", str(rate))
+                page.wait_for_timeout(int(1000 * settle))  # settle at the new rate
+                before = _http_json(f"http://127.0.0.1:{port}/stats")
+                n0, t1 = page.evaluate("window.sfReceived"), time.perf_counter()
+                page.wait_for_timeout(int(1000 * seconds))
+                fps = (page.evaluate("window.sfReceived") - n0) / (time.perf_counter() - t1)
+                after = _http_json(f"http://127.0.0.1:{port}/stats")
+                track = [r for r in page.evaluate("window.sfTrack")[-max(30, int(fps * seconds)):]
+                         if not r["skipped"] and finite(r["corr"])]
+                stale = [r["stale"] for r in track if finite(r["stale"])]
+                rows.append({"send_fps": rate, "output_fps": fps, "round_trip_ms": page.locator("#lat").inner_text(),
+                             "corr": float(np.mean([r["corr"] for r in track])) if track else None,
+                             "corr_stale": float(np.mean(stale)) if stale else None,
+                             "frames_in": after["frames_in"] - before["frames_in"],
+                             "dropped_stale": after["dropped_stale"] - before["dropped_stale"],
+                             "server_latency_ms_p50": after["latency_ms_p50"],
+                             "server_latency_ms_p99": after["latency_ms_p99"]})
+            browser.close()
+    finally:
+        server.should_exit = True
+        th.join(10)
+    return {"chromium": version, "seconds": seconds, "n_steps": cfg.n_steps, "rcfg": cfg.rcfg, "rows": rows}
+
+
 def run(a: argparse.Namespace) -> int:
     quick = a.quick
     sec = _sections(a.sections)
     n_frames = a.frames or (16 if quick else 160)
     repeats = a.repeats or (1 if quick else 3)
     load_frames = a.load_frames or (60 if quick else 1000)
+    n_hostile = a.hostile if a.hostile is not None else (60 if quick else 2000)
     thread_list = [int(v) for v in a.thread_list.split(",") if v.strip()] if not quick else [1]
     out = a.out
     run = str(resolve_run(a.run))
@@ -621,10 +777,18 @@ def run(a: argparse.Namespace) -> int:
     load_hi: Dict[str, Any] = {}
     if "load" in sec and not a.no_load_test:
         print(f"[bench stream] load test: {a.clients} clients x {load_frames} frames (default rate limit)", flush=True)
-        load = _load_test(run, a.clients, load_frames, a.threads, None, quick)
+        load = _load_test(run, a.clients, load_frames, a.threads, None, quick, (c, h, w), n_hostile)
         if not quick:
             print("[bench stream] load test: rate limit lifted (queues alone bound the load)", flush=True)
-            load_hi = _load_test(run, a.clients, load_frames, a.threads, 1e6, quick)
+            load_hi = _load_test(run, a.clients, load_frames, a.threads, 1e6, quick, (c, h, w), n_hostile)
+
+    page: Dict[str, Any] = {}
+    if "page" in sec:
+        rates = [int(v) for v in a.page_send_fps.split(",") if v.strip()]
+        rates = rates[-1:] if quick else rates  # quick: the last (highest) send rate only
+        secs = a.page_seconds or (2.0 if quick else 20.0)
+        print(f"[bench stream] page: headless Chromium at send rates {rates}, {secs:g} s each", flush=True)
+        page = _page_fps(model, rates, secs, a.chromium, settle=0.5 if quick else 2.0)
 
     # ---- report
     def seq_of(r, rows):
@@ -689,6 +853,30 @@ def run(a: argparse.Namespace) -> int:
                f"{s['processed']} | {L['received']} | {_fmt(L['delivered_latency_ms_p50'])} / {_fmt(L['delivered_latency_ms_p99'])} | "
                f"{_fmt(s['latency_ms_p50'])} / {_fmt(s['latency_ms_p99'])} | {L['rss_mb_start']:.0f} / {L['rss_mb_max']:.0f} / "
                f"{L['rss_mb_end']:.0f} | {'yes' if L['server_alive_after'] else 'NO'} | {L['seconds']:.1f} |", ""]
+        md += [f"Frames: {'x'.join(map(str, L.get('frame_shape', [])))} PNGs (the model's shape). Tracebacks in the "
+               f"server log: {L.get('server_tracebacks', 'n/a')}.", ""]
+        H = L.get("hostile") or {}
+        if H:
+            md += [f"A fifth client flooded {H['sent']} hostile messages at the same time (not JSON, JSON nested "
+                   "20,000 deep, Infinity / NaN / true in a frame's shape, boolean and fractional labels, a NaN "
+                   f"strength, unechoable ids, binary junk): {H['error_replies']} error replies "
+                   f"({H['rate_limit_notices']} of them rate-limit notices), connection "
+                   f"{'still open (answered a ping)' if H['open_after'] else 'CLOSED, code ' + str(H['close_code'])} "
+                   "afterwards.", ""]
+    if page.get("skipped"):
+        md += ["## The page in headless Chromium", "", f"Skipped: {page['skipped']}.", ""]
+    elif page:
+        md += ["## The page in headless Chromium", "",
+               f"Chromium {page['chromium']} (headless, Playwright) on the served page, `serve`'s defaults (n = "
+               f"{page['n_steps']}, RCFG {page['rcfg']}), streaming the built-in clip; {page['seconds']:g} s per send rate. "
+               "Correlation: mean Pearson correlation of each generated frame's luminance with its input frame's "
+               "(the page's own measure), and with the input 8 frames earlier.", "",
+               "| send fps | output fps | round trip p50 / p99 (ms) | frames in | dropped stale | server latency p50 / p99 (ms, since start) | correlation (vs 8 frames earlier) |",
+               "|---:|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {r['send_fps']} | {r['output_fps']:.1f} | {r['round_trip_ms']} | {r['frames_in']} | {r['dropped_stale']} | "
+               f"{_fmt(r['server_latency_ms_p50'])} / {_fmt(r['server_latency_ms_p99'])} | "
+               f"{_fmt(r['corr'], 2)} ({_fmt(r['corr_stale'], 2)}) |" for r in page["rows"]]
+        md += [""]
     md += [f"Total bench time: {time.time() - t_start:.0f} s.", ""]
     if throughput or motion:
         md += ["![stream](stream.png)", ""]
@@ -700,7 +888,7 @@ def run(a: argparse.Namespace) -> int:
                                     "sections": [v for v in SECTIONS if v in sec],
                                     "throughput": throughput + rcfg_rows + filter_rows, "stream_batch": throughput,
                                     "rcfg": rcfg_rows, "filter": filter_rows, "motion": motion, "load_test": load,
-                                    "load_test_no_rate_limit": load_hi, "cost": cost,
+                                    "load_test_no_rate_limit": load_hi, "cost": cost, "page": page,
                                     "large_spec": {k: list(v) if isinstance(v, tuple) else v for k, v in large_spec.items()},
                                     "similarity_moving_mean": sim_moving})
     print("\n".join(md))

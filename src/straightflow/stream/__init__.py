@@ -30,7 +30,7 @@ DEFAULT_RECIPE: Dict[str, Any] = {"data": "shapes32", "n": 4000, "steps": 400, "
                                   "lr": 2e-3, "warmup": 50, "lr_schedule": "cosine", "ema": 0.999,
                                   "ckpt_every": 100, "seed": 0}
 DEFAULT_MODEL_STEPS = DEFAULT_RECIPE["steps"]
-DEFAULT_MODEL_MINUTES = 4  # training time of the default recipe on a 2-core CPU (measured; see BENCHMARKS.md)
+DEFAULT_MODEL_MINUTES = 2  # training time of the default recipe on a 2-core CPU (93 s measured 2026-12-02; BENCHMARKS.md)
 
 
 def _cache_dir() -> Path:
