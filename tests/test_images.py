@@ -283,6 +283,11 @@ def test_cli_latent_and_generate(tmp_path):
     with np.load(gen / "samples.npz") as z:
         assert z["x"].shape == (3, 1, 16, 16)
     assert len(list(gen.glob("*.png"))) == 3
+    # eval samples latents, decodes them and scores the images (it used to feed pixel noise to the DiT)
+    md = tmp_path / "e.md"
+    assert main(["eval", str(run), "--nfe", "2", "--n", "8", "--extractor", "digits", "--metric", "mmd",
+                 "--out", str(md), "--quiet"]) == 0
+    assert "| euler | 2 |" in md.read_text()
     assert main(["latent", "--data", "shapes", "--out", str(tmp_path / "x"), "--ae-steps", "0"]) == 2
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -115,10 +115,12 @@ def sample_like(model, n: int, shape: Sequence[int], seed: int, solver: str, ste
 def evaluate_model(model, reference: sfdata.Dataset, nfes: Sequence[int] = (1, 2, 4, 8, 100), solver: str = "euler",
                    n: int = 2000, seed: int = 0, metric: Optional[str] = None, grid: str = "uniform",
                    extractor: str = "digits", keep_samples: bool = False, path: Any = "linear",
-                   floor_reference: Optional[sfdata.Dataset] = None) -> tuple:
+                   floor_reference: Optional[sfdata.Dataset] = None, latent_shape: Optional[Sequence[int]] = None,
+                   decode: Optional[Callable[[Tensor], Tensor]] = None) -> tuple:
     """Sample at each NFE from the same noise and score against ``reference``; returns (rows, samples).
 
     ``floor_reference``: other real data for the floor (see :func:`straightflow.metrics.evaluate`).
+    ``latent_shape`` / ``decode``: a latent flow (noise of that shape, samples decoded before scoring).
     ``n`` is capped at what the reference can be compared with (the rows say how many were)."""
     spec = get_solver(solver)
     metric = metric or default_metric(reference.x)
@@ -134,7 +136,10 @@ def evaluate_model(model, reference: sfdata.Dataset, nfes: Sequence[int] = (1, 2
     samples: Dict[int, Tensor] = {}
     for nfe, steps in plan:
         t0 = time.perf_counter()
-        x, _, used = sample_like(model, n, reference.x.shape[1:], seed, spec.name, steps, num_classes, grid, path=path)
+        shape = reference.x.shape[1:] if latent_shape is None else tuple(latent_shape)
+        x, _, used = sample_like(model, n, shape, seed, spec.name, steps, num_classes, grid, path=path)
+        if decode is not None:
+            x = decode(x)
         secs = time.perf_counter() - t0
         rep = metrics.evaluate(x, reference.x, metric=metric, seed=seed, extractor=extractor,
                                floor_data=None if floor_reference is None else floor_reference.x)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import data as sfdata, models, plotting, report
+from ..images.latent import is_latent_run, load_latent
 from ..optimize import calibrated_grid
 from .calibrate import pick_calibration
 from ..runs import train_run
@@ -122,10 +123,16 @@ def cmd_invert(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    model, info = flags.load_run(a.run, device=flags.device(a))
+    dev = flags.device(a)
+    model, info = flags.load_run(a.run, device=dev)
+    latent = {}
+    if is_latent_run(a.run):  # sample latents, decode, score the images
+        lf = load_latent(a.run, device=dev)
+        model, latent = lf.model, {"latent_shape": lf.latent_shape, "decode": lambda z: lf.decode(z).cpu()}
     ref = report.run_reference(info, max(2 * a.n, 4))
     rows, _ = report.evaluate_model(model, ref.data, a.nfe, solver=a.solver, n=a.n, seed=a.seed, metric=a.metric,
-                                    grid=a.grid, extractor=a.extractor, path=info.path, floor_reference=ref.floor)
+                                    grid=a.grid, extractor=a.extractor, path=info.path, floor_reference=ref.floor,
+                                    **latent)
     m = rows[0].n if rows else a.n
     capped = f" (--n {a.n} capped at what the reference allows)" if m < a.n else ""
     return _report(f"# Evaluation of `{a.run}`\n\nScored against {ref.description}.  \n{m} samples per row{capped}; "
