@@ -1041,18 +1041,20 @@ def _plot(path: Path, fname: str, fo: dict[str, Any]) -> None:
     from matplotlib.figure import Figure
 
     res = fo["results"]
-    best_sf, best_peer = _best_curves(res)
+    best_sf, best_peer = _best_curves([r for r in res if r["kind"] != "calibrated"])
+    best_cal, _ = _best_curves([r for r in res if r["kind"] == "calibrated"])
     fig = Figure(figsize=(7.5, 5.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
     for name, lib in _ordered_methods(res):
         pts = sorted((r["nfe"], r["rmse"]) for r in res if r["method"] == name)
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        if name in (best_sf, best_peer):
+        if name in (best_sf, best_peer, best_cal):
             continue
         color = "#3a78c2" if lib == "straightflow" else "#d9822b"
         ax.plot(xs, ys, color=color, lw=0.7, alpha=0.35, marker=".", ms=2)
-    for name, color, label in ((best_sf, "#0b3d91", "best straightflow"), (best_peer, "#c0392b", "best peer")):
+    for name, color, label in ((best_cal, "#1e8449", "best calibrated"), (best_sf, "#0b3d91", "best straightflow, uncalibrated"),
+                               (best_peer, "#c0392b", "best peer")):
         if name is None:
             continue
         pts = sorted((r["nfe"], r["rmse"]) for r in res if r["method"] == name)
@@ -1073,6 +1075,41 @@ def _plot(path: Path, fname: str, fo: dict[str, Any]) -> None:
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _plot_summary(path: Path, cs: dict[str, Any]) -> bool:
+    """Ratio to the best peer against NFE, per field: best calibrated (solid) and best uncalibrated (dashed),
+    with the targets 1/3 and 0.8."""
+    rows = [r for r in cs.get("rows", []) if r.get("cal_ratio") is not None or r.get("fixed_ratio") is not None]
+    if not rows:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    for k, f in enumerate(dict.fromkeys(r["field"] for r in rows)):
+        c = colors[k % len(colors)]
+        pts = sorted((r["nfe"], r["cal_ratio"]) for r in rows if r["field"] == f and r["cal_ratio"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker="o", ms=4, lw=1.8, label=f"{f}: calibrated")
+        pts = sorted((r["nfe"], r["fixed_ratio"]) for r in rows if r["field"] == f and r["fixed_ratio"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, ls="--", lw=1.0, alpha=0.7, label=f"{f}: uncalibrated")
+    ax.axhline(TARGET_CAL, color="k", lw=1.2, ls=":", label="target 1/3 (calibrated)")
+    ax.axhline(TARGET_DEFAULT, color="grey", lw=1.0, ls="-.", label="target 0.8 (uncalibrated default)")
+    ax.axhline(1.0, color="grey", lw=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (guided evaluations for a guided field)")
+    ax.set_ylabel("straightflow RMSE / best peer RMSE")
+    ax.set_title("best calibrated and best uncalibrated straightflow vs the best peer", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def _markdown(meta: dict[str, Any], fields_out: dict[str, Any], summary, overhead, nfes, cal_summary=None) -> str:
@@ -1108,6 +1145,8 @@ def _markdown(meta: dict[str, Any], fields_out: dict[str, Any], summary, overhea
     L.append("")
     if cal_summary:
         L += _cal_summary_markdown(cal_summary)
+        if meta.get("summary_plot"):
+            L += ["![ratio to the best peer](solvers-summary.png)", ""]
 
     for fname, fo in fields_out.items():
         L += [f"## {fname}: {fo['title']}", "",
@@ -1283,6 +1322,7 @@ def bench_solvers(
 
     summary = _summary(fields_out, nfes)
     cal_summary = _cal_summary(fields_out, nfes)
+    summary_plot = _plot_summary(out / "solvers-summary.png", cal_summary)
     load = ""
     try:
         load = " Load average at the end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + "."
@@ -1301,7 +1341,8 @@ def bench_solvers(
     meta = {"machine": ml, "cpus": os.cpu_count(), "threads": threads, "date": _dt.date.today().isoformat(),
             "load": load, "command": cmd, "quick": quick, "nfes": list(nfes), "fields": list(fields),
             "peer_versions": {k: v.get("version", "?") for k, v in peer_info.items()},
-            "peers_skipped": peers_skipped, "fields_skipped": fields_skipped, "notes": notes, "peer_notes": {p.name: p.note for p in peers if p.note}, "metric_top": metric_top,
+            "peers_skipped": peers_skipped, "fields_skipped": fields_skipped, "notes": notes,
+            "summary_plot": summary_plot, "seed": seed, "peer_notes": {p.name: p.note for p in peers if p.note}, "metric_top": metric_top,
             "torch": torch.__version__, "seconds": time.perf_counter() - t_start}
     md = _markdown(meta, fields_out, summary, ov, nfes, cal_summary)
     write_report(out, "solvers", md, {"meta": meta, "summary": summary, "calibrated_summary": cal_summary,
