@@ -56,6 +56,7 @@ QUICK_CAL_NFES = (4, 8)
 TRANSFER_NFES = (4, 8)
 QUICK_TRANSFER_NFES = (4,)
 GUIDANCE_TRANSFER = (1.5, 3.0)
+GUIDANCE_TRANSFER_N = 64  # the first rows of the evaluation batch (each scale needs its own reference)
 CAL_SEED_OFFSET = 1000
 HOLDOUT_SEED_OFFSET = 1001
 TRANSFER_SEED_OFFSET = 3  # the other evaluation batch
@@ -250,13 +251,14 @@ def transfer_section(cr: CalibrationRun, results: list[dict[str, Any]], peers, n
         failures.append(f"transfer to another batch: {type(e).__name__}: {str(e)[:200]}")
 
     # (b) another calibration batch (a quarter of the size, another seed), evaluated on the main batch
+    # (not on a guided field: its cost; the guidance-scale transfer is run there instead)
     n_small = max(16, cr.calib.shape[0] // 4)
     seed_c = cr.seed + REFIT_SEED_OFFSET
     xc = _noise((n_small, *shape), seed_c, fld.dtype)
     cc = _labels(fld, n_small)
     try:
-        rc2 = learned_reference(m64, xc, cond=cc, rtol=cr.rtol)
-        for nfe in want:
+        rc2 = learned_reference(m64, xc, cond=cc, rtol=cr.rtol) if fld.guidance is None else None
+        for nfe in want if fld.guidance is None else ():
             cal2, cpu = cr.calibrate("learned", nfe, calib=xc, refs=(rc2, cr.rh), calib_cond=cc)
             with torch.no_grad():
                 e2 = _rmse(sample(fld.raw, fld.noise, solver=cal2, cond=fld.cond).x, fld.ref)
@@ -272,22 +274,24 @@ def transfer_section(cr: CalibrationRun, results: list[dict[str, Any]], peers, n
 
     # (c) another guidance scale (the API refuses it; run the table directly)
     if fld.guidance is not None:
+        ng = min(int(fld.noise.shape[0]), GUIDANCE_TRANSFER_N)
+        xg = fld.noise[:ng]
+        cg = {k: v[:ng] for k, v in fld.cond.items()}
         for w in GUIDANCE_TRANSFER:
             try:
                 mw64 = _velocity64(fld, w)
                 with torch.no_grad():
-                    refw = sample(mw64, fld.noise.double(), solver="dopri5", steps=1, cond=fld.cond,
-                                  rtol=cr.rtol, atol=cr.rtol).x
+                    refw = sample(mw64, xg.double(), solver="dopri5", steps=1, cond=cg, rtol=cr.rtol, atol=cr.rtol).x
                 for nfe in want:
                     cal = cr.cals[("learned", nfe)]
                     tab = dataclasses.replace(cal.learned_solver, guidance=float(w))
                     init = dataclasses.replace(LearnedSolver.from_dict(cal.info["initial_table"]), guidance=float(w))
                     with torch.no_grad():
-                        e_cal = _rmse(sample_learned(fld.raw, fld.noise, tab, cond=fld.cond).x, refw)
-                        e_init = _rmse(sample_learned(fld.raw, fld.noise, init, cond=fld.cond).x, refw)
+                        e_cal = _rmse(sample_learned(fld.raw, xg, tab, cond=cg).x, refw)
+                        e_init = _rmse(sample_learned(fld.raw, xg, init, cond=cg).x, refw)
                     pn = best_peer_name(results, nfe)
-                    e_peer = peer_rmse(pn, nfe, ClassifierFreeGuidance(fld.raw, float(w)), fld.noise, fld.cond, refw) if pn else None
-                    out["guidance"].append({"nfe": nfe, "fitted_at": fld.guidance, "applied_at": w, "rmse": e_cal,
+                    e_peer = peer_rmse(pn, nfe, ClassifierFreeGuidance(fld.raw, float(w)), xg, cg, refw) if pn else None
+                    out["guidance"].append({"nfe": nfe, "fitted_at": fld.guidance, "applied_at": w, "n": ng, "rmse": e_cal,
                                             "init": cal.info.get("initial_solver"), "init_rmse": e_init,
                                             "peer": pn, "peer_rmse": e_peer})
             except Exception as e:
@@ -360,7 +364,7 @@ def markdown_field(fname: str, fo: dict[str, Any]) -> list[str]:
                      f"{_r(b['rmse'], b['peer_rmse'])} | {b['cpu_seconds']:.1f} |")
         L.append("")
     if tr.get("guidance"):
-        L += ["Guidance scale: the table fitted at the field's scale run at another one "
+        L += [f"Guidance scale (first {tr['guidance'][0].get('n', '')} rows of the evaluation batch): the table fitted at the field's scale run at another one "
               "(`dataclasses.replace(cal.learned_solver, guidance=w)`; `sample` refuses this). Reference at that scale: "
               f"dopri5 rtol {cal['rtol']:g}.", "",
               "| NFE | fitted at | applied at | RMSE | classical start at w | best peer at w | ratio to peer | ratio to start |",
