@@ -1298,6 +1298,8 @@ def bench_solvers(
                 saved = json.loads(cache.read_text())
                 if saved.get("key") == json.loads(json.dumps(key)):
                     fields_out[fname] = saved["field"]
+                    notes.append(f"field {fname}: measured by an earlier run with the same settings and read back "
+                                 f"from `fields/{fname}.json`" + (f" (`{saved['command']}`)" if saved.get("command") else ""))
                     _plot(out / f"solvers-{fname}.png", fname, saved["field"])
                     _log(f"field {fname}: reused {cache}", progress)
                     continue
@@ -1314,7 +1316,8 @@ def bench_solvers(
                 fo["metrics"] = _distribution_metrics(fld, fo, _methods_for_metrics(fld, fo, peers), nfes,
                                                       metric_samples, metric_top, seed, fo["failures"])
             fields_out[fname] = fo
-            write_report(out / "fields", fname, f"see ../solvers.md ({fname})\n", {"key": key, "field": fo})
+            write_report(out / "fields", fname, f"see ../solvers.md ({fname})\n",
+                         {"key": key, "field": fo, "command": command, "date": _dt.date.today().isoformat()})
             _plot(out / f"solvers-{fname}.png", fname, fo)
             _log(f"{fname} done ({fo['seconds']} s)", progress)
         ov = _overhead(peers, quick, seed) if overhead else None
