@@ -17,9 +17,9 @@ field (the ``references=`` / ``model64=`` options, which ``calibrate`` passes to
 :func:`~straightflow.optimize.learned.fit_learned`); each calibration extends it with the times it
 needs and is charged for those calls. The cost table therefore shows, per kind and NFE, the CPU
 seconds (``time.process_time`` around ``calibrate``) and model calls of that calibration, and,
-once per field, the shared reference; "standalone" adds the two (an upper bound for one
-calibration on its own: the shared reference holds the endpoint of both batches, which every
-calibration needs, plus the extension times of every NFE).
+once per field, the shared reference (the endpoints of both batches, which every calibration
+needs); "standalone" adds the two: about what one calibration costs on its own (slightly less:
+an extension time already added for an earlier NFE is not charged again).
 
 Transfer (the ``learned`` kind at :data:`TRANSFER_NFES`): (a) the calibration applied to another
 evaluation batch (another seed and size) next to the best peer of the main table and the
@@ -341,7 +341,8 @@ def markdown_field(fname: str, fo: dict[str, Any]) -> list[str]:
     tot = {k: sum(c["cpu_seconds"] for c in cal.get("costs", []) if c["kind"] == k) for k in cal.get("kinds", [])}
     L += ["", "CPU s: `time.process_time()` around `calibrate` (one thread), reference extension included; model calls: "
           "batch calls of this calibration (initial-solver selection, fit, checks, reference extension; a guided call "
-          "computes 2 rows per sample); standalone = CPU s + the shared reference. All NFE together: "
+          "computes 2 rows per sample); standalone = CPU s + the shared reference (about one calibration on its own; reference times already added for an "
+          "earlier NFE are not charged again). All NFE together: "
           + ", ".join(f"{k} {v:.0f} CPU s" for k, v in tot.items())
           + f" + {cal['reference']['cpu_seconds']:.0f} CPU s shared reference.", ""]
     tr = fo.get("transfer") or {}
