@@ -143,3 +143,45 @@ def test_diffusers_peers_converge_on_the_oracle(bench):
             e = {int(k): v for k, v in row["rmse"].items()}
             ks = sorted(e)
             assert all(e[b] < e[a] for a, b in zip(ks, ks[1:])), row
+
+
+def test_calibrated_rows_sections_and_counted_nfe(bench):
+    """Issue 13: each calibration kind at the quick NFE, on the evaluation batch, with counted NFE,
+    its cost, the transfer rows, and the summary of ratios to the best peer."""
+    from straightflow.bench import solvers_calibrated as sc
+
+    _, md, data = bench
+    fo = data["fields"]["oracle2d"]
+    want = [k for k in QUICK_NFES if k in sc.QUICK_CAL_NFES]
+    cal_rows = [r for r in fo["results"] if r["kind"] == "calibrated"]
+    assert {(r["calibration_kind"], r["nfe_target"]) for r in cal_rows} == {(k, n) for k in sc.CAL_KINDS for n in want}
+    for r in cal_rows:
+        assert r["nfe"] == r["nfe_counted"] == r["nfe_target"], r
+        assert math.isfinite(r["rmse"]) and r["initial_solver"]
+    # three disjoint batches: calibration, calibrate's held-out, evaluation
+    rec = fo["calibration_kinds"]
+    assert len({rec["calib_seed"], rec["holdout_seed"], data["meta"].get("seed", 0)}) == 3
+    assert rec["reference"]["calls"] > 0
+    assert {(c["kind"], c["nfe"]) for c in rec["costs"]} == {(k, n) for k in sc.CAL_KINDS for n in want}
+    assert all(c["cpu_seconds"] > 0 and c["model_calls"] > 0 for c in rec["costs"])
+    # the method table carries the calibrated rows like any other method
+    _, rows = _table(md, "method")
+    assert {f"{k} (calibrated, auto)" for k in sc.CAL_KINDS} <= {r[0] for r in rows}
+    header, rows = _table(md, "kind")
+    assert header[:3] == ["kind", "NFE", "eval RMSE"] and "CPU s" in header and "model calls" in header
+    assert len(rows) == len(cal_rows)
+    # transfer: another evaluation batch and another calibration batch
+    tr = fo["transfer"]
+    assert tr["batch"] and tr["refit"] and not tr["guidance"]  # oracle2d is not guided
+    assert tr["batch"][0]["seed"] != 0 and tr["refit"][0]["calib_seed"] != rec["calib_seed"]
+    # the summary: field x NFE with the targets
+    assert "## Summary: calibrated and uncalibrated straightflow / best peer" in md
+    header, rows = _table(md, "field x NFE")
+    assert header[1:] == [str(k) for k in QUICK_NFES if 3 <= k <= 10]
+    assert rows[0][0] == "oracle2d"
+    cs = {(r["field"], r["nfe"]): r for r in data["calibrated_summary"]["rows"]}
+    for n in want:
+        r = cs[("oracle2d", n)]
+        best = min(q["rmse"] for q in cal_rows if q["nfe_target"] == n)
+        assert r["cal_ratio"] == pytest.approx(best / r["peer"]["rmse"])
+    assert "Calibrated target (<= 0.33 at NFE 4-10)" in md
