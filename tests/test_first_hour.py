@@ -8,8 +8,6 @@ the README's in test_readme.py, the Hub's in test_hub.py).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from straightflow import checkpoint, data as sfdata
 from straightflow.cli import main
 from straightflow.flow import Flow
 from straightflow.models import MLP, build_model
-from straightflow.train import ResumeError, TrainSettings, Trainer, train
+from straightflow.train import ResumeError, TrainSettings, train
 
 TINY_MOONS = ["--data", "moons", "--n", "512", "--batch-size", "32", "--hidden", "16", "--depth", "1", "--quiet"]
 

@@ -30,7 +30,7 @@ from . import checkpoint
 from .checkpoint import RunInfo, hub_dependency_error, resolve_run_dir
 
 try:
-    from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin
+    from huggingface_hub import ModelCard, ModelHubMixin
 except ImportError:  # pragma: no cover - the optional dependency is absent
     ModelHubMixin = None
 

@@ -134,6 +134,12 @@ def calibrate(
     it with ``seed + 1``) on which every kind is scored. ``cond`` / ``guidance``: conditioning and
     classifier-free guidance scale the calibration is fitted with (and only valid for).
 
+    Options of ``learned`` / ``dc``: ``mode`` (learned: ``"auto"``, ``"ls"``, ``"grad"``, ``"ls+grad"``),
+    ``rtol`` (the float64 dopri5 reference, default 1e-5), ``grad_iters``, ``time_shifts``, and, to share
+    one reference across several calls (e.g. NFE 3-10 on the same batches),
+    ``references=(calib_ref, holdout_ref)`` from :func:`straightflow.optimize.learned.reference`
+    (extended in place with the times each fit needs) and ``model64`` (the float64 model they use).
+
     The result samples with ``straightflow.sample(model, noise, solver=cal)`` and records what it
     is valid for (weights fingerprint, NFE, guidance, sample shape, path). A stored file is reused,
     with no model evaluation, when its fingerprint matches; a mismatch (retrained weights)

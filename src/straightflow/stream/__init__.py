@@ -67,7 +67,7 @@ def resolve_run(run: Union[str, os.PathLike, None], progress: bool = True,
     return p
 
 
-def load_stream_model(run: Union[str, os.PathLike, None], device: Union[str, "torch.device"] = "cpu",
+def load_stream_model(run: Union[str, os.PathLike, None], device: Union[str, Any] = "cpu",
                       progress: bool = True, log: Optional[Callable[[str], None]] = None):
     """The image model of ``run`` (a run directory or ``default``) on ``device``, checked to work on
     images (C, H, W)."""
