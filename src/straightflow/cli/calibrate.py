@@ -38,8 +38,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     cond = _labels(model, a.batch)
     if a.guidance is not None and cond is None:
         raise ValueError("--guidance needs a class-conditional model")
-    x, _ = initial_noise((a.batch, *info.shape), seed=a.seed, device=dev)
-    xh, _ = initial_noise((a.batch, *info.shape), seed=a.seed + 1, device=dev)
+    # noise of its own (seeds 1000 + seed, 1001 + seed): never the noise `sample --seed` draws
+    x, _ = initial_noise((a.batch, *info.shape), seed=a.seed + 1000, device=dev)
+    xh, _ = initial_noise((a.batch, *info.shape), seed=a.seed + 1001, device=dev)
     cond = None if cond is None else {"y": cond["y"].to(dev)}
     options = {}
     if kind in ("learned", "dc"):
