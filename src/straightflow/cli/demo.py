@@ -31,7 +31,7 @@ def few_step_section(model, run_dir: Path, ref, out_dir: Path, n: int, seed: int
     """Euler vs AB2 vs a solver calibrated to this model, all at NFE 4 from the same noise and labels:
     endpoint RMSE to an accurate solve of the same noise, FD with its floor, one picture."""
     nfe, shape, k = FEW_STEP_NFE, tuple(ref.data.x.shape[1:]), getattr(model, "num_classes", None)
-    batch = 64 if quick else 256
+    batch = 64 if quick else 128
     if progress:
         print(f"[demo] calibrating a {nfe}-evaluation solver to the digits model (learned table; "
               f"{batch} + {batch} noise samples)", flush=True)
@@ -52,8 +52,8 @@ def few_step_section(model, run_dir: Path, ref, out_dir: Path, n: int, seed: int
         rmse = float((x.double() - fine.double()).pow(2).mean().sqrt())
         label = f"calibrated ({cal.info.get('initial_solver')} start)" if name == "calibrated" else name
         rows.append((label, used, rmse, rep.value, rep.floor))
-        pics.append((f"{label}, NFE {used}", x[:64]))
-    pics.append(("accurate solve (RK4, NFE 100)", fine[:64]))
+        pics.append((f"{label}, NFE {used}", x[:60]))
+    pics.append(("accurate solve (RK4, NFE 100)", fine[:60]))
     plotting.save_image_panels(pics, out_dir / "few-step.png",
                                suptitle=f"digits at NFE {nfe}: same noise and labels in every panel")
     lines = [f"## Few-step sampling: NFE {nfe} on the digits model", "",
