@@ -703,16 +703,20 @@ class Trainer:
             dist.barrier()
         self._write_state()  # first: the source of truth for resume
         if self.is_main:
-            from .checkpoint import save_model
-
-            config = {"flow": _jsonable(self.flow.config()), "train": self.settings(), "data": self.data_info(),
-                      "step": self.step}
-            if self._change_log:
-                config["recipe_changes"] = copy.deepcopy(self._change_log)
-            config.update(copy.deepcopy(self.extra_config))
-            save_model(self.out, self._export_model(), config)
+            self._write_run()
         if self.world_size > 1:
             dist.barrier()
+
+    def _write_run(self) -> None:
+        """The loadable run beside the training state: exported weights and ``config.json`` (main rank)."""
+        from .checkpoint import save_model
+
+        config = {"flow": _jsonable(self.flow.config()), "train": self.settings(), "data": self.data_info(),
+                  "step": self.step}
+        if self._change_log:
+            config["recipe_changes"] = copy.deepcopy(self._change_log)
+        config.update(copy.deepcopy(self.extra_config))
+        save_model(self.out, self._export_model(), config)
 
     # ------------------------------------------------------------------ loop
     def _check(self, loss: Tensor, gn: Tensor) -> Tuple[float, float]:

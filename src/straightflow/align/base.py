@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..checkpoint import CONFIG_FILE, MODEL_FILE, load, save_weights
@@ -378,16 +377,8 @@ class AlignTrainer(Trainer):
         cfg.update(copy.deepcopy(self.extra_config))
         return cfg
 
-    def _checkpoint(self) -> None:
-        if self.out is None:
-            return
-        if self.world_size > 1:
-            dist.barrier()
-        self._write_state()  # first: the source of truth for resume
-        if self.is_main:
-            write_run(self.out, self._export_model(), self.run_config())
-        if self.world_size > 1:
-            dist.barrier()
+    def _write_run(self) -> None:  # the trainer's checkpoint, with the aligned run's own files
+        write_run(self.out, self._export_model(), self.run_config())
 
 
 def write_run(out: Path, module: nn.Module, config: Dict[str, Any]) -> None:

@@ -66,8 +66,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.calibrated:  # a solver fitted to this run by `straightflow calibrate`, stored beside it
         if info.average_velocity:
             raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: its sampler takes no calibration")
-        cal = pick_calibration(a.run, a.nfe, a.guidance)
-        cal.check(model=model, noise=noise)  # refuses changed weights before any work
+        cal = pick_calibration(a.run, a.nfe, a.guidance)  # sample() refuses changed weights before any work
     elif a.nfe is not None:
         raise ValueError("--nfe selects a stored calibration: use it with --calibrated (else --steps)")
     if grid == "boss":  # Bellman-optimal grid for this solver and NFE, calibrated once and kept beside the model

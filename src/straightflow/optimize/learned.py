@@ -73,7 +73,7 @@ from torch import Tensor
 from ..grids import make_grid
 from ..paths import PathLike, get_path
 from ..solvers import sample as _sample
-from ..solvers.base import SOLVERS
+from ..solvers.base import SOLVERS, CountedVelocity
 from ..solvers.guidance import ClassifierFreeGuidance
 from ..solvers.learned import LearnedSolver, ns_solve, symbolic_run
 from ..time import shift_time
@@ -97,18 +97,10 @@ CALIBRATE_RTOL = 1e-5  # the calibration kinds' default: ~1 % of the error of a 
                        # evaluations at rtol 1e-4 / 1e-5 / 1e-6, and the reference is most of the cost
 
 
-class _Calls:
-    """Velocity ``f(x, t, i=-1)`` around a model: counts batch calls (``calls``) and rows (``rows``)."""
-
-    def __init__(self, model: Callable, cond: Optional[Dict[str, Any]] = None) -> None:
-        self.model, self.cond, self.calls, self.rows = model, dict(cond or {}), 0, 0
-
-    def __call__(self, x: Tensor, t, i: int = -1) -> Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        tb = t.expand(x.shape[0]) if t.ndim == 0 else t
-        self.calls += 1
-        self.rows += x.shape[0] * int(getattr(self.model, "evals_per_call", 1))
-        return self.model(x, tb, **self.cond)
+def _Calls(model: Callable, cond: Optional[Dict[str, Any]] = None) -> CountedVelocity:
+    """The library's call counter around a model, unchecked (the fits score non-finite results
+    themselves and must not sync per call inside the L-BFGS closure)."""
+    return CountedVelocity(model, cond, check_finite=False)
 
 
 def _velocity(model: Callable, guidance: Optional[float]) -> Callable:
