@@ -10,6 +10,7 @@ import inspect
 import math
 import pickle
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from straightflow.interop import (  # noqa: E402
     DiffusersVelocity, StraightflowScheduler, diffusers_from_velocity, sigma_from_t, t_from_sigma,
     t_from_timestep, timestep_from_t, velocity_from_diffusers,
 )
-from straightflow.interop.diffusers import _evaluation_schedule  # noqa: E402
+from straightflow.interop.scheduler import _evaluation_schedule  # noqa: E402
+from straightflow.solvers import Eval  # noqa: E402
 from straightflow.solvers.base import SolverSpec  # noqa: E402
 
 B, C, H = 2, 4, 8
@@ -239,7 +241,7 @@ def test_img2img_start_with_scale_noise_and_begin_index(tiny):
 
 
 @torch.no_grad()
-def test_lifecycle_threads_reset_copy_and_changed_state(tiny):
+def test_lifecycle_no_threads_reset_copy_and_changed_state(tiny):
     model, noise, cond = tiny
     net = Counted(model, cond)
     base = threading.active_count()
@@ -248,7 +250,7 @@ def test_lifecycle_threads_reset_copy_and_changed_state(tiny):
     x = noise
     for t in sch.timesteps[:2]:
         x = sch.step(net(x, t), t, x).prev_sample
-    assert threading.active_count() == base + 1
+    assert threading.active_count() == base  # the solver is a coroutine: it runs inside step(), no worker thread
     for dup in (copy.deepcopy(sch), pickle.loads(pickle.dumps(sch))):  # the schedule, not the running solve
         assert torch.equal(dup.timesteps, sch.timesteps) and dup.step_index is None
         assert dup.config.solver == "unipc" and type(dup) is StraightflowScheduler
@@ -278,20 +280,41 @@ def test_lifecycle_threads_reset_copy_and_changed_state(tiny):
     assert threading.active_count() == base
 
 
-def test_rejects_unknown_and_adaptive_solvers():
+def test_interop_has_no_threads_or_queues():
+    """The scheduler drives the solver coroutine inside ``step()``: nothing in interop/ needs a thread."""
+    src = Path(sf.__file__).parent / "interop"
+    for p in src.glob("*.py"):
+        text = p.read_text()
+        assert "import threading" not in text and "import queue" not in text, p.name
+
+
+def test_rejects_unknown_and_adaptive_solvers(tiny):
     with pytest.raises(ValueError, match="unknown solver"):
         StraightflowScheduler(solver="nope")
+    with pytest.raises(ValueError, match="adaptive"):  # declared adaptive in the registry: refused up front
+        StraightflowScheduler(solver="dopri5").set_timesteps(4)
 
-    def adaptive(f, x, ts, callback=None):  # picks its next time from the state, like dopri5
+    def sneaky(x, ts):  # picks its next time from the state, like dopri5, but is not declared adaptive
         t = ts[0]
         while t < ts[-1]:
-            v = f(x, t, 0)
+            v = yield Eval(x, t, 0)
             x = x + 0.1 * v
             t = min(ts[-1], t + 0.1 + 0.05 * math.tanh(float(v.abs().sum())))
         return x
 
+    spec = SolverSpec("sneaky", sneaky, 1, 1)
+    sched = _evaluation_schedule(spec, [0.0, 1.0], None)  # the trace (zero velocity): steps of 0.1
+    assert sched[0] == (0.0, 0) and abs(sched[1][0] - 0.1) < 1e-12 and len(sched) >= 10
+    # at run time its requests leave the traced schedule: step() notices and says so
+    model, noise, cond = tiny
+    sch = StraightflowScheduler(solver="euler")
+    sch._spec = spec
+    sch.set_timesteps(1)
+    net = Counted(model, cond)
+    with pytest.raises(RuntimeError, match="schedule is not fixed"):
+        diffusers_loop(sch, net, noise)
     with pytest.raises(ValueError, match="adaptive"):
-        _evaluation_schedule(SolverSpec("adaptive", adaptive, 1, 1), [0.0, 1.0], None)
+        _evaluation_schedule(SolverSpec("adaptive", sneaky, 1, 1, adaptive=True), [0.0, 1.0], None)
 
 
 # ---------------------------------------------------------------------- (d) a real pipeline

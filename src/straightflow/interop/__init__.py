@@ -1,8 +1,8 @@
 """Bridges to other libraries' conventions (``straightflow.interop.diffusers`` for 🤗 diffusers).
 
 Nothing here imports the other library until it is needed: the convention helpers and
-:class:`DiffusersVelocity` work with torch alone; ``StraightflowScheduler`` imports diffusers
-when first used (``pip install diffusers``).
+:class:`DiffusersVelocity` work with torch alone; ``StraightflowScheduler`` (:mod:`.scheduler`)
+imports diffusers when first used (``pip install diffusers``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ __all__ = [
 
 def __getattr__(name):  # PEP 562: build the diffusers scheduler class only when asked for
     if name == "StraightflowScheduler":
-        from . import diffusers as _d
+        from .scheduler import StraightflowScheduler
 
-        return _d.StraightflowScheduler
+        return StraightflowScheduler
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

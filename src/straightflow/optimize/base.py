@@ -4,8 +4,9 @@
   drawn from ``N(0, I)`` with a seeded generator;
 - ``_rmse``: ``sqrt(mean((a - b)^2))`` over all elements, in float64;
 - ``_check_deterministic``: schedules and BOSS need deterministic solvers;
-- ``_repeat_cond`` / ``_RowTimeVelocity``: run one solver step on many (pair, sample) rows
-  stacked along the batch, each row with its own time, counting the model calls.
+- ``_repeat_cond``: conditioning for one solver step run on many (pair, sample) rows stacked
+  along the batch, each row with its own time (``CountedVelocity`` takes per-row times and
+  counts the calls).
 """
 from __future__ import annotations
 
@@ -60,24 +61,3 @@ def _repeat_cond(cond: Optional[Mapping[str, Any]], batch: int, reps: int) -> Di
     return out
 
 
-class _RowTimeVelocity:
-    """``f(x, t, i)`` for solver functions run on stacked (pair, sample) rows with per-row times.
-
-    ``t`` is a float or a tensor broadcastable to ``x`` with one value per row; the model receives
-    a ``(R,)`` time vector. Counts model calls in ``calls``.
-    """
-
-    def __init__(self, model, cond, check_finite=True):
-        self.model, self.cond, self.check_finite, self.calls = model, cond, check_finite, 0
-
-    def __call__(self, x, t, i=-1):
-        R = x.shape[0]
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        tb = t.expand(R) if t.numel() == 1 else t.reshape(R)
-        v = self.model(x, tb, **self.cond)
-        self.calls += 1
-        if v.shape != x.shape:
-            raise ValueError(f"velocity model returned shape {tuple(v.shape)} for input {tuple(x.shape)}")
-        if self.check_finite and not bool(torch.isfinite(v).all()):
-            raise NonFiniteError("velocity became NaN/Inf during BOSS calibration")
-        return v

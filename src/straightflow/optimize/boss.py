@@ -21,7 +21,7 @@ from torch import Tensor
 from ..grids import validate_grid
 from ..paths import PathLike as PathSpec
 from ..solvers.base import CountedVelocity, NonFiniteError
-from .base import NoiseLike, _check_deterministic, _noise, _repeat_cond, _RowTimeVelocity, _solver_options
+from .base import NoiseLike, _check_deterministic, _noise, _repeat_cond, _solver_options
 from .reference import ReferenceTrajectory, reference_trajectory
 
 
@@ -87,11 +87,11 @@ def boss_cost_table(
         rshape = (P * B,) + (1,) * (X.ndim - 2)
         T0 = ts[a_idx].repeat_interleave(B).to(X.dtype).reshape(rshape)
         T1 = ts[b_idx].repeat_interleave(B).to(X.dtype).reshape(rshape)
-        f = _RowTimeVelocity(model, _repeat_cond(cond, B, P))
+        f = CountedVelocity(model, _repeat_cond(cond, B, P))
         out = None
         if batched:
             try:
-                out = spec.fn(f, x0, [T0, T1], **opts)
+                out = spec.run(f, x0, [T0, T1], **opts)
             except NonFiniteError:
                 raise
             except Exception:  # the solver needs scalar times
@@ -100,7 +100,7 @@ def boss_cost_table(
             if out is not None and not checked:  # once: the stacked step equals a scalar-time step
                 a, b = chunk[0]
                 g = CountedVelocity(model, cond)
-                one = spec.fn(g, X[a], [float(ts[a]), float(ts[b])], **opts)
+                one = spec.run(g, X[a], [float(ts[a]), float(ts[b])], **opts)
                 calls += g.nfe
                 checked = True
                 if not torch.allclose(one, out[:B], rtol=1e-6, atol=1e-9 * (1 + float(one.abs().max()))):
@@ -109,7 +109,7 @@ def boss_cost_table(
             outs = []
             for a, b in chunk:
                 g = CountedVelocity(model, cond)
-                outs.append(spec.fn(g, X[a], [float(ts[a]), float(ts[b])], **opts))
+                outs.append(spec.run(g, X[a], [float(ts[a]), float(ts[b])], **opts))
                 calls += g.nfe
             out = torch.cat(outs)
         err = (out - target).double().pow(2).reshape(P, -1).mean(1)

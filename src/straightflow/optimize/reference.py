@@ -95,5 +95,5 @@ def reference_trajectory(
 def _reference_end(model, x, fine_steps, cond, check_finite=True) -> Tuple[Tensor, int]:
     f = CountedVelocity(model, cond, check_finite=check_finite)
     ts = torch.linspace(0.0, 1.0, fine_steps + 1, dtype=torch.float64).tolist()
-    out = get_solver("rk4").fn(f, x, ts)
+    out = get_solver("rk4").run(f, x, ts)
     return out, f.nfe

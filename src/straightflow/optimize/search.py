@@ -20,7 +20,7 @@ from ..grids import make_grid, validate_grid
 from ..paths import PathLike as PathSpec
 from ..solvers import SampleResult, get_solver
 from ..solvers.base import CountedVelocity, NonFiniteError
-from .base import NoiseLike, _check_deterministic, _noise, _repeat_cond, _rmse, _RowTimeVelocity, _solver_options
+from .base import NoiseLike, _check_deterministic, _noise, _repeat_cond, _rmse, _solver_options
 from .boss import bellman_path, boss_cost_table
 from .reference import ReferenceTrajectory, _reference_end, reference_trajectory
 
@@ -59,7 +59,7 @@ def run_schedule(
             e += 1
         spec = specs[k]
         cb = (lambda i, t, xi: traj.append(xi)) if return_trajectory else None
-        x = spec.fn(f, x, ts[k:e + 1], callback=cb, **_solver_options(spec, path))
+        x = spec.run(f, x, ts[k:e + 1], callback=cb, **_solver_options(spec, path))
         k = e
     if check_finite and not bool(torch.isfinite(x).all()):
         raise NonFiniteError("schedule produced NaN/Inf in its final state")
@@ -200,8 +200,8 @@ def search_schedule(
                     if not ok:
                         continue
                     xs = torch.cat([st[2] for st in ok])
-                    fv = _RowTimeVelocity(model, _repeat_cond(cond, B, len(ok)))
-                    out = s.fn(fv, xs, tl[k:k + 2], **_solver_options(s, path))
+                    fv = CountedVelocity(model, _repeat_cond(cond, B, len(ok)))
+                    out = s.run(fv, xs, tl[k:k + 2], **_solver_options(s, path))
                     extra_calls += fv.calls
                     for r, st in enumerate(ok):
                         xr = out[r * B:(r + 1) * B]

@@ -1,7 +1,8 @@
 """Sampling and inversion: ``sample`` integrates noise (t=0) to data (t=1), ``invert`` goes back.
 
-All solvers share one interface (see :mod:`.base`), one registry (``available()``) and one NFE
-count. ``sample`` accepts any velocity callable ``v = model(x, t, **cond)``.
+Every solver is a coroutine that yields the ``(x, t)`` it needs and receives the velocity
+(:mod:`.protocol`); one driver runs them all. They share one registry (``available()``) and one
+NFE count. ``sample`` accepts any velocity callable ``v = model(x, t, **cond)``.
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from . import adaptive  # noqa: F401  (registers dopri5)
 from . import sde  # noqa: F401  (registers sde/euler_maruyama)
 from . import ipndm  # noqa: F401  (registers ipndm)
 from .guidance import ClassifierFreeGuidance
+from .protocol import Eval, State, Stepper, drive, trace
 from .noise import initial_noise
 
 __all__ = ["sample", "invert", "available", "get_solver", "SampleResult", "NonFiniteError",
-           "register_solver", "SolverSpec", "ClassifierFreeGuidance", "solve", "initial_noise", "CountedVelocity"]
+           "register_solver", "SolverSpec", "ClassifierFreeGuidance", "solve", "initial_noise", "CountedVelocity",
+           "Eval", "State", "Stepper", "drive", "trace"]
 
 
 def available() -> list:
@@ -75,11 +78,11 @@ def solve(
         options.setdefault("path", get_path(path))
     gen = options.get("generator")
     gen_state = gen.get_state() if (check_finite and gen is not None) else None
-    out = spec.fn(f, x, ts, callback=cb, **options)
+    out = spec.run(f, x, ts, callback=cb, **options)
     if check_finite and not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
         if gen_state is not None:
             gen.set_state(gen_state)
-        spec.fn(CountedVelocity(model, cond, check_finite=True), x, ts, callback=None, **options)
+        spec.run(CountedVelocity(model, cond, check_finite=True), x, ts, **options)
         raise NonFiniteError(f"solver {spec.name!r} produced NaN/Inf in its final state")
     return SampleResult(
         x=out, nfe=f.nfe, times=g,

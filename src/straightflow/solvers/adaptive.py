@@ -12,6 +12,7 @@ import math
 import torch
 
 from .base import register_solver
+from .protocol import Eval, State
 
 __all__ = ["dopri5"]
 
@@ -48,7 +49,7 @@ def _rms(x):
 
 
 @register_solver("dopri5", order=5, evals_per_step=6, aliases=("dormand_prince", "rk45"), adaptive=True)
-def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
+def dopri5(x, ts, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
            max_steps: int = 100_000, hit_grid: bool = True):
     """Adaptive Dormand-Prince 5(4) (Dormand & Prince 1980) with FSAL and a PI step-size controller.
 
@@ -61,9 +62,9 @@ def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: 
     step follows Hairer's starting-step heuristic (1 extra NFE) unless ``h0`` is given.
 
     ``hit_grid=True`` (default): steps are shortened to land exactly on every grid time and
-    ``callback`` sees the state there (the trajectory has one entry per grid time; a grid of N
+    a ``State`` report gives the state there (the trajectory has one entry per grid time; a grid of N
     steps costs at least N solver steps). ``hit_grid=False``: only the first and last grid times
-    matter; the solver runs straight through and ``callback`` is called once, at the end.
+    matter; the solver runs straight through and reports the state once, at the end.
     Works in both directions (inversion integrates backwards). Raises ``RuntimeError`` past
     ``max_steps`` steps or when the step size underflows.
     """
@@ -72,13 +73,13 @@ def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: 
     stops = list(range(1, len(ts))) if hit_grid else [len(ts) - 1]
     t, t_end = float(ts[0]), float(ts[-1])
     direction = 1.0 if t_end > t else -1.0
-    k1 = f(x, t, 0)
+    k1 = yield Eval(x, t, 0)
     if h0 is None:  # Hairer's starting step
         sc = (atol + rtol * x.abs()).clamp_min(torch.finfo(x.dtype).tiny)
         d0, d1 = _rms(x / sc), _rms(k1 / sc)
         h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h = min(h, abs(t_end - t))
-        k_probe = f(x + direction * h * k1, t + direction * h, 0)
+        k_probe = yield Eval(x + direction * h * k1, t + direction * h, 0)
         d2 = _rms((k_probe - k1) / sc) / h
         h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
         h = max(min(100 * h, h1), 1e-6 * abs(t_end - t))  # floor: pure rtol at x = 0 has no scale
@@ -100,7 +101,7 @@ def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: 
             ks = [k1]
             for j in range(1, 7):
                 xj = x + hs * sum(a * kk for a, kk in zip(_A[j], ks) if a != 0.0)
-                ks.append(f(xj, t + _C[j] * hs if j < 6 else (t_stop if last else t + hs), stop - 1))
+                ks.append((yield Eval(xj, t + _C[j] * hs if j < 6 else (t_stop if last else t + hs), stop - 1)))
             x_new = xj  # stage 7 is evaluated at the 5th-order solution (FSAL)
             err = _err_norm(hs * sum(e * kk for e, kk in zip(_E, ks) if e != 0.0), x, x_new, rtol, atol)
             if not math.isfinite(err):
@@ -119,6 +120,5 @@ def dopri5(f, x, ts, callback=None, rtol: float = 1e-5, atol: float = 1e-5, h0: 
                 fac = 0.2 if not math.isfinite(err) else max(_FAC_MIN, _SAFETY * err ** -0.2)
                 h = step * fac
                 rejected = True
-        if callback is not None:
-            callback(stop, ts[stop], x)
+        yield State(stop, ts[stop], x)
     return x

@@ -1,10 +1,11 @@
 """What every solver shares: the registry, the counted velocity wrapper and the result type.
 
-A solver is a function ``solver(f, x, ts, *, callback=None, **options) -> x`` that integrates
-``dx/dt = v(x, t)`` along the grid ``ts`` (increasing for sampling, decreasing for inversion).
-It calls ``f(x, t, i)`` for the velocity at time ``t`` during step ``i``; ``f`` counts the
-evaluations (NFE) and checks them for NaN/Inf. ``callback(i, t, x)`` sees the state at every
-grid time (it builds the trajectory).
+A solver is a coroutine ``solver(x, ts, **options)`` (:mod:`.protocol`) that integrates
+``dx/dt = v(x, t)`` along the grid ``ts`` (increasing for sampling, decreasing for inversion):
+it yields :class:`~.protocol.Eval` requests and receives the velocity, yields
+:class:`~.protocol.State` reports at grid times, and returns the final state.
+:meth:`SolverSpec.run` drives it against ``f(x, t, i)`` (a :class:`CountedVelocity` counts
+the evaluations (NFE) and checks them for NaN/Inf); ``callback(i, t, x)`` sees the reports.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
+from .protocol import SolverCoroutine, Trace, drive, trace
 
 
 class NonFiniteError(FloatingPointError):
@@ -23,7 +25,8 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class SolverSpec:
-    """A registered solver: the function and what the benchmarks and the CLI need to know.
+    """A registered solver: its coroutine function ``fn(x, ts, **options)`` and what the benchmarks
+    and the CLI need to know. :meth:`run` drives it, :meth:`start` only creates the coroutine.
 
     ``cost(steps, **options)`` is the exact NFE when it is not ``evals_per_step * steps`` (warm-up
     steps, a cheaper last step); ``adaptive`` solvers choose their own steps from an error
@@ -39,6 +42,21 @@ class SolverSpec:
     doc: str = ""
     cost: Optional[Callable[..., int]] = None
     adaptive: bool = False
+
+    def start(self, x: Tensor, ts: Sequence[float], **options) -> SolverCoroutine:
+        """The solver's coroutine on state ``x`` and grid ``ts`` (nothing runs until it is driven)."""
+        return self.fn(x, ts, **options)
+
+    def run(self, f: Callable, x: Tensor, ts: Sequence[float], callback: Optional[Callable] = None,
+            **options) -> Tensor:
+        """Integrate along ``ts`` from ``x``, answering requests with ``f(x, t, i)``; ``callback(i, t, x)``
+        sees the state at the grid times (:func:`~.protocol.drive`)."""
+        return drive(self.fn(x, ts, **options), f, callback)
+
+    def trace(self, x: Tensor, ts: Sequence[float], f: Optional[Callable] = None, **options) -> Trace:
+        """Dry-run on ``x`` with ``f`` (default: a zero velocity) and record every request and report:
+        evaluation times and exact NFE from the protocol (:func:`~.protocol.trace`)."""
+        return trace(self.fn(x, ts, **options), f or (lambda y, t, i: torch.zeros_like(y)))
 
     def nfe(self, steps: int, **options) -> int:
         """Velocity evaluations for ``steps`` steps with these solver options (warm-ups included)."""

@@ -35,6 +35,7 @@ import torch
 
 from ..paths import AffinePath
 from .base import lincomb, register_solver
+from .protocol import Eval, State
 from .logsnr import alpha_sigma, as_path, x1_coefficients, x1_from_velocity
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(24)
@@ -109,7 +110,7 @@ def _step_weights(path: AffinePath, s: float, t: float, nodes: Sequence[float]) 
     return float(s_t / s_s), W
 
 
-def _deis(f, x, ts, path, order: int, corrector: bool, lower_order_final: bool, callback):
+def _deis(x, ts, path, order: int, corrector: bool, lower_order_final: bool):
     if order not in (1, 2, 3):
         raise ValueError(f"deis order must be 1, 2 or 3, got {order!r}")
     path = as_path(path)
@@ -120,7 +121,7 @@ def _deis(f, x, ts, path, order: int, corrector: bool, lower_order_final: bool, 
     hist: list = []   # (tau, m), newest first
     prev = None       # (x_s, history used as the corrector's older nodes)
     for i in range(n):
-        v = f(x, ts[i], i)
+        v = yield Eval(x, ts[i], i)
         m = x1_from_velocity(cm[i], x, v)
         if prev is not None:
             x_s, older = prev
@@ -129,8 +130,7 @@ def _deis(f, x, ts, path, order: int, corrector: bool, lower_order_final: bool, 
                 vals = [older[0][1], m] + [p[1] for p in older[1:]]
                 c, W = step_weights(path, ts[i - 1], ts[i], nodes[: order + 1])
                 x = lincomb([(c, x_s)] + list(zip(W, vals[: order + 1])))
-            if callback is not None:
-                callback(i, ts[i], x)
+            yield State(i, ts[i], x)
         hist = [(ts[i], m)] + hist[: order]
         s_i = float(s_all[i])
         if s_i <= 0.0:  # from the data (inversion): DDIM with both predictions, first order
@@ -150,26 +150,25 @@ def _deis(f, x, ts, path, order: int, corrector: bool, lower_order_final: bool, 
         c, W = step_weights(path, ts[i], ts[i + 1], [p[0] for p in pts])
         prev = (x, hist[: order])
         x = lincomb([(c, x)] + [(w, p[1]) for w, p in zip(W, pts)])
-    if callback is not None:
-        callback(n, ts[n], x)
+    yield State(n, ts[n], x)
     return x
 
 
 @register_solver("deis", order=2, evals_per_step=1, needs_path=True, aliases=("tab-deis", "deis-tab"))
-def deis(f, x, ts, callback=None, path=None, order: int = 3, lower_order_final: bool = True):
+def deis(x, ts, path=None, order: int = 3, lower_order_final: bool = True):
     """DEIS-style tAB in data prediction: ``x_t = sigma_t x0_hat_s + sum_j m_j [alpha_t L_j(t) - sigma_t int rho L_j']``.
 
     Lagrange polynomial in ``t`` through the last ``order`` data predictions (Zhang & Chen 2023).
     Registered as order 2: with ``order=3`` the local order is 3 but the first (one-node) step
     keeps the global order at 2 (measured); ``deis-pc`` has no such start-up loss.
     """
-    return _deis(f, x, ts, path, order, False, lower_order_final, callback)
+    return _deis(x, ts, path, order, False, lower_order_final)
 
 
 @register_solver("deis-pc", order=3, evals_per_step=1, needs_path=True, aliases=("deis_pc", "tpc"))
-def deis_pc(f, x, ts, callback=None, path=None, order: int = 2, lower_order_final: bool = True):
+def deis_pc(x, ts, path=None, order: int = 2, lower_order_final: bool = True):
     """``deis`` predictor + Adams-Moulton-type corrector on the next evaluation (order ``order + 1``, no extra NFE).
 
-    The corrected state of step ``i`` is known after evaluation ``i + 1``; ``callback`` sees it then.
+    The corrected state of step ``i`` is known after evaluation ``i + 1``; its ``State`` report comes then.
     """
-    return _deis(f, x, ts, path, order, True, lower_order_final, callback)
+    return _deis(x, ts, path, order, True, lower_order_final)

@@ -29,6 +29,7 @@ import torch
 
 from ..paths import get_path
 from .base import lincomb, register_solver
+from .protocol import Eval, State
 from .multistep import ab_coefficients
 
 _MAX_ORDER = 4
@@ -40,7 +41,7 @@ def _weights(k: int, ts, i: int, variable: bool):
     return ab_coefficients([-float(j) for j in range(k)], 1.0)
 
 
-def _ipndm(f, x, ts, callback, order: int, space: str, variable: bool, path):
+def _ipndm(x, ts, order: int, space: str, variable: bool, path):
     if order not in range(1, _MAX_ORDER + 1):
         raise ValueError(f"ipndm order must be 1..{_MAX_ORDER}, got {order!r}")
     if space not in ("velocity", "data"):
@@ -53,7 +54,7 @@ def _ipndm(f, x, ts, callback, order: int, space: str, variable: bool, path):
             raise ValueError("ipndm in data space integrates towards the data (sigma > 0 at every step start)")
     hist = []
     for i in range(len(ts) - 1):
-        v = f(x, ts[i], i)
+        v = yield Eval(x, ts[i], i)
         d = v if space == "velocity" else p.velocity_to_x1(v, x, torch.as_tensor(ts[i], dtype=x.dtype, device=x.device))
         hist = [d] + hist[: order - 1]
         w = _weights(len(hist), ts, i, variable)
@@ -64,17 +65,16 @@ def _ipndm(f, x, ts, callback, order: int, space: str, variable: bool, path):
             r = sg[i + 1] / sg[i]
             c1 = al[i + 1] - al[i] * r
             x = lincomb([(r, x)] + [(c1 * c, dj) for c, dj in zip(w, hist)])
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
+        yield State(i + 1, ts[i + 1], x)
     return x
 
 
 @register_solver("ipndm", order=4, evals_per_step=1, aliases=("i-pndm",))
-def ipndm(f, x, ts, callback=None, order: int = 4, variable: bool = False, space: str = "velocity", path=None):
+def ipndm(x, ts, order: int = 4, variable: bool = False, space: str = "velocity", path=None):
     """iPNDM: Adams-Bashforth up to ``order`` 4 with a lower-order AB warm-up, one evaluation per step.
 
     ``x_{i+1} = x_i + h_i sum_j c^k_j v_{i-j}`` (uniform weights; ``variable=True``: variable-step
     weights). ``space="data"`` extrapolates the data prediction and steps by DDIM instead
     (``path=``: the model's path, default linear).
     """
-    return _ipndm(f, x, ts, callback, int(order), space, bool(variable), path)
+    return _ipndm(x, ts, int(order), space, bool(variable), path)

@@ -14,10 +14,11 @@ family: Euler, Heun, midpoint and every explicit Runge-Kutta method, Adams-Bashf
 iPNDM, heavy-ball momentum, and (because the data prediction ``x1_hat = c_x(t) x + c_v(t) v``
 is linear in ``x`` and ``v`` on any affine path) DPM-Solver++, UniPC and DEIS. Their
 coefficients are obtained *exactly* by :meth:`LearnedSolver.from_solver`: the registered
-solver function is run once "symbolically", with the state a coefficient vector in the basis
-``[x_0, u_0, ..., u_{n-1}]`` (a batch of one row of length ``n + 1``) and a fake velocity that
-returns the next basis vector ``e_{j+1}`` and records the time it was asked at. The point it is
-called at is row ``j`` of the table, the final state is the output row. The table then
+solver coroutine is traced once (:func:`~.protocol.trace`, the same driver as every solve) with
+the state a coefficient vector in the basis ``[x_0, u_0, ..., u_{n-1}]`` (a batch of one row of
+length ``n + 1``) and a velocity that answers request ``j`` with the basis vector ``e_{j+1}``.
+The point of request ``j`` is row ``j`` of the table, its time is ``tau_j``, the final state is
+the output row. The table then
 reproduces the classical solver to rounding (tested in float64 for many solvers and NFE).
 
 :func:`sample_learned` runs a table on a model (NFE counted by
@@ -37,8 +38,9 @@ from ..grids import GridLike, make_grid
 from ..paths import PathLike, get_path
 from .base import SOLVERS, CountedVelocity, SampleResult, lincomb
 from .guidance import ClassifierFreeGuidance
+from .protocol import Eval, drive
 
-__all__ = ["LearnedSolver", "sample_learned", "ns_solve", "symbolic_run", "SymbolicRun"]
+__all__ = ["LearnedSolver", "sample_learned", "ns_solve", "ns_table", "symbolic_run", "SymbolicRun"]
 
 Number = Union[float, Tensor]
 
@@ -55,23 +57,30 @@ def _comb(a: Number, x: Tensor, b: Sequence[Number], us: Sequence[Tensor]) -> Te
     return lincomb(terms) if any(float(c) != 0.0 for c, _ in terms) else torch.zeros_like(x)
 
 
-def ns_solve(f: Callable, x0: Tensor, times: Sequence[Number], a: Sequence[Number],
-             b: Sequence[Sequence[Number]], us: Optional[List[Tensor]] = None,
-             upto: Optional[int] = None) -> Tuple[Tensor, List[Tensor]]:
-    """Run the table: ``X_j = a_j x0 + sum_{k<j} b_jk u_k``, ``u_j = f(X_j, tau_j, j)``; return the
-    output ``a_n x0 + sum_k b_nk u_k`` and the velocities.
+def ns_table(x0: Tensor, times: Sequence[Number], a: Sequence[Number], b: Sequence[Sequence[Number]],
+             us: Optional[List[Tensor]] = None, upto: Optional[int] = None, index: Optional[Sequence[int]] = None):
+    """The table as a solver coroutine (:mod:`.protocol`): ``X_j = a_j x0 + sum_{k<j} b_jk u_k``,
+    ``u_j = yield Eval(X_j, tau_j, j)``; returns the output ``a_n x0 + sum_k b_nk u_k`` and the velocities.
 
     ``us``: velocities already computed for the first ``len(us)`` rows (reused, not recomputed:
     the caller vouches that those rows did not change). ``upto``: stop after ``upto``
     evaluations and return row ``upto`` (the point of the next evaluation, or the output).
+    ``index[j]``: the step index to put in request ``j`` (default ``j``).
     Float coefficients take the fused path; tensor coefficients (and times) stay differentiable.
     """
     n = len(times)
     upto = n if upto is None else int(upto)
     us = list(us or [])
     for j in range(len(us), upto):
-        us.append(f(_comb(a[j], x0, b[j][:j], us), times[j], j))
+        us.append((yield Eval(_comb(a[j], x0, b[j][:j], us), times[j], j if index is None else index[j])))
     return _comb(a[upto], x0, b[upto][:upto], us), us
+
+
+def ns_solve(f: Callable, x0: Tensor, times: Sequence[Number], a: Sequence[Number],
+             b: Sequence[Sequence[Number]], us: Optional[List[Tensor]] = None,
+             upto: Optional[int] = None) -> Tuple[Tensor, List[Tensor]]:
+    """:func:`ns_table` driven by ``f(X, tau, j)``: returns ``(output, velocities)``."""
+    return drive(ns_table(x0, times, a, b, us, upto), f)
 
 
 # ---------------------------------------------------------------------------- symbolic run
@@ -107,41 +116,32 @@ def symbolic_run(solver: str, grid: Tensor, path: PathLike = "linear",
     opts = dict(options)
     if spec.needs_path:
         opts.setdefault("path", get_path(path))
-    n_calls = [0]
-
-    def count(x, t, i=-1):
-        n_calls[0] += 1
-        return torch.zeros_like(x)
-
-    spec.fn(wrap(count) if wrap else count, torch.zeros(1, 1, dtype=torch.float64), ts, **opts)
-    n = n_calls[0]
+    n = spec.trace(torch.zeros(1, 1, dtype=torch.float64), ts, wrap(_zero) if wrap else None, **opts).nfe
     if n == 0:
         raise ValueError(f"solver {spec.name!r} made no evaluation on the grid")
-    times: List[float] = []
-    rows: List[List[float]] = []
 
-    def basis(x, t, i=-1):
-        j = len(times)
-        if j >= n:
-            raise ValueError(f"solver {spec.name!r} made more evaluations than on its first run")
-        times.append(float(t))
-        rows.append(x.reshape(-1).tolist())
+    def basis(x, t, i=-1):  # the velocity of request j is the basis vector of u_j
         e = torch.zeros_like(x)
-        e[0, j + 1] = 1.0
+        if basis.j >= n:
+            raise ValueError(f"solver {spec.name!r} made more evaluations than on its first run")
+        basis.j += 1
+        e[0, basis.j] = 1.0
         return e
 
-    states: List[Tuple[int, float, List[float]]] = []
-
-    def cb(i, t, x):
-        states.append((int(i), float(t), x.reshape(-1).tolist()))
-
+    basis.j = 0
     x0 = torch.zeros(1, n + 1, dtype=torch.float64)
     x0[0, 0] = 1.0
-    out = spec.fn(wrap(basis) if wrap else basis, x0, ts, callback=cb, **opts).reshape(-1).tolist()
+    run = spec.trace(x0, ts, wrap(basis) if wrap else basis, **opts)
+    rows = [e.x.reshape(-1).tolist() for e in run.evals]
     for j, r in enumerate(rows):
         if any(abs(c) > 0.0 for c in r[j + 1:]):
             raise ValueError(f"solver {spec.name!r}: evaluation {j} depends on later evaluations (not causal)")
-    return SymbolicRun(times, rows, out, states)
+    return SymbolicRun(run.times, rows, run.result.reshape(-1).tolist(),
+                       [(int(st.i), float(st.t), st.x.reshape(-1).tolist()) for st in run.states])
+
+
+def _zero(x, t, i=-1):
+    return torch.zeros_like(x)
 
 
 # ---------------------------------------------------------------------------- the table

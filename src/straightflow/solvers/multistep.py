@@ -16,7 +16,8 @@ from functools import partial
 from typing import List, Sequence
 
 from .base import SOLVERS, register_solver
-from .rk import HEUN, RK3, RK4, rk_step
+from .protocol import Eval, State
+from .rk import HEUN, RK3, RK4, rk
 
 __all__ = ["ab_coefficients", "exact_nfe", "steps_for_nfe", "ab2", "ab3", "ab4", "plms", "hb", "ghvb", "heun_pc"]
 
@@ -113,20 +114,19 @@ def _heun_pc_cost(steps: int, exact_steps: int = 1, **_) -> int:
     return 2 * n if n <= e else n + e
 
 
-def _adams(f, x, ts, callback, k: int, warmup: str):
+def _adams(x, ts, k: int, warmup: str):
     hist_t, hist_f = [], []
     for i, (kind, order) in enumerate(_warmup_plan(k, warmup, len(ts) - 1)):
         t, h = ts[i], ts[i + 1] - ts[i]
         hist_t.insert(0, t)
-        hist_f.insert(0, f(x, t, i))
+        hist_f.insert(0, (yield Eval(x, t, i)))
         del hist_t[k:], hist_f[k:]
         if kind == "rk":
-            x = rk_step(f, x, t, h, _WARMUP_RK[order], k1=hist_f[0], i=i)
+            x = yield from rk(x, t, h, _WARMUP_RK[order], k1=hist_f[0], i=i)
         else:
             b = ab_coefficients(hist_t[:order], ts[i + 1])
             x = x + h * sum(bj * fj for bj, fj in zip(b, hist_f[:order]))
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
+        yield State(i + 1, ts[i + 1], x)
     return x
 
 
@@ -134,7 +134,7 @@ def _adams(f, x, ts, callback, k: int, warmup: str):
 
 @register_solver("ab2", order=2, evals_per_step=1, aliases=("adams_bashforth2",),
                  cost=partial(_adams_cost, 2))
-def ab2(f, x, ts, callback=None, warmup: str = "minimal"):
+def ab2(x, ts, warmup: str = "minimal"):
     """Adams-Bashforth 2 with variable steps: ``x_{n+1} = x_n + h_n (b_0 f_n + b_1 f_{n-1})``.
 
     ``b_0 = 1 + h_n / (2 h_{n-1})``, ``b_1 = -h_n / (2 h_{n-1})`` (``(3, -1)/2`` on a uniform grid),
@@ -142,35 +142,35 @@ def ab2(f, x, ts, callback=None, warmup: str = "minimal"):
     (``warmup="minimal"``): one Euler step (its ``O(h^2)`` local error keeps global order 2);
     exactly 1 NFE per step. ``warmup="rk4"``: the first step by RK4 (3 NFE more).
     """
-    return _adams(f, x, ts, callback, 2, warmup)
+    return _adams(x, ts, 2, warmup)
 
 
 @register_solver("ab3", order=3, evals_per_step=1, aliases=("adams_bashforth3",),
                  cost=partial(_adams_cost, 3))
-def ab3(f, x, ts, callback=None, warmup: str = "minimal"):
+def ab3(x, ts, warmup: str = "minimal"):
     """Adams-Bashforth 3 with variable steps: ``x_{n+1} = x_n + h_n sum_{j<3} b_j f_{n-j}``.
 
     Weights from :func:`ab_coefficients` (``(23, -16, 5)/12`` on a uniform grid). Warm-up
     (``"minimal"``): step 0 by Heun (RK2, +1 NFE), step 1 by AB2, then AB3: ``steps + 1`` NFE, global
     order 3 kept. ``warmup="rk4"``: the first two steps by RK4 (``steps + 6`` NFE).
     """
-    return _adams(f, x, ts, callback, 3, warmup)
+    return _adams(x, ts, 3, warmup)
 
 
 @register_solver("ab4", order=4, evals_per_step=1, aliases=("adams_bashforth4",),
                  cost=partial(_adams_cost, 4))
-def ab4(f, x, ts, callback=None, warmup: str = "minimal"):
+def ab4(x, ts, warmup: str = "minimal"):
     """Adams-Bashforth 4 with variable steps: ``x_{n+1} = x_n + h_n sum_{j<4} b_j f_{n-j}``.
 
     Weights from :func:`ab_coefficients` (``(55, -59, 37, -9)/24`` on a uniform grid). Warm-up
     (``"minimal"``): steps 0-1 by Kutta's RK3 (+2 NFE each), step 2 by AB3, then AB4: ``steps + 4``
     NFE, global order 4 kept. ``warmup="rk4"``: three RK4 steps, i.e. :func:`plms`.
     """
-    return _adams(f, x, ts, callback, 4, warmup)
+    return _adams(x, ts, 4, warmup)
 
 
 @register_solver("plms", order=4, evals_per_step=1, aliases=("pndm",), cost=_plms_cost)
-def plms(f, x, ts, callback=None):
+def plms(x, ts):
     """PNDM's pseudo linear multistep (Liu et al. 2022): three RK4 warm-up steps, then 4th-order AB.
 
     ``x_{n+1} = x_n + h/24 (55 f_n - 59 f_{n-1} + 37 f_{n-2} - 9 f_{n-3})`` on a uniform grid; on a
@@ -179,7 +179,7 @@ def plms(f, x, ts, callback=None):
     is plain RK4. Cost: ``4 * steps`` NFE for ``steps <= 3``, else ``steps + 9`` (the RK4 first
     stages are the AB history).
     """
-    return _adams(f, x, ts, callback, 4, "rk4")
+    return _adams(x, ts, 4, "rk4")
 
 
 # ----------------------------------------------------------------------------- momentum
@@ -193,12 +193,12 @@ def _momentum_number(order: float):
     return k, beta
 
 
-def _momentum(f, x, ts, callback, k: int, beta: float, generalized: bool):
+def _momentum(x, ts, k: int, beta: float, generalized: bool):
     v = None
     hist: List = []  # GHVB: momentum values newest first; HB: velocities newest first
     for i in range(len(ts) - 1):
         h = ts[i + 1] - ts[i]
-        fi = f(x, ts[i], i)
+        fi = yield Eval(x, ts[i], i)
         if generalized:
             v = fi if v is None else (1 - beta) * v + beta * fi
             hist.insert(0, v)
@@ -212,8 +212,7 @@ def _momentum(f, x, ts, callback, k: int, beta: float, generalized: bool):
             p = sum(bj * fj for bj, fj in zip(_ab_uniform(m), hist))
             v = p if v is None else (1 - beta) * v + beta * p
             x = x + h * v
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
+        yield State(i + 1, ts[i + 1], x)
     return x
 
 
@@ -222,7 +221,7 @@ def _ab_uniform(m: int) -> List[float]:
 
 
 @register_solver("hb", order=1, evals_per_step=1, aliases=("heavy_ball", "euler_hb"))
-def hb(f, x, ts, callback=None, beta: float = 0.8, order: int = 1):
+def hb(x, ts, beta: float = 0.8, order: int = 1):
     """Heavy-ball momentum (Wizadwongsa et al. 2023, "Diffusion Sampling with Momentum", eq. 13-14).
 
     ``v_{n+1} = (1 - beta) v_n + beta P_n``, ``x_{n+1} = x_n + h_n v_{n+1}`` with ``v_1 = P_0`` and
@@ -236,11 +235,11 @@ def hb(f, x, ts, callback=None, beta: float = 0.8, order: int = 1):
         raise ValueError(f"hb: beta (damping coefficient) must be in (0, 1], got {beta}")
     if order not in (1, 2, 3, 4):
         raise ValueError(f"hb: order must be 1, 2, 3 or 4, got {order}")
-    return _momentum(f, x, ts, callback, int(order), float(beta), generalized=False)
+    return _momentum(x, ts, int(order), float(beta), generalized=False)
 
 
 @register_solver("ghvb", order=2, evals_per_step=1, aliases=("generalized_heavy_ball",))
-def ghvb(f, x, ts, callback=None, order: float = 1.5):
+def ghvb(x, ts, order: float = 1.5):
     """Generalized heavy ball, GHVB (Wizadwongsa et al. 2023, eq. 16-19): momentum *before* the AB sum.
 
     Momentum number ``order = k - 1 + beta`` in (0, 5] (``k = ceil(order)``, ``0 < beta <= 1``):
@@ -256,14 +255,14 @@ def ghvb(f, x, ts, callback=None, order: float = 1.5):
     is kept, on a grid whose step ratios jump (e.g. alternating h, 2h) it drops to 1.
     """
     k, beta = _momentum_number(order)
-    return _momentum(f, x, ts, callback, k, beta, generalized=True)
+    return _momentum(x, ts, k, beta, generalized=True)
 
 
 # ----------------------------------------------------------------------------- FlowTurbo
 
 @register_solver("heun_pc", order=2, evals_per_step=1, aliases=("flowturbo", "pseudo_corrector"),
                  cost=_heun_pc_cost)
-def heun_pc(f, x, ts, callback=None, exact_steps: int = 1):
+def heun_pc(x, ts, exact_steps: int = 1):
     """Heun with FlowTurbo's pseudo corrector (Zhao et al. 2024, "FlowTurbo"): 1 NFE per step.
 
     ``x~ = x_i + h d_i``, ``d' = v(x~, t_{i+1})``, ``x_{i+1} = x_i + h/2 (d_i + d')`` and the next step
@@ -278,12 +277,11 @@ def heun_pc(f, x, ts, callback=None, exact_steps: int = 1):
     for i in range(len(ts) - 1):
         t, h = ts[i], ts[i + 1] - ts[i]
         if d is None or i < exact_steps:
-            d = f(x, t, i)
-        d_next = f(x + h * d, ts[i + 1], i)
+            d = yield Eval(x, t, i)
+        d_next = yield Eval(x + h * d, ts[i + 1], i)
         x = x + 0.5 * h * (d + d_next)
         d = d_next
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
+        yield State(i + 1, ts[i + 1], x)
     return x
 
 

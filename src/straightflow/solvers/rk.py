@@ -23,8 +23,9 @@ from torch import Tensor
 
 from ..registry import Registry
 from .base import lincomb
+from .protocol import Eval, drive
 
-__all__ = ["Tableau", "TABLEAUX", "EULER", "MIDPOINT", "HEUN", "RK3", "RK4", "rk_step", "get_tableau", "available"]
+__all__ = ["Tableau", "TABLEAUX", "EULER", "MIDPOINT", "HEUN", "RK3", "RK4", "rk", "rk_step", "get_tableau", "available"]
 
 Time = Union[float, Tensor]
 
@@ -93,16 +94,22 @@ def _combine(x: Tensor, h: Time, weights: Sequence[float], ks: Sequence[Tensor])
     return lincomb([(1.0, x)] + [(h * w, k) for w, k in zip(weights, ks)])
 
 
+def rk(x: Tensor, t: Time, h: Time, tableau: Tableau, k1: Optional[Tensor] = None, i: int = -1):
+    """One explicit RK step as a solver coroutine (:mod:`.protocol`): ``x + h sum_j b_j k_j`` with
+    ``k_j = v(x + h sum_{l<j} a_jl k_l, t + c_j h)``, one :class:`~.protocol.Eval` per stage.
+
+    Compose it with ``x = yield from rk(x, t, h, tableau)``. ``k1 = v(x, t)`` may be given when the
+    caller already has it (multistep warm-ups, FlowChef), which saves that evaluation. ``t`` and
+    ``h`` are both Python floats or both 0-d tensors (see the module docstring).
+    """
+    ks = [(yield Eval(x, t, i)) if k1 is None else k1]
+    for c, row in zip(tableau.c[1:], tableau.a[1:]):
+        ks.append((yield Eval(_combine(x, h, row, ks), t + c * h, i)))
+    return _combine(x, h, tableau.b, ks)
+
+
 def rk_step(f: Callable[[Tensor, Time, int], Tensor], x: Tensor, t: Time, h: Time, tableau: Tableau,
             k1: Optional[Tensor] = None, i: int = -1) -> Tensor:
-    """One explicit RK step: ``x + h sum_j b_j k_j`` with ``k_j = f(x + h sum_{l<j} a_jl k_l, t + c_j h, i)``.
-
-    ``f(x, t, i)`` is called once per stage (``i`` is the step index, passed through for error
-    messages). ``k1 = f(x, t)`` may be given when the caller already has it (multistep
-    warm-ups, FlowChef), which saves that evaluation. ``t`` and ``h`` are both Python floats or
-    both 0-d tensors (see the module docstring).
-    """
-    ks = [f(x, t, i) if k1 is None else k1]
-    for c, row in zip(tableau.c[1:], tableau.a[1:]):
-        ks.append(f(_combine(x, h, row, ks), t + c * h, i))
-    return _combine(x, h, tableau.b, ks)
+    """:func:`rk` driven by ``f(x, t, i)`` (called once per stage; ``i`` is passed through for error
+    messages): the one-step function for code that holds a velocity function."""
+    return drive(rk(x, t, h, tableau, k1, i), f)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .base import register_solver
+from .protocol import Eval, State
 
 __all__ = ["euler_maruyama", "diffusion_schedule", "DIFFUSIONS"]
 
@@ -59,7 +60,7 @@ def diffusion_schedule(g: Union[float, str, Callable[[float], float]], path, sca
 
 @register_solver("sde", order=1, evals_per_step=1, aliases=("euler_maruyama",), stochastic=True,
                  needs_path=True)
-def euler_maruyama(f, x, ts, callback=None, generator: Optional[torch.Generator] = None, path=None,
+def euler_maruyama(x, ts, generator: Optional[torch.Generator] = None, path=None,
                    g: Union[float, str, Callable[[float], float]] = "sigma", scale: float = 1.0,
                    last_step: str = "ode"):
     """Euler-Maruyama for ``dX = [v + g^2/2 s] dt + g dW`` (marginal-preserving for any ``g``).
@@ -87,7 +88,7 @@ def euler_maruyama(f, x, ts, callback=None, generator: Optional[torch.Generator]
     n = len(ts) - 1
     for i in range(n):
         t, h = ts[i], ts[i + 1] - ts[i]
-        v = f(x, t, i)
+        v = yield Eval(x, t, i)
         if i == n - 1 and last_step == "ode":
             x = x + h * v
         elif i == n - 1 and last_step == "denoise":
@@ -103,6 +104,5 @@ def euler_maruyama(f, x, ts, callback=None, generator: Optional[torch.Generator]
                 score = path.velocity_to_score(v, x, tt)
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 x = x + h * (v + 0.5 * gt * gt * score) + gt * math.sqrt(h) * z
-        if callback is not None:
-            callback(i + 1, ts[i + 1], x)
+        yield State(i + 1, ts[i + 1], x)
     return x

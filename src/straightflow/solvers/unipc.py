@@ -41,7 +41,7 @@ on the same grid:
   (inversion from the data) is DDIM with both predictions.
 
 The corrected state of step ``i`` is known only after the evaluation at step ``i + 1``, so
-``callback(i + 1, t, x)`` is called then (with the corrected state), one evaluation late.
+its ``State(i + 1, t, x)`` report comes then (with the corrected state), one evaluation late.
 """
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .base import lincomb, register_solver
+from .protocol import Eval, State
 from .logsnr import (alpha_sigma_lambda, as_path, first_order_step, hphi, order_now, push_history, x1_coefficients,
                      x1_from_velocity)
 
@@ -92,7 +93,7 @@ def _update(x_s, m_s, ab_s, ab_t, pts, extra, rho, bh):
     return lincomb(terms + [(c_ms, m_s)])
 
 
-def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callback):
+def _unipc(x, ts, path, order, variant, lower_order_final, corrector):
     if variant not in _VARIANTS:
         raise ValueError(f"UniPC variant must be one of {_VARIANTS}, got {variant!r}")
     if order not in (1, 2, 3):
@@ -110,7 +111,7 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
     hist: list = []  # (lam, x1_hat) at finite lam, newest last
     prev = None      # (x at the start of the last step, order used, its history points)
     for i in range(n):
-        v = f(x, ts[i], i)
+        v = yield Eval(x, ts[i], i)
         m = x1_from_velocity(cm[i], x, v)
         if prev is not None:
             x_s, k, pts = prev
@@ -120,8 +121,7 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
                 bh = _b(h, variant)
                 rho = _rhos([(l - lam_s) / h for l, _ in pts[:-1]] + [1.0], h, bh)
                 x = _update(x_s, pts[-1][1], ab[i - 1], ab[i], pts[:-1], m, rho, bh)
-            if callback is not None:
-                callback(i, ts[i], x)
+            yield State(i, ts[i], x)
         lam_s, lam_t = ab[i][2], ab[i + 1][2]
         hist = push_history(hist, lam_s, m, order)
         k = order_now(order, len(hist), i, n, False, lam_s, lam_t)
@@ -137,13 +137,12 @@ def _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callbac
             x_new = _update(x, m, ab[i], ab[i + 1], pts[:-1] if k >= 2 else [], None, rho, bh)
         prev = (x, k, pts)
         x = x_new
-    if callback is not None:
-        callback(n, ts[n], x)
+    yield State(n, ts[n], x)
     return x
 
 
 @register_solver("unipc", order=3, evals_per_step=1, needs_path=True)
-def unipc(f, x, ts, callback=None, path=None, order: int = 2, variant: str = "bh2",
+def unipc(x, ts, path=None, order: int = 2, variant: str = "bh2",
           lower_order_final: bool = True, corrector: bool = True):
     """UniPC: UniP-``order`` predictor + UniC corrector on the evaluation the next step needs (order ``order + 1``).
 
@@ -151,18 +150,18 @@ def unipc(f, x, ts, callback=None, path=None, order: int = 2, variant: str = "bh
     leaves the predictor alone (order ``order``). Warm-up at lower order on the first steps;
     ``lower_order_final``: orders ``..., 2, 1`` on the last ``order - 1`` steps (any step count).
     """
-    return _unipc(f, x, ts, path, order, variant, lower_order_final, corrector, callback)
+    return _unipc(x, ts, path, order, variant, lower_order_final, corrector)
 
 
 @register_solver("unipc-bh1", order=3, evals_per_step=1, needs_path=True, aliases=("unipc_bh1",))
-def unipc_bh1(f, x, ts, callback=None, path=None, order: int = 2, lower_order_final: bool = True,
+def unipc_bh1(x, ts, path=None, order: int = 2, lower_order_final: bool = True,
               corrector: bool = True):
     """UniPC with ``B(h) = h`` (UniP-2 + UniC: third order, one evaluation per step)."""
-    return _unipc(f, x, ts, path, order, "bh1", lower_order_final, corrector, callback)
+    return _unipc(x, ts, path, order, "bh1", lower_order_final, corrector)
 
 
 @register_solver("unipc-bh2", order=3, evals_per_step=1, needs_path=True, aliases=("unipc_bh2",))
-def unipc_bh2(f, x, ts, callback=None, path=None, order: int = 2, lower_order_final: bool = True,
+def unipc_bh2(x, ts, path=None, order: int = 2, lower_order_final: bool = True,
               corrector: bool = True):
     """UniPC with ``B(h) = 1 - e^{-h}`` (UniP-2 + UniC: third order, one evaluation per step)."""
-    return _unipc(f, x, ts, path, order, "bh2", lower_order_final, corrector, callback)
+    return _unipc(x, ts, path, order, "bh2", lower_order_final, corrector)
