@@ -24,3 +24,12 @@ def oracle():
 def noise():
     """256 fixed float64 source samples for the 2D oracle."""
     return torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.fixture
+def max_steps():
+    """The smoke-test step cap as an explicit override: ``with max_steps(20): ...`` caps every training run
+    started inside (:func:`straightflow.train.max_steps`); the library never reads it from the environment."""
+    from straightflow.train import max_steps as cap
+
+    return cap

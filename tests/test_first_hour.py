@@ -473,21 +473,22 @@ def test_latent_progress_names_its_stages(tmp_path, capsys):
     assert "autoencoder:" in err and "latent flow:" in err
 
 
-def test_stream_default_model_is_announced_before_training(tmp_path, monkeypatch):
+def test_stream_default_model_is_announced_before_training(tmp_path, monkeypatch, max_steps):
     """Item 8: the default streaming model says what it trains, how long it takes and where it is
     kept before it starts (it trains on first use); a smoke cap never fills the real cache entry."""
     from straightflow.stream import load_stream_model
 
     monkeypatch.setenv("STRAIGHTFLOW_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("STRAIGHTFLOW_MAX_STEPS", "1")
     said = []
-    model = load_stream_model("default", progress=False, log=said.append)
+    with max_steps(1):  # the explicit smoke override (the library reads no environment variable for it)
+        model = load_stream_model("default", progress=False, log=said.append)
     assert len(said) == 1 and "first use" in said[0] and "32x32" in said[0] and "min" in said[0]
     assert tuple(model.sample_shape) == (3, 32, 32) and model.num_classes == 5
     assert (tmp_path / "cache" / "stream_model" / "shapes32-unet16-400-smoke1").is_dir()
     assert not (tmp_path / "cache" / "stream_model" / "shapes32-unet16-400").exists()
     said.clear()
-    load_stream_model("default", progress=False, log=said.append)
+    with max_steps(1):
+        load_stream_model("default", progress=False, log=said.append)
     assert said == []  # cached: nothing to announce
 
 

@@ -1,9 +1,10 @@
 """The README runs as written: the Python examples, and every `straightflow` command line of its
 command block, in order, in a fresh directory.
 
-Step counts shrink through the environment, not by editing the lines: ``STRAIGHTFLOW_MAX_STEPS``
-caps every training run and puts the benchmark suites in ``--quick`` mode (the test sets it to
-``$STRAIGHTFLOW_README_STEPS``, default 3). ``straightflow serve`` runs in a subprocess until its
+Step counts shrink without editing the lines: for the command lines ``STRAIGHTFLOW_MAX_STEPS``, which
+the command line (and only it) reads, caps every training run and puts the benchmark suites in
+``--quick`` mode (the test sets it to ``$STRAIGHTFLOW_README_STEPS``, default 3); the Python example
+runs inside the explicit override ``straightflow.train.max_steps`` (the ``max_steps`` fixture). ``straightflow serve`` runs in a subprocess until its
 page answers. Options in brackets (``[--improved]``) are optional and left out.
 """
 import json
@@ -46,13 +47,13 @@ def _smoke_env(tmp_path, monkeypatch):
     monkeypatch.setenv("STRAIGHTFLOW_CACHE", str(cache))
 
 
-def test_readme_example_runs(tmp_path, monkeypatch):
-    """The ten-line example, exactly as written (training capped by the environment)."""
+def test_readme_example_runs(tmp_path, monkeypatch, max_steps):
+    """The ten-line example, exactly as written (training capped by the explicit smoke override)."""
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     assert "sf.train(" in code and "sf.sample(" in code
     _smoke_env(tmp_path, monkeypatch)
-    monkeypatch.setenv("STRAIGHTFLOW_MAX_STEPS", "20")
-    exec(compile(code, "README.md", "exec"), {})
+    with max_steps(20):
+        exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "cb" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "runs" / "cb" / "config.json").read_text())["step"] == 20
     # as written it is reproducible: a second run in another directory gives the same weights
@@ -61,7 +62,8 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     again = tmp_path / "again"
     again.mkdir()
     monkeypatch.chdir(again)
-    exec(compile(code, "README.md", "exec"), {})
+    with max_steps(20):
+        exec(compile(code, "README.md", "exec"), {})
     a, b = load_tensors(tmp_path / "runs/cb/model.safetensors"), load_tensors(again / "runs/cb/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -1,7 +1,8 @@
 """Runs from a recipe: the default model for a data set, a run trained from a data set name or
 file, and a run trained once and cached.
 
-``train_run(data, out, steps, **recipe)`` is what ``straightflow train`` does: load the data,
+``train_recipe(recipe, out)`` (a :class:`~straightflow.recipe.Recipe`; ``train_run(data, out, steps,
+**keywords)`` builds one from keyword arguments) is what ``straightflow train`` does: load the data,
 build the default model for its shape (an MLP for vectors, a UNet for square images, class-
 conditional when the data has labels), wrap it in a :class:`~straightflow.flow.Flow` and train it
 into the run directory ``out`` (resuming when ``out`` holds a training state). Bad input raises
@@ -23,9 +24,10 @@ from . import checkpoint, models
 from .data import Dataset, load_dataset
 from .flow import Flow
 from .io import atomic_write_bytes, load_json
+from .recipe import DataSpec, ModelSpec, Objective, Recipe
 from .train import TrainResult, TrainSettings, max_steps_cap, train
 
-__all__ = ["default_model_config", "train_run", "cached_run", "RECIPE_FILE"]
+__all__ = ["default_model_config", "train_run", "train_recipe", "cached_run", "RECIPE_FILE"]
 
 RECIPE_FILE = "recipe.json"
 PathLike = Union[str, os.PathLike]
@@ -62,38 +64,66 @@ def train_run(data: Union[str, PathLike, Dataset], out: Optional[PathLike], step
               resolution: Optional[int] = None, **settings: Any) -> TrainResult:
     """Train the default model on ``data`` (a data set name, a file or folder, or a Dataset) into ``out``.
 
-    ``settings``: the other :class:`~straightflow.train.TrainSettings` fields (``batch_size``, ``lr``,
-    ``lr_schedule``, ``grad_clip``, ``ckpt_every``, ``seed``, ``device`` (``"auto"`` allowed),
-    ``progress``, ...); ``ema`` is the EMA decay (with the trainer's EMA warm-up). ``cond_dropout``
-    defaults to 0.1 for labelled data (so classifier-free guidance works) and 0 otherwise. The
-    initial weights are drawn from ``seed``. A named data set or file is trained on its ``"train"``
-    split (:func:`straightflow.data.load_dataset`; a fixed set holds out a fifth for evaluation),
-    recorded as ``data_split``; the data's name or file is recorded as ``data_source`` in
-    ``config.json`` so commands can reload it; ``resolution`` resizes images (recorded as
-    ``data_resolution``). ``allow_recipe_change`` and ``desc``: see :class:`~straightflow.train.Trainer`.
+    The keyword form of :func:`train_recipe`: it builds the :class:`~straightflow.recipe.Recipe` and
+    trains it. ``settings``: the other :class:`~straightflow.train.TrainSettings` fields (``batch_size``,
+    ``lr``, ``lr_schedule``, ``grad_clip``, ``ckpt_every``, ``seed``, ``device`` (``"auto"`` allowed),
+    ``progress``, ...); ``ema`` is the EMA decay (with the trainer's EMA warm-up). A Dataset ``data`` is
+    trained as given (``n`` and ``resolution`` apply to a name or file). ``allow_recipe_change`` and
+    ``desc``: see :class:`~straightflow.train.Trainer`.
     """
-    seed = int(settings.get("seed", 0))
+    dataset = data if isinstance(data, Dataset) else None
+    spec = DataSpec(dataset.name if dataset is not None else str(data), n=None if dataset is not None else n,
+                    resolution=None if dataset is not None else resolution, conditional=bool(conditional))
+    recipe = Recipe(data=spec, train=TrainSettings(steps=steps, ema_decay=ema, warmup=warmup, **settings),
+                    model=ModelSpec(model, hidden=hidden, depth=depth, base_channels=base_channels),
+                    objective=Objective(path=path, time_dist=time_dist, loss=loss, coupling=coupling,
+                                        cond_dropout=cond_dropout))
+    return train_recipe(recipe, out, dataset=dataset, allow_recipe_change=allow_recipe_change, desc=desc)
+
+
+def train_recipe(recipe: Recipe, out: Optional[PathLike], *, dataset: Optional[Dataset] = None,
+                 allow_recipe_change: bool = False, desc: str = "train") -> TrainResult:
+    """Train ``recipe`` (a :class:`~straightflow.recipe.Recipe`) into the run directory ``out``: what
+    ``straightflow train`` does.
+
+    Loads ``recipe.data`` (or trains on ``dataset`` when given), builds the default model for its shape
+    (``recipe.model``; class-conditional when the data has labels and ``recipe.data.conditional``),
+    wraps it in a :class:`~straightflow.flow.Flow` (``recipe.objective``; ``cond_dropout`` defaults to
+    0.1 for labelled data, so classifier-free guidance works, else 0) and trains it with
+    ``recipe.train``. The initial weights are drawn from the seed. A named data set or file is trained
+    on its ``"train"`` split (:func:`straightflow.data.load_dataset`; a fixed set holds out a fifth for
+    evaluation), recorded as ``data_split``; the data's name or file as ``data_source``, a resize as
+    ``data_resolution``, and the recipe itself as ``"recipe"`` in ``config.json``. Inside a
+    :func:`straightflow.train.max_steps` block the recipe is capped first (the recorded recipe is the
+    one that ran).
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a straightflow.recipe.Recipe, got {type(recipe).__name__}")
+    recipe = recipe.with_max_steps(max_steps_cap())
+    d, m, o = recipe.data, recipe.model, recipe.objective
+    seed = recipe.train.seed
     extra: Dict[str, Any] = {}
-    if isinstance(data, Dataset):
-        ds, source = data, data.name
+    if dataset is not None:
+        ds, source = dataset, dataset.name
     else:
-        ds, source = load_dataset(data, n=n, seed=seed, split="train", resolution=resolution), str(data)
+        ds, source = load_dataset(d.source, n=d.n, seed=seed, split="train", resolution=d.resolution), d.source
         extra["data_split"] = "train"
-        if resolution is not None:
-            extra["data_resolution"] = int(resolution)
-    num_classes = ds.num_classes if (conditional and ds.y is not None) else None
-    cfg = default_model_config(ds.shape, num_classes, hidden=hidden, depth=depth, base_channels=base_channels)
-    if model != "auto" and models.MODELS.canonical(model) != cfg["name"]:
-        raise ValueError(f"model {model!r} does not fit data of shape {tuple(ds.shape)}; use 'auto' "
+        if d.resolution is not None:
+            extra["data_resolution"] = int(d.resolution)
+    num_classes = ds.num_classes if (d.conditional and ds.y is not None) else None
+    cfg = default_model_config(ds.shape, num_classes, hidden=m.hidden, depth=m.depth, base_channels=m.base_channels)
+    if m.name != "auto" and models.MODELS.canonical(m.name) != cfg["name"]:
+        raise ValueError(f"model {m.name!r} does not fit data of shape {tuple(ds.shape)}; use 'auto' "
                          f"(here: {cfg['name']})")
     net = models.build_model(cfg, seed=seed)  # the initial weights are a function of the seed
+    cond_dropout = o.cond_dropout
     if cond_dropout is None:
         cond_dropout = 0.1 if num_classes else 0.0
     if not num_classes:
         ds = Dataset(ds.x, name=ds.name)
-    flow = Flow(net, path=path, time_dist=time_dist, loss=loss, coupling=coupling, cond_dropout=cond_dropout)
-    recipe = TrainSettings(steps=steps, ema_decay=ema, warmup=warmup, **settings)
-    return train(flow, ds, out=out, settings=recipe, extra_config={"data_source": source, **extra},
+    flow = Flow(net, path=o.path, time_dist=o.time_dist, loss=o.loss, coupling=o.coupling, cond_dropout=cond_dropout)
+    extra["recipe"] = recipe.to_dict()
+    return train(flow, ds, out=out, settings=recipe.train, extra_config={"data_source": source, **extra},
                  allow_recipe_change=allow_recipe_change, desc=desc)
 
 
@@ -109,7 +139,7 @@ def cached_run(directory: PathLike, recipe: Mapping[str, Any], progress: bool = 
     is ``directory``). The recipe is stored beside the weights once training has finished; a
     directory finished with another recipe raises ``ValueError`` (pick another directory), and an
     unfinished one resumes from its last checkpoint. ``log(msg)`` hears when training starts.
-    Under ``$STRAIGHTFLOW_MAX_STEPS`` (smoke tests) a capped run goes to ``<directory>-smoke<N>``,
+    Inside a :func:`straightflow.train.max_steps` block (smoke tests) a capped run goes to ``<directory>-smoke<N>``,
     never into the directory a real run would be cached in; the returned path says where.
     ``device`` is where to train (not part of the recipe: the result is the same run).
     """

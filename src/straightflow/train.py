@@ -59,9 +59,11 @@ import os
 import sys
 import warnings
 import dataclasses
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -71,7 +73,7 @@ from .io import CheckpointError, load_tensors, save_tensors
 from .system import resolve_device
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE",
-           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap"]
+           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap", "max_steps"]
 
 STATE_FILE = "train_state.safetensors"
 STATE_FORMAT = 1
@@ -79,18 +81,37 @@ _META_KEY = "straightflow.train_state"
 LR_SCHEDULES = ("constant", "cosine")
 _NOISE_SEED_OFFSET = 1_000_003  # noise generator of rank r: seed + r + this (data generator: seed + r)
 MAX_DATA_MAGNITUDE = 1e6  # larger data values are refused before training (see _resolve_data)
-MAX_STEPS_ENV = "STRAIGHTFLOW_MAX_STEPS"  # smoke tests: cap every training run at this many steps
+MAX_STEPS_ENV = "STRAIGHTFLOW_MAX_STEPS"  # the variable the command line (cli/ only) reads a smoke cap from
+_STEP_CAP: "ContextVar[Optional[int]]" = ContextVar("straightflow_max_steps", default=None)
+
+
+def _cap_value(max_steps: Any) -> int:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1 (a cap on training steps), got {max_steps!r}")
+    return int(max_steps)
+
+
+@contextmanager
+def max_steps(cap: Optional[int], announce: Optional[str] = None) -> Iterator[Optional[int]]:
+    """Within the block, every training run is capped at ``cap`` steps (the smoke-test override; None:
+    no cap). The command line enters it from ``--max-steps`` or ``$STRAIGHTFLOW_MAX_STEPS`` (read in
+    ``cli/`` only), the tests from a fixture. ``announce`` (e.g. ``"straightflow"``) prints one line
+    saying so when the block starts. Nothing below the command line reads the environment."""
+    if cap is not None:
+        cap = _cap_value(cap)
+        if announce:
+            print(f"[{announce}] smoke cap: every training run stops after at most {cap} steps "
+                  "(not a real run)", file=sys.stderr, flush=True)
+    token = _STEP_CAP.set(cap)
+    try:
+        yield cap
+    finally:
+        _STEP_CAP.reset(token)
 
 
 def max_steps_cap() -> Optional[int]:
-    """The step cap set by ``$STRAIGHTFLOW_MAX_STEPS`` (a smoke-test knob: the README test runs every
-    command as written with it), or None. A value that is not a positive integer is an error."""
-    raw = os.environ.get(MAX_STEPS_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"${MAX_STEPS_ENV} must be a positive integer (a cap on training steps), got {raw!r}")
-    return int(raw)
+    """The step cap of the enclosing :func:`max_steps` block, or None (never read from the environment)."""
+    return _STEP_CAP.get()
 
 PathLike = Union[str, os.PathLike]
 
@@ -342,6 +363,12 @@ class TrainSettings:
     def replace(self, **changes: Any) -> "TrainSettings":
         return dataclasses.replace(self, **changes)
 
+    def capped(self, max_steps: int) -> "TrainSettings":
+        """The smoke-test override: these settings with at most ``max_steps`` steps (the one
+        implementation of the cap; :meth:`straightflow.recipe.Recipe.with_max_steps` uses it)."""
+        cap = _cap_value(max_steps)
+        return self if self.steps <= cap else self.replace(steps=cap)
+
     # the settings that change what a run means: resuming with any of them changed is refused unless
     # asked for (steps may grow; ckpt_every, log_every, device and progress change nothing learned)
     RECIPE_FIELDS = ("batch_size", "lr", "weight_decay", "betas", "warmup", "lr_schedule", "lr_decay_steps",
@@ -412,11 +439,9 @@ class Trainer:
             raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
         elif steps is not None or options:
             settings = settings.replace(**options, **({} if steps is None else {"steps": steps}))
-        cap = max_steps_cap()
-        if cap is not None and settings.steps > cap:
-            print(f"[{desc}] ${MAX_STEPS_ENV}={cap}: training {cap} of the {settings.steps} steps asked for "
-                  "(a smoke test, not a real run)", file=sys.stderr, flush=True)
-            settings = settings.replace(steps=cap)
+        cap = max_steps_cap()  # a smoke cap set explicitly (straightflow.train.max_steps), announced where it was set
+        if cap is not None:
+            settings = settings.capped(cap)
         self.cfg = settings
         self.allow_recipe_change = bool(allow_recipe_change)
         self.desc = str(desc)

@@ -42,7 +42,7 @@ from ..data import Dataset
 from ..io import save_json, save_tensors
 from ..paths import get_path
 from ..registry import Registry
-from ..train import Trainer
+from ..train import Trainer, TrainSettings
 
 __all__ = ["METHODS", "available", "AlignModule", "AlignObjective", "AlignTrainer", "AlignResult", "align",
            "check_reward", "RewardError", "export_policy", "prompts", "COST_KEYS", "load_base", "sample_base",
@@ -427,7 +427,8 @@ def align(base: Union[str, Path, nn.Module], method: str = "dpo", reward=None, o
           steps: int = 200, *, label: Optional[int] = None, reg: Optional[float] = None, lora: Optional[Dict[str, Any]] = None,
           batch_size: int = 32, lr: float = 1e-4, ema: float = 0.0, grad_clip: float = 1.0, ckpt_every: int = 100,
           seed: int = 0, progress: bool = True, device: str = "cpu", n_data: Optional[int] = None,
-          preferences: Optional[Any] = None, warmup: int = 0, **opts: Any) -> AlignResult:
+          preferences: Optional[Any] = None, warmup: int = 0, settings: Optional[TrainSettings] = None,
+          **opts: Any) -> AlignResult:
     """Align ``base`` (a run directory or a velocity module) with ``method`` (:func:`available`).
 
     ``reward``: a spec string (``"class:3"``, ``"region:disc:2,0,0.5"``), a Reward or any callable
@@ -437,9 +438,19 @@ def align(base: Union[str, Path, nn.Module], method: str = "dpo", reward=None, o
     unconditional). ``reg``: regularisation to the base model (the method's default when None). ``lora``:
     ``{"r": 4, "alpha": 4, ...}`` to train a LoRA adapter (:mod:`.lora`) instead of all weights.
     ``steps``: optimizer steps (the budget). ``out``: the run directory (resumes if it holds a training
-    state). ``opts``: method options (see each method's class). Returns an :class:`AlignResult`.
+    state). ``opts``: method options (see each method's class). ``settings``: the training settings as one
+    value (a :class:`~straightflow.train.TrainSettings`), replacing ``steps``, ``batch_size``, ``lr``, ``ema``,
+    ``grad_clip``, ``ckpt_every``, ``seed``, ``progress``, ``device`` and ``warmup`` (which build it when it is
+    None). Returns an :class:`AlignResult`.
     """
     t0 = time.process_time()
+    if settings is None:
+        settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema, grad_clip=grad_clip,
+                                 ckpt_every=ckpt_every, seed=seed, progress=progress, device=device, warmup=warmup,
+                                 log_every=min(50, steps) if isinstance(steps, int) and steps >= 1 else 50)
+    elif not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+    seed, batch_size = settings.seed, settings.batch_size
     cls = METHODS.get(method)
     model, base_cfg, base_dir = load_base(base)
     shape = sample_shape(model, base_cfg)
@@ -472,9 +483,7 @@ def align(base: Union[str, Path, nn.Module], method: str = "dpo", reward=None, o
     data = objective.make_data(model, shape, label, n, seed, outp)
     info = {"method": cls.name, "base_run": base_dir, "label": label, "lora": lora_cfg,
             "data_forward": int(getattr(objective, "data_forward", 0))}
-    trainer = AlignTrainer(objective, data, outp, steps, base_config=base_cfg, align_info=info,
-                           batch_size=batch_size, lr=lr, ema_decay=ema, grad_clip=grad_clip, ckpt_every=ckpt_every,
-                           seed=seed, progress=progress, device=device, warmup=warmup, log_every=min(50, steps))
+    trainer = AlignTrainer(objective, data, outp, None, base_config=base_cfg, align_info=info, settings=settings)
     res = trainer.fit()
     module = _unwrap(trainer.model)
     aligned = export_policy(trainer._export_model())

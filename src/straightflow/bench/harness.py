@@ -27,7 +27,7 @@ from .. import checkpoint, runs
 from ..io import atomic_write_bytes
 from ..registry import Registry
 from ..system import machine_line
-from ..train import MAX_STEPS_ENV, max_steps_cap
+from ..train import max_steps_cap
 
 __all__ = ["Suite", "SUITES", "register_suite", "run_suite", "command_line", "header", "dated_machine", "table",
            "fmt", "ratio", "median_time", "write_report", "cached_model", "log_to", "show_defaults", "HelpFormatter"]
@@ -110,7 +110,7 @@ def run_suite(name: str, argv: Optional[Sequence[str]] = None) -> int:
     argv = [] if argv is None else [str(a) for a in argv]
     a = parser(suite).parse_args(argv)
     if max_steps_cap() is not None and not a.quick:  # the smoke-test knob: every suite in its quick form
-        print(f"[bench {suite.name}] ${MAX_STEPS_ENV} is set: running --quick", flush=True)
+        print(f"[bench {suite.name}] a smoke step cap is set: running --quick", flush=True)
         a.quick = True
     if a.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {a.threads}")

@@ -11,7 +11,7 @@ from .. import data as sfdata, models, plotting, report
 from ..images.latent import is_latent_run, load_latent
 from ..optimize import calibrated_grid
 from .calibrate import pick_calibration
-from ..runs import train_run
+from ..runs import train_recipe
 from ..solvers import available as solver_names, get_solver, initial_noise, sample
 from ..straighten.meanflow import sample_mean
 from ..system import machine_line
@@ -20,10 +20,7 @@ from .listing import families
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    res = train_run(a.data, a.out, a.steps, n=a.n, resolution=a.resolution, model=a.model, hidden=a.hidden, depth=a.depth,
-                    base_channels=a.base_channels, conditional=not a.unconditional, path=a.path,
-                    time_dist=a.time_dist, loss=a.loss, coupling=a.coupling, cond_dropout=a.cond_dropout,
-                    **flags.train_kwargs(a))
+    res = train_recipe(flags.recipe(a), a.out, allow_recipe_change=a.allow_recipe_change)
     print(train_summary(res))
     return 0
 

@@ -1,19 +1,27 @@
 """Flag groups shared by the commands, declared once: seeds, devices, model and training recipes,
 solvers and grids. Each ``add_*`` adds a group to a sub-command's parser; the matching reader
-turns the parsed namespace back into the library's keyword arguments.
+turns the parsed namespace back into the library's values: :func:`recipe` builds the training
+:class:`~straightflow.recipe.Recipe` once, :func:`train_settings` its ``TrainSettings``.
+
+:func:`smoke_cap` is the one place the ``$STRAIGHTFLOW_MAX_STEPS`` smoke-test cap is read (beside the
+global ``--max-steps`` flag); ``main`` applies it as an explicit override and says so once.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Tuple
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import coupling, grids, losses, paths, time as sftime
 from ..checkpoint import CheckpointError, RunInfo, load, run_info
+from ..recipe import DataSpec, ModelSpec, Objective, Recipe
 from ..solvers import available as solver_names
 from ..system import DEVICE_CHOICES, resolve_device
+from ..train import MAX_STEPS_ENV, TrainSettings
 
 __all__ = ["ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
-           "add_path_recipe", "add_solver", "train_kwargs", "load_run", "device", "step_progress"]
+           "add_path_recipe", "add_solver", "train_kwargs", "train_settings", "recipe", "smoke_cap", "load_run", "device",
+           "step_progress"]
 
 
 def ints(s: str) -> List[int]:
@@ -107,14 +115,49 @@ def add_train(p: argparse.ArgumentParser, steps: int = 5000, batch_size: int = 2
     add_quiet(p)
 
 
-def train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
-    """The settings of :func:`add_train` as keyword arguments of :func:`straightflow.runs.train_run`."""
-    kw = {"batch_size": a.batch_size, "lr": a.lr, "warmup": a.warmup, "ema": a.ema, "ckpt_every": a.ckpt_every,
-          "seed": a.seed, "device": str(device(a)), "progress": not a.quiet,
-          "allow_recipe_change": a.allow_recipe_change}
+def train_settings(a: argparse.Namespace) -> TrainSettings:
+    """The :class:`~straightflow.train.TrainSettings` of :func:`add_train`'s flags (``--ema`` is ``ema_decay``)."""
+    kw: Dict[str, Any] = {}
     if hasattr(a, "lr_schedule"):
         kw.update(lr_schedule=a.lr_schedule, grad_clip=a.grad_clip)
+    return TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema,
+                         ckpt_every=a.ckpt_every, seed=a.seed, device=str(device(a)), progress=not a.quiet, **kw)
+
+
+def recipe(a: argparse.Namespace) -> Recipe:
+    """The training :class:`~straightflow.recipe.Recipe` of ``straightflow train``'s flags, built once here."""
+    return Recipe(data=DataSpec(a.data, n=a.n, resolution=a.resolution, conditional=not a.unconditional),
+                  train=train_settings(a),
+                  model=ModelSpec(a.model, hidden=a.hidden, depth=a.depth, base_channels=a.base_channels),
+                  objective=Objective(path=a.path, time_dist=a.time_dist, loss=a.loss, coupling=a.coupling,
+                                      cond_dropout=a.cond_dropout))
+
+
+def train_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
+    """The settings of :func:`add_train` as keyword arguments of :func:`straightflow.runs.train_run`
+    (kept for callers of the keyword form; :func:`train_settings` is the value)."""
+    s = train_settings(a)
+    kw = {"batch_size": s.batch_size, "lr": s.lr, "warmup": s.warmup, "ema": s.ema_decay, "ckpt_every": s.ckpt_every,
+          "seed": s.seed, "device": s.device, "progress": s.progress, "allow_recipe_change": a.allow_recipe_change}
+    if hasattr(a, "lr_schedule"):
+        kw.update(lr_schedule=s.lr_schedule, grad_clip=s.grad_clip)
     return kw
+
+
+def smoke_cap(a: argparse.Namespace) -> Optional[int]:
+    """The smoke-test step cap: the global ``--max-steps N``, else ``$STRAIGHTFLOW_MAX_STEPS``, else None.
+    The only place the library's command line reads it; a value that is not an integer >= 1 is an error."""
+    cap = getattr(a, "max_steps", None)
+    if cap is not None:
+        if cap < 1:
+            raise ValueError(f"--max-steps must be an integer >= 1 (a cap on training steps), got {cap}")
+        return int(cap)
+    raw = os.environ.get(MAX_STEPS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"${MAX_STEPS_ENV} must be a positive integer (a cap on training steps), got {raw!r}")
+    return int(raw)
 
 
 def add_solver(p: argparse.ArgumentParser, solver: str = "euler", steps: int = 8, grid: bool = True) -> None:

@@ -19,7 +19,8 @@ import torch
 from ..bench.harness import show_defaults
 from ..checkpoint import CheckpointError, UnfinishedRunWarning, straightflow_version
 from ..registry import UnknownNameError
-from . import align, bench, calibrate, control, core, demo, hub, images, straighten, stream
+from ..train import max_steps
+from . import align, bench, calibrate, control, core, demo, flags, hub, images, straighten, stream
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"straightflow {straightflow_version()} (torch "
                    f"{torch.__version__}, Python {platform.python_version()})")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="smoke test: cap every training run at N steps (also $STRAIGHTFLOW_MAX_STEPS); not a real run")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for register in COMMANDS:
         register(sub)
@@ -63,7 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         warnings.showwarning = _warning_line  # library warnings (an unfinished run, ...) as one line each
         warnings.simplefilter("always", UnfinishedRunWarning)
         try:
-            return int(a.fn(a) or 0)
+            with max_steps(flags.smoke_cap(a), announce="straightflow"):  # the smoke cap, said once, here
+                return int(a.fn(a) or 0)
         except (UnknownNameError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

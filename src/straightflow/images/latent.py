@@ -36,7 +36,7 @@ from ..data import Dataset, load_dataset, random_hflip
 from ..flow import Flow
 from ..models import Autoencoder, build_model
 from ..solvers import SampleResult, sample
-from ..train import TrainResult, train
+from ..train import TrainResult, TrainSettings, train
 
 __all__ = [
     "AutoencoderObjective", "HFlipFlow", "LatentFlow", "LatentTrainResult", "train_autoencoder",
@@ -339,13 +339,24 @@ def train_latent_flow(
     progress: bool = True,
     n: Optional[int] = None,
     allow_recipe_change: bool = False,
+    settings: Optional[TrainSettings] = None,
 ) -> LatentTrainResult:
     """Train the autoencoder (``ae_steps``), encode the data, train a latent flow (``flow_steps``).
 
     ``model``: ``"dit"``/``"unet"`` (defaults from :func:`default_latent_model`) or a full model
     config for the latents. ``out`` is one run directory holding both (see the module docstring);
-    re-running with the same ``out`` resumes whichever stage was interrupted.
+    re-running with the same ``out`` resumes whichever stage was interrupted. ``settings``: the latent
+    flow's training settings as one value (a :class:`~straightflow.train.TrainSettings`), replacing
+    ``flow_steps``, ``batch_size``, ``lr``, ``warmup``, ``ema_decay``, ``seed``, ``ckpt_every``, ``device`` and
+    ``progress`` (which build it when it is None); the autoencoder stage takes its seed, checkpoint
+    interval, device and progress.
     """
+    if settings is None:
+        settings = TrainSettings(steps=flow_steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+                                 seed=seed, ckpt_every=ckpt_every, device=device, progress=progress)
+    elif not isinstance(settings, TrainSettings):
+        raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+    seed, ckpt_every, device, progress = settings.seed, settings.ckpt_every, settings.device, settings.progress
     ds = _as_dataset(data, n=n, seed=seed)
     _check_images(ds)
     out_p = None if out is None else Path(out)
@@ -368,9 +379,8 @@ def train_latent_flow(
     extra = {"latent": {"autoencoder": AE_DIR, "pixel_shape": list(ds.shape), "latent_shape": list(ae.latent_shape),
                         "hflip": bool(hflip), "autoencoder_recon": getattr(ae, "recon", {})},
              **_source(data, ds)}
-    res = train(flow, lat, flow_steps, out=out_p, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
-                seed=seed, ckpt_every=ckpt_every, device=device, progress=progress, extra_config=extra,
-                desc="latent flow", allow_recipe_change=allow_recipe_change)
+    res = train(flow, lat, out=out_p, settings=settings, extra_config=extra, desc="latent flow",
+                allow_recipe_change=allow_recipe_change)
     t3 = time.perf_counter()
     res.model.run_config = extra
     lf = LatentFlow(res.model, ae).eval()
