@@ -48,6 +48,29 @@ def _rms(x):
     return float(x.reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt().max()) if x.ndim > 1 else float(x.pow(2).mean().sqrt())
 
 
+def _starting_step(x, t: float, t_end: float, k1, rtol: float, atol: float):
+    """Hairer's starting step size (one probe evaluation; Hairer, Norsett & Wanner I, sec. II.4)."""
+    direction = 1.0 if t_end > t else -1.0
+    sc = (atol + rtol * x.abs()).clamp_min(torch.finfo(x.dtype).tiny)
+    d0, d1 = _rms(x / sc), _rms(k1 / sc)
+    h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h = min(h, abs(t_end - t))
+    k_probe = yield Eval(x + direction * h * k1, t + direction * h, 0)
+    d2 = _rms((k_probe - k1) / sc) / h
+    h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    return max(min(100 * h, h1), 1e-6 * abs(t_end - t))  # floor: pure rtol at x = 0 has no scale
+
+
+def _stages(x, t: float, hs: float, k1, t_next: float, i: int):
+    """The six new stages of one step of size ``hs`` from ``(x, t)`` (the first, ``k1``, is given:
+    FSAL); returns the 5th-order solution (where stage 7 is evaluated) and all seven stages."""
+    ks = [k1]
+    for j in range(1, 7):
+        xj = x + hs * sum(a * kk for a, kk in zip(_A[j], ks) if a != 0.0)
+        ks.append((yield Eval(xj, t + _C[j] * hs if j < 6 else t_next, i)))
+    return xj, ks
+
+
 @register_solver("dopri5", order=5, evals_per_step=6, aliases=("dormand_prince", "rk45"), adaptive=True)
 def dopri5(x, ts, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
            max_steps: int = 100_000, hit_grid: bool = True):
@@ -74,17 +97,7 @@ def dopri5(x, ts, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
     t, t_end = float(ts[0]), float(ts[-1])
     direction = 1.0 if t_end > t else -1.0
     k1 = yield Eval(x, t, 0)
-    if h0 is None:  # Hairer's starting step
-        sc = (atol + rtol * x.abs()).clamp_min(torch.finfo(x.dtype).tiny)
-        d0, d1 = _rms(x / sc), _rms(k1 / sc)
-        h = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-        h = min(h, abs(t_end - t))
-        k_probe = yield Eval(x + direction * h * k1, t + direction * h, 0)
-        d2 = _rms((k_probe - k1) / sc) / h
-        h1 = max(1e-6, h * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
-        h = max(min(100 * h, h1), 1e-6 * abs(t_end - t))  # floor: pure rtol at x = 0 has no scale
-    else:
-        h = abs(float(h0))
+    h = (yield from _starting_step(x, t, t_end, k1, rtol, atol)) if h0 is None else abs(float(h0))
     err_old, rejected, n_steps = 1e-4, False, 0
     for stop in stops:
         t_stop = float(ts[stop])
@@ -98,11 +111,7 @@ def dopri5(x, ts, rtol: float = 1e-5, atol: float = 1e-5, h0: float = None,
             if step < 1e-14 * max(1.0, abs(t)):
                 raise RuntimeError(f"dopri5: step size underflow at t = {t:.6g} (h = {step:.3g})")
             hs = direction * step
-            ks = [k1]
-            for j in range(1, 7):
-                xj = x + hs * sum(a * kk for a, kk in zip(_A[j], ks) if a != 0.0)
-                ks.append((yield Eval(xj, t + _C[j] * hs if j < 6 else (t_stop if last else t + hs), stop - 1)))
-            x_new = xj  # stage 7 is evaluated at the 5th-order solution (FSAL)
+            x_new, ks = yield from _stages(x, t, hs, k1, t_stop if last else t + hs, stop - 1)
             err = _err_norm(hs * sum(e * kk for e, kk in zip(_E, ks) if e != 0.0), x, x_new, rtol, atol)
             if not math.isfinite(err):
                 err = float("inf")
