@@ -188,3 +188,16 @@ def test_command_line_calibrate_then_sample_calibrated(tmp_path, capsys):
                  "--out", str(run), "--quiet"]) == 0
     assert main(["sample", str(run), "--calibrated", "--out", str(png)]) == 2
     assert "other weights" in capsys.readouterr().err
+
+
+def test_nfe_records_the_evaluations_made_and_budget_the_request(oracle, tmp_path):
+    """A BOSS grid for midpoint (2 evaluations a step) at budget 5 has 2 steps: it makes 4
+    evaluations. ``nfe`` says 4 (what sampling costs), ``budget`` 5 (what was asked, the file name)."""
+    o, xh, _ = oracle
+    cal = calibrate(o, "boss", "midpoint", 5, (64, 2), run_dir=tmp_path, save=True, fine_steps=64)
+    assert cal.nfe == 4 and cal.budget == 5 and cal.budget_nfe == 5
+    assert sf.sample(o, xh[:8], solver=cal).nfe == 4
+    assert calibration_path(tmp_path, "boss", "midpoint", 5).is_file()
+    again = load_calibration(tmp_path, "boss", "midpoint", 5, model=o)
+    assert again is not None and again.nfe == 4 and again.budget == 5
+    assert "budget 5" in cal.describe()

@@ -61,7 +61,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 def describe(cal: Calibration, run, cpu: Optional[float] = None) -> str:
     """A short Markdown report of a calibration: its start, its held-out error, its cost and its file."""
-    p = calibration_path(run, cal.kind, cal.solver, cal.nfe, cal.guidance)
+    p = calibration_path(run, cal.kind, cal.solver, cal.budget_nfe, cal.guidance)
     lines = [f"# {cal.describe()}", "", f"file: `{p}` (created {cal.created})", ""]
     info = cal.info
     if cal.table is not None:
@@ -84,7 +84,7 @@ def describe(cal: Calibration, run, cpu: Optional[float] = None) -> str:
     if cpu is not None:
         lines.append(f"This command: {cpu:.1f} CPU s ({'computed' if cpu > 1.0 else 'reused the stored file'}); "
                      f"{machine_line()}.")
-    lines += ["", f"Sample with it: `straightflow sample {run} --calibrated --nfe {cal.nfe}`"
+    lines += ["", f"Sample with it: `straightflow sample {run} --calibrated --nfe {cal.budget_nfe}`"
               + ("" if cal.guidance is None else f" --guidance {cal.guidance:g}")]
     return "\n".join(lines)
 
@@ -99,14 +99,14 @@ def pick_calibration(run, nfe: Optional[int], guidance: Optional[float], kind: O
         raise FileNotFoundError(f"{Path(run) / 'calibrations'} holds no calibration"
                                 f"{'' if guidance is None else f' at guidance {guidance:g}'}: run {hint} first")
     if nfe is None:
-        nfes = sorted({c.nfe for c in cals})
+        nfes = sorted({c.budget_nfe for c in cals})
         if len(nfes) > 1:
             raise ValueError(f"{run} has calibrations at NFE {', '.join(map(str, nfes))}: choose one with --nfe")
         nfe = nfes[0]
-    at: List[Calibration] = [c for c in cals if c.nfe == nfe]
+    at: List[Calibration] = [c for c in cals if c.budget_nfe == nfe]
     if not at:
         raise FileNotFoundError(f"{run} has no calibration at NFE {nfe} (stored: NFE "
-                                f"{', '.join(str(c.nfe) for c in cals)}): run {hint}")
+                                f"{', '.join(str(c.budget_nfe) for c in cals)}): run {hint}")
     return min(at, key=lambda c: c.holdout_rmse if c.holdout_rmse is not None else float("inf"))
 
 

@@ -27,8 +27,8 @@ it is reused while the weights are unchanged (:func:`load_calibration`, :func:`s
 
 Modules: :mod:`.base` (shared helpers), :mod:`.reference` (the RK4 reference trajectory of
 ``boss``/``search``), :mod:`.boss`, :mod:`.search`, :mod:`.learned` (tables, fits, DC-Solver),
-:mod:`.calibration` (the record, the registry of kinds, files and fingerprints),
-:mod:`.calibrated` (:func:`calibrate`). A new kind is one function registered with
+:mod:`.record` (the record, the registry of kinds, files and fingerprints),
+:mod:`.compute` (:func:`calibrate`). A new kind is one function registered with
 :func:`register_calibration_kind`.
 
 Conventions: time runs from noise (t = 0) to data (t = 1); RMSE is over all elements,
@@ -38,8 +38,8 @@ from __future__ import annotations
 
 from .base import NoiseLike  # noqa: F401
 from .boss import bellman_path, boss_cost_table, boss_grid
-from .calibrated import calibrate, calibrated_grid, calibrated_schedule
-from .calibration import (  # noqa: F401
+from .compute import calibrate, calibrated_grid, calibrated_schedule
+from .record import (  # noqa: F401
     CALIBRATION_DIR,
     CALIBRATION_KINDS,
     MODEL_FILE,

@@ -78,7 +78,7 @@ from ..solvers.guidance import ClassifierFreeGuidance
 from ..solvers.learned import LearnedSolver, ns_solve, symbolic_run
 from ..time import shift_time
 from .base import _noise, _rmse
-from .calibration import Calibration, CalibrationRequest, model_fingerprint, register_calibration_kind
+from .record import Calibration, CalibrationRequest, model_fingerprint, register_calibration_kind
 
 __all__ = ["CANDIDATES", "FitResult", "Reference", "reference", "candidates", "select_initial", "fit_grad",
            "fit_ls", "fit_dc", "fit_learned", "DCCompensation"]

@@ -148,7 +148,8 @@ def _sample_calibrated(cal, model, noise, steps, grid, guidance, cond, seed, gen
         raise TypeError(f"solver must be a solver name ({', '.join(available())}) or a calibration, "
                         f"got {type(cal).__name__}")
     nfe = getattr(cal, "nfe", None)
-    if steps is not None and nfe is not None and int(steps) != int(nfe):
+    budget = getattr(cal, "budget", None)
+    if steps is not None and nfe is not None and int(steps) not in (int(nfe), int(budget if budget is not None else nfe)):
         raise ValueError(f"this calibration runs at NFE {nfe}; got steps={steps} (leave steps unset)")
     if _is_explicit(grid) or grid != "uniform" or solver_options or return_trajectory:
         raise ValueError("a calibration fixes its own times and update: grid=, solver options and "

@@ -3,7 +3,7 @@
 :func:`calibrate` returns the calibration for ``(kind, solver, nfe)`` stored beside the model
 when its weights fingerprint still matches (no model evaluation at all); otherwise it draws the
 calibration batch, computes the RK4 reference trajectory on it, hands both to the kind's
-registered function (:data:`~.calibration.CALIBRATION_KINDS`), and saves the result.
+registered function (:data:`~.record.CALIBRATION_KINDS`), and saves the result.
 
 Built-in kinds (registered here):
 
@@ -32,7 +32,7 @@ from ..paths import get_path
 from ..solvers.guidance import ClassifierFreeGuidance
 from .base import NoiseLike, _check_deterministic, _noise, _rmse
 from .boss import boss_grid
-from .calibration import (
+from .record import (
     CALIBRATION_KINDS,
     Calibration,
     CalibrationRequest,
@@ -184,8 +184,8 @@ def calibrate(
     cal.shape = [int(s) for s in x.shape[1:]]
     cal.guidance = None if guidance is None else float(guidance)
     cal.path = get_path(path).config()
-    # the file is named by the requested budget so that the same request finds it again
-    cal.nfe = int(nfe)
+    # nfe: what the kind counted; the file is named by the requested budget so that the same request finds it
+    cal.budget = int(nfe)
     if run_dir is not None and save:
         save_calibration(run_dir, cal)
     return cal

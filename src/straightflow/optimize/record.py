@@ -11,7 +11,7 @@ Kinds. ``CALIBRATION_KINDS`` registers how each kind is computed: a function
 ``fn(request: CalibrationRequest) -> Calibration`` (see :func:`register_calibration_kind`);
 :func:`straightflow.optimize.calibrate` dispatches through it and
 :func:`calibration_kinds` lists the names. The built-in kinds, ``boss`` and ``search``, are
-registered by :mod:`.calibrated`, which the package always imports.
+registered by :mod:`.compute`, which the package always imports.
 """
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ class Calibration:
     ``dc``): ``table`` is a :class:`~straightflow.solvers.learned.LearnedSolver` record (its
     evaluation times and coefficients), ``times`` its evaluation times and ``solvers`` empty.
 
+    ``nfe`` is the evaluations it really makes per sample (counted when it was computed); ``budget``
+    the NFE it was asked for, which names its file (a BOSS grid for midpoint at budget 5 makes 4).
+
     Validity: ``fingerprint`` (the weights, :func:`model_fingerprint`; ``""`` for a velocity
     function that has none), ``nfe``, ``guidance`` (the classifier-free guidance scale it was fitted
     at, None: unguided), ``shape`` (the sample shape, without the batch) and ``path``.
@@ -81,6 +84,12 @@ class Calibration:
     guidance: Optional[float] = None
     path: Any = "linear"
     version: int = _FORMAT_VERSION
+    budget: Optional[int] = None
+
+    @property
+    def budget_nfe(self) -> int:
+        """The NFE budget it was computed for (files written before ``budget`` was recorded: ``nfe``)."""
+        return int(self.nfe if self.budget is None else self.budget)
 
     @property
     def grid_tensor(self) -> Tensor:
@@ -103,7 +112,8 @@ class Calibration:
         """One line: what it is and what it is valid for."""
         g = "" if self.guidance is None else f", guidance {self.guidance:g}"
         shape = "any shape" if self.shape is None else "shape " + "x".join(str(s) for s in self.shape)
-        return f"{self.kind} calibration of {self.solver} at NFE {self.nfe} ({shape}{g})"
+        b = "" if self.budget_nfe == int(self.nfe) else f" (budget {self.budget_nfe})"
+        return f"{self.kind} calibration of {self.solver} at NFE {self.nfe}{b} ({shape}{g})"
 
     def check(self, model: Any = None, noise: Optional[Tensor] = None, guidance: Optional[float] = None) -> None:
         """Raise :class:`CalibrationMismatch` unless ``model`` / ``noise`` / ``guidance`` are what
@@ -300,7 +310,7 @@ def model_fingerprint(model_or_run_dir: Any, strict: bool = True) -> str:
 
 def save_calibration(run_dir: Union[str, os.PathLike], cal: Calibration) -> Path:
     """Write ``cal`` to :func:`calibration_path` atomically; returns the path."""
-    p = calibration_path(run_dir, cal.kind, cal.solver, cal.nfe, cal.guidance)
+    p = calibration_path(run_dir, cal.kind, cal.solver, cal.budget_nfe, cal.guidance)
     save_json(p, cal.to_dict())
     return p
 
