@@ -151,7 +151,8 @@ def search_schedule(
             specs.append(s)
     if not specs:
         raise ValueError("need at least one candidate solver")
-    cost = {s.name: s.nfe(1) for s in specs}
+    # the cost of one step inside the grid (a first step from t = 0 can be cheaper for DPM-Solver++(2S))
+    cost = {s.name: s.nfe(1) if s.cost is not None else s.evals_per_step for s in specs}
     cmin, cmax = min(cost.values()), max(cost.values())
     if cmin > nfe:
         raise ValueError(f"no candidate fits in nfe={nfe} (cheapest step costs {cmin})")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..paths import get_path
 from ..registry import Registry
 from .protocol import SolverCoroutine, Trace, drive, trace
 
@@ -42,6 +43,7 @@ class SolverSpec:
     doc: str = ""
     cost: Optional[Callable[..., int]] = None
     adaptive: bool = False
+    _nfe_cache: Dict[Tuple[int, str], int] = field(default_factory=dict, repr=False, compare=False)
 
     def start(self, x: Tensor, ts: Sequence[float], **options) -> SolverCoroutine:
         """The solver's coroutine on state ``x`` and grid ``ts`` (nothing runs until it is driven)."""
@@ -59,10 +61,29 @@ class SolverSpec:
         return trace(self.fn(x, ts, **options), f or (lambda y, t, i: torch.zeros_like(y)))
 
     def nfe(self, steps: int, **options) -> int:
-        """Velocity evaluations for ``steps`` steps with these solver options (warm-ups included)."""
+        """Velocity evaluations for ``steps`` steps of the uniform grid on [0, 1] with these options.
+
+        A declared ``cost`` answers directly; otherwise the count is read off the protocol, by
+        tracing the solver on that grid (``path`` defaults to linear): exact also for solvers whose
+        first or last step is cheaper (DPM-Solver++(2S)/(3S) are first order where log-SNR is
+        infinite). Adaptive solvers: the nominal ``evals_per_step * steps`` (their true cost is known
+        only after the solve, ``SampleResult.nfe``).
+        """
         if self.cost is not None:
             return int(self.cost(steps, **options))
-        return self.evals_per_step * steps
+        if self.adaptive or int(steps) < 1:
+            return self.evals_per_step * int(steps)
+        key = (int(steps), repr(sorted(options.items())))
+        hit = self._nfe_cache.get(key)
+        if hit is None:
+            ts = torch.linspace(0.0, 1.0, int(steps) + 1, dtype=torch.float64).tolist()
+            opts = dict(options)
+            if self.needs_path and "path" not in opts:
+                opts["path"] = get_path("linear")
+            if self.stochastic:
+                opts.setdefault("generator", torch.Generator().manual_seed(0))
+            hit = self._nfe_cache[key] = self.trace(torch.zeros(1, dtype=torch.float64), ts, **opts).nfe
+        return hit
 
     def steps_for_nfe(self, nfe: int, **options) -> int:
         """Largest step count whose exact cost does not exceed ``nfe`` (at least 1)."""
