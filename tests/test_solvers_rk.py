@@ -167,8 +167,14 @@ def test_declared_costs_equal_the_previous_nfe_for_every_solver():
         if spec.adaptive:
             continue
         for opts in OPTIONS.get(name, [{}]):
-            assert [spec.nfe(n, **opts) for n in range(1, 31)] == [_old_nfe(name, n, **opts) for n in range(1, 31)], \
-                (name, opts)
+            old = [_old_nfe(name, n, **opts) for n in range(1, 31)]
+            if name in ("dpm++2s", "dpm++3s"):
+                # on purpose: these had no declared cost and the old count was the nominal
+                # evals_per_step * steps; the exact count (read off the protocol) is lower by the two
+                # first-order end steps (from lam = -inf, into lam = +inf) of the [0, 1] grid
+                e = get_solver(name).evals_per_step
+                old = [e * n - (e - 1) * min(n, 2) for n in range(1, 31)]
+            assert [spec.nfe(n, **opts) for n in range(1, 31)] == old, (name, opts)
             assert [exact_nfe(name, n, **opts) for n in range(1, 31)] == [spec.nfe(n, **opts) for n in range(1, 31)]
             for budget in range(1, 40):
                 s = steps_for_nfe(name, budget, **opts)

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..grids import make_grid
 from ..paths import AffinePath, PathLike, convert_velocity, get_path
 from ..registry import Registry
-from ..solvers import CountedVelocity, get_solver, initial_noise, solve
+from ..solvers import CountedVelocity, drive, get_solver, initial_noise, solve
 from ..solvers.sde import euler_maruyama
 from .rewards import ClassLogProb, RegionReward, as_reward
 
@@ -168,8 +168,8 @@ def _sde_step(path: AffinePath, x: Tensor, v: Tensor, t: float, t_next: float, g
               generator: torch.Generator, last: bool) -> Tensor:
     """One Euler-Maruyama step of solver ``"sde"`` with the velocity ``v`` already evaluated at ``(x, t)``;
     the step into t = 1 (``last``) is the Tweedie jump ``x1_hat``."""
-    return euler_maruyama(lambda *_: v, x, [float(t), float(t_next)], generator=generator, path=path, g=g,
-                          scale=scale, last_step="denoise" if last else "sde")
+    return drive(euler_maruyama(x, [float(t), float(t_next)], generator=generator, path=path, g=g,
+                                 scale=scale, last_step="denoise" if last else "sde"), lambda *_: v)
 
 
 def _rewards(reward: Callable, x: Tensor) -> Tensor:
