@@ -136,3 +136,18 @@ def test_guidance_schedules_and_rewards_are_registries():
         rewards.parse_reward("pixel:3")
     assert isinstance(rewards.parse_reward("region:disc:0,0,1"), rewards.RegionReward)
 
+
+def test_list_shows_every_registry(capsys):
+    """`straightflow list` prints the alignment methods and the registries above, from the registries."""
+    from straightflow import align
+    from straightflow.cli import main
+    from straightflow.cli.listing import families
+
+    fam = families()
+    assert fam["alignment methods"] == align.available()
+    assert {"adjoint_matching", "dpo", "grpo", "reinflow", "rwr"} <= set(fam["alignment methods"])
+    assert fam["guidance schedules"] == ["constant", "cosine", "linear"]
+    assert fam["rewards"] == ["class", "region"]
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert f"alignment methods: {', '.join(align.available())}\n" in out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .. import bench, coupling, data, grids, losses, metrics, models, optimize, paths, solvers, time as sftime
+from .. import align, bench, coupling, data, grids, losses, metrics, models, optimize, paths, solvers, time as sftime
 from ..control import guidance, inverse, operators, rewards, scaling
 from ..images import fast
 from ..solvers.sde import DIFFUSIONS
@@ -31,6 +31,7 @@ def families() -> Dict[str, List[str]]:
         "inverse methods": inverse.available(),
         "rewards": rewards.REWARDS.names(),
         "search methods": scaling.available(),
+        "alignment methods": align.available(),
         "fast samplers": fast.available(),
         "stream rcfg modes": pipeline.available(),
         "benchmark suites": bench.available(),
