@@ -1,0 +1,41 @@
+"""The test suite's own hygiene: no fixture shadows another (a module fixture with the name of a conftest
+one silently replaces it there, so a test can run on another object than the reader expects)."""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _is_fixture(dec: ast.expr) -> bool:
+    node = dec.func if isinstance(dec, ast.Call) else dec
+    return ((isinstance(node, ast.Attribute) and node.attr == "fixture")
+            or (isinstance(node, ast.Name) and node.id == "fixture"))
+
+
+def fixture_names() -> dict:
+    where = defaultdict(list)
+    for f in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and any(_is_fixture(d) for d in node.decorator_list)):
+                where[node.name].append(f"{f.relative_to(TESTS).as_posix()}:{node.lineno}")
+    return where
+
+
+def test_no_fixture_shadows_a_conftest_fixture():
+    """A module may reuse a name another module uses for its own fixture, but never one of conftest's."""
+    where = fixture_names()
+    shared = {name for name, places in where.items() if any(p.startswith("conftest.py:") for p in places)}
+    assert "oracle" in shared and "noise" in shared  # the checker sees conftest's fixtures
+    twice = {name: where[name] for name in shared if len(where[name]) > 1}
+    assert not twice, f"fixtures that shadow conftest's (rename the module's one): {twice}"
+
+
+def test_no_fixture_name_is_defined_twice_in_one_file():
+    where = fixture_names()
+    twice = {name: places for name, places in where.items()
+             if len({p.split(":")[0] for p in places}) < len(places)}
+    assert not twice, f"fixtures defined twice in one file: {twice}"
