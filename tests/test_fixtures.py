@@ -39,3 +39,21 @@ def test_no_fixture_name_is_defined_twice_in_one_file():
     twice = {name: places for name, places in where.items()
              if len({p.split(":")[0] for p in places}) < len(places)}
     assert not twice, f"fixtures defined twice in one file: {twice}"
+
+
+def test_timeout_and_slow_marker_are_configured(request):
+    """pytest-timeout bounds every test (generously), and the slow tests are marked but never deselected
+    by the configuration: ``make test`` runs them."""
+    import shlex
+    import tomllib
+
+    assert float(request.config.getini("timeout")) >= 600  # pytest-timeout is active and configured
+    opts = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert any(m.startswith("slow:") for m in opts["markers"])
+    assert "-m" not in shlex.split(opts.get("addopts", "")) and "slow" not in opts.get("addopts", "")
+    make = (TESTS.parent / "Makefile").read_text()
+    assert "not slow" not in make
+    readme_test = ast.parse((TESTS / "test_readme.py").read_text())
+    marked = {f.name for f in readme_test.body if isinstance(f, ast.FunctionDef)
+              and any(ast.unparse(d) == "pytest.mark.slow" for d in f.decorator_list)}
+    assert "test_readme_command_lines_run_as_written" in marked

@@ -153,6 +153,7 @@ def test_multistep_inversion_round_trip(oracle8, noise):
 
 # ----------------------------------------------------------------------------- dopri5
 
+@pytest.mark.slow
 def test_dopri5_matches_fine_rk4(oracle8, noise):
     x0 = noise[:32]
     rk = solve(oracle8, x0, torch.linspace(0, 1, 4097, dtype=torch.float64), "rk4", check_finite=False).x
@@ -221,6 +222,7 @@ def _sw2_ratio(x, oracle8, seed=5):
     return val / floor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["linear", "cosine"])
 def test_sde_keeps_the_marginals(path):
     o = GaussianMixtureFlow.random(dim=2, n_components=8, seed=0, path=path)
