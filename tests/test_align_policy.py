@@ -53,3 +53,19 @@ def test_reinflow_ppo_resume_is_exact(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="horizon 500 exceeds"):
         ReinFlowPPO(ObsMLP(1, 3), horizon=500)
+
+
+def test_reinflow_ppo_probe_checks_the_environment_before_training(tmp_path, monkeypatch):
+    """The probe (bad input fails fast) is real: a policy whose sizes do not match the environment is
+    refused before any rollout, a matching one passes, and reinflow_finetune runs it first."""
+    obj = ReinFlowPPO(ObsMLP(1, 3, hidden=16, depth=1), n_envs=1, horizon=4, minibatch=4)
+    obj.probe(ObsMLP(1, 3, hidden=16, depth=1), seed=0)  # Pendulum: observations 3, actions 1
+    with pytest.raises(ValueError, match="observations of size 4"):
+        obj.probe(ObsMLP(1, 4, hidden=16, depth=1), seed=0)
+
+    collected = []
+    monkeypatch.setattr(ReinFlowPPO, "collect", lambda self, m, g: collected.append(1))
+    with pytest.raises(ValueError, match="actions of size 2"):
+        reinflow_finetune(ObsMLP(2, 3, hidden=16, depth=1), rollouts=1, n_envs=1, horizon=4, minibatch=4,
+                          epochs=1, progress=False)
+    assert not collected  # refused before the first rollout

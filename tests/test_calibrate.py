@@ -27,7 +27,8 @@ def rmse(a, b):
 
 
 @pytest.fixture(scope="module")
-def oracle():
+def oracle_problem():
+    """(8-component 2D oracle, held-out noise, its tight dopri5 endpoints); not conftest's ``oracle``."""
     o = GaussianMixtureFlow.random(dim=2, n_components=8, seed=0)
     xh = torch.randn(256, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     ref = sf.sample(o, xh, solver="dopri5", steps=1, rtol=1e-10, atol=1e-10).x
@@ -35,8 +36,8 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def learned(oracle):
-    o, _, _ = oracle
+def learned(oracle_problem):
+    o, _, _ = oracle_problem
     return calibrate(o, "learned", "auto", 5, (256, 2), mode="ls")
 
 
@@ -44,8 +45,8 @@ def test_kinds_are_listed():
     assert {"learned", "dc", "boss", "search"} <= set(calibration_kinds())
 
 
-def test_learned_calibration_samples_through_sf_sample(oracle, learned):
-    o, xh, ref = oracle
+def test_learned_calibration_samples_through_sf_sample(oracle_problem, learned):
+    o, xh, ref = oracle_problem
     cal = learned
     assert cal.kind == "learned" and cal.nfe == 5 and cal.shape == [2] and cal.guidance is None
     out = sf.sample(o, xh, solver=cal)
@@ -62,8 +63,8 @@ def test_learned_calibration_samples_through_sf_sample(oracle, learned):
 
 
 @pytest.mark.parametrize("kind,solver", [("boss", "euler"), ("search", "euler+midpoint"), ("dc", "unipc")])
-def test_every_kind_runs_through_sf_sample(oracle, kind, solver):
-    o, xh, ref = oracle
+def test_every_kind_runs_through_sf_sample(oracle_problem, kind, solver):
+    o, xh, ref = oracle_problem
     opts = dict(fine_steps=32, batch=64)
     if kind == "search":
         opts.update(grids=("uniform",), beam=2)
@@ -77,8 +78,8 @@ def test_every_kind_runs_through_sf_sample(oracle, kind, solver):
     assert cal.holdout_rmse is not None and cal.shape == [2]
 
 
-def test_calibration_refuses_what_it_was_not_made_for(oracle, learned):
-    o, xh, _ = oracle
+def test_calibration_refuses_what_it_was_not_made_for(oracle_problem, learned):
+    o, xh, _ = oracle_problem
     cal = learned
     with pytest.raises(CalibrationMismatch, match="shape"):
         sf.sample(o, torch.zeros(4, 3, dtype=torch.float64), solver=cal)
@@ -97,8 +98,8 @@ def test_calibration_refuses_what_it_was_not_made_for(oracle, learned):
         calibrate(o, "learned", "auto", 0, (8, 2))
 
 
-def test_any_velocity_callable_calibrates_and_cannot_be_stored_without_weights(oracle, tmp_path):
-    o, xh, _ = oracle
+def test_any_velocity_callable_calibrates_and_cannot_be_stored_without_weights(oracle_problem, tmp_path):
+    o, xh, _ = oracle_problem
     f = lambda x, t: o(x, t)  # noqa: E731  (a plain function: no weights to fingerprint)
     cal = calibrate(f, "learned", "euler", 3, (64, 2), mode="ls")
     assert cal.fingerprint == "" and sf.sample(f, xh, solver=cal).nfe == 3
@@ -147,8 +148,8 @@ class _Guided(torch.nn.Module):
         return self.o(x, t) + self.w[y].unsqueeze(-1) * (1 - t).reshape(-1, 1) * 0.5
 
 
-def test_guided_calibration_records_its_scale(oracle):
-    o, xh, _ = oracle
+def test_guided_calibration_records_its_scale(oracle_problem):
+    o, xh, _ = oracle_problem
     m = _Guided(o)
     m.null_class = 8
     y = {"y": torch.arange(64) % 8}

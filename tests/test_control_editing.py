@@ -41,7 +41,7 @@ def test_schedule_values():
     assert down(0.0) == 5.0 and down(1.0) == 1.0
     box = GuidanceSchedule("constant", scale=3.0, interval=(0.2, 0.6))
     assert box(0.1) == 1.0 and box(0.4) == 3.0 and box(0.7) == 1.0
-    with pytest.raises(ValueError, match="valid: constant, linear, cosine"):
+    with pytest.raises(ValueError, match="unknown guidance schedule 'exp'; valid names: constant, cosine, linear"):
         GuidanceSchedule("exp")
 
 

@@ -526,6 +526,23 @@ def test_figures_are_readable(tmp_path):
     assert len({(s["color"], s["ls"], s["marker"]) for s in styles}) == 16
 
 
+def test_every_plotting_helper_has_a_caller():
+    """No dead figure writers (``save_image_grid`` had none): each public function of ``plotting``
+    is called somewhere in the package or the benchmark suites."""
+    import ast
+    import re
+
+    from straightflow import plotting
+
+    root = Path(plotting.__file__).resolve().parent
+    names = [n.name for n in ast.parse(Path(plotting.__file__).read_text()).body
+             if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+    files = list(root.rglob("*.py")) + list((root.parent.parent / "benchmarks").rglob("*.py"))
+    text = "\n".join(f.read_text() for f in files)
+    unused = [n for n in names if not re.search(rf"(?<!def ){n}\(", text)]
+    assert not unused, f"plotting functions nothing calls (delete them or use them): {unused}"
+
+
 def test_profiler_lines_stay_out_of_the_output(capfd):
     """Item 8: measuring peak memory with torch.profiler prints nothing of its own."""
     from straightflow.control.inverse import peak_memory

@@ -16,6 +16,7 @@ and there is no import cycle between modules.
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -169,17 +170,61 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("bad", [
-    ("straightflow.solvers.base", "straightflow.cli.main"),
-    ("straightflow.paths", "straightflow.train"),
-])
-def test_the_checks_catch_a_violation(bad, monkeypatch):
-    """The rules fail on an edge that breaks them (the checker itself is tested)."""
-    a, b = bad
-    monkeypatch.setitem(GRAPH, a, GRAPH[a] | {b})
-    with pytest.raises(AssertionError):
-        test_no_lower_layer_imports_a_higher_one()
-        test_nothing_outside_cli_and_bench_imports_them()
+# Every rule above, each with a synthetic violation: (rule, edges added to GRAPH, modules added to
+# MODULES, a string its failure message must name). One ``pytest.raises`` per case, so a rule that
+# stops failing cannot hide behind another one that still does.
+VIOLATIONS = {
+    "a module with no layer": (
+        "test_every_part_of_the_package_has_a_layer", [], ["straightflow.mystery"], "mystery"),
+    "library code imports cli": (
+        "test_nothing_outside_cli_and_bench_imports_them",
+        [("straightflow.solvers.base", "straightflow.cli.main")], [],
+        "straightflow.solvers.base -> straightflow.cli.main"),
+    "library code imports bench": (
+        "test_nothing_outside_cli_and_bench_imports_them",
+        [("straightflow.metrics.distances", "straightflow.bench.harness")], [],
+        "straightflow.metrics.distances -> straightflow.bench.harness"),
+    "bench imports cli": (
+        "test_nothing_outside_cli_and_bench_imports_them",
+        [("straightflow.bench.harness", "straightflow.cli.main")], [],
+        "straightflow.bench.harness -> straightflow.cli.main"),
+    "a lower layer imports a higher one": (
+        "test_no_lower_layer_imports_a_higher_one",
+        [("straightflow.paths", "straightflow.train")], [], "straightflow.paths -> straightflow.train"),
+    "a module imports the facade": (
+        "test_no_lower_layer_imports_a_higher_one",
+        [("straightflow.flow", "straightflow")], [], "straightflow.flow -> straightflow (imports the package facade"),
+    "the facade imports cli": (
+        "test_no_lower_layer_imports_a_higher_one",
+        [("straightflow", "straightflow.cli.main")], [],
+        "straightflow -> straightflow.cli.main (the facade imports bench/cli"),
+    "an import cycle": (
+        "test_no_import_cycles",
+        [("straightflow.registry", "straightflow.io"), ("straightflow.io", "straightflow.registry")], [],
+        "straightflow.io <-> straightflow.registry"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VIOLATIONS))
+def test_the_checks_catch_a_violation(case, monkeypatch):
+    """Each rule fails on a synthetic edge (or module) that breaks it (the checker itself is tested)."""
+    rule, edges, modules, names = VIOLATIONS[case]
+    for m in modules:
+        monkeypatch.setitem(MODULES, m, SRC / (m.replace(".", "/") + ".py"))
+    for a, b in edges:
+        monkeypatch.setitem(GRAPH, a, GRAPH.get(a, set()) | {b})
+    with pytest.raises(AssertionError) as caught:
+        globals()[rule]()
+    assert names in str(caught.value)
+
+
+def test_every_rule_has_a_synthetic_violation():
+    """A new rule (a test here that takes no fixture) must get its own case in VIOLATIONS."""
+    rules = {name for name, f in globals().items()
+             if name.startswith("test_") and callable(f) and not inspect.signature(f).parameters}
+    rules.discard("test_every_rule_has_a_synthetic_violation")
+    covered = {rule for rule, *_ in VIOLATIONS.values()}
+    assert rules == covered, f"rules with no synthetic violation: {sorted(rules - covered)}"
 
 
 def test_a_cycle_is_caught(monkeypatch):

@@ -115,3 +115,39 @@ def test_sample_shape():
         sample_shape(object())
     with pytest.raises(ValueError, match="positive sizes"):
         sample_shape(object(), (0, 2))
+
+
+def test_guidance_schedules_and_rewards_are_registries():
+    """Guidance schedules and reward kinds are Registries: the old tuples are derived from them and an
+    unknown name gets the standard one-line error with the valid names."""
+    from straightflow.control import guidance, rewards
+    from straightflow.registry import Registry
+
+    assert isinstance(guidance.GUIDANCE_SCHEDULES, Registry) and isinstance(rewards.REWARDS, Registry)
+    assert guidance.SCHEDULES == ("constant", "linear", "cosine")
+    assert sorted(guidance.SCHEDULES) == guidance.GUIDANCE_SCHEDULES.names()
+    assert rewards.REWARD_KINDS == ("class", "region")
+    assert sorted(rewards.REWARD_KINDS) == rewards.REWARDS.names()
+    with pytest.raises(UnknownNameError,
+                       match="^unknown guidance schedule 'exp'; valid names: constant, cosine, linear$"):
+        guidance.GuidanceSchedule("exp")
+    assert guidance.GuidanceSchedule("Cosine").kind == "cosine"
+    with pytest.raises(UnknownNameError, match="^unknown reward 'pixel'; valid names: class, region \\(e.g. 'class:3'"):
+        rewards.parse_reward("pixel:3")
+    assert isinstance(rewards.parse_reward("region:disc:0,0,1"), rewards.RegionReward)
+
+
+def test_list_shows_every_registry(capsys):
+    """`straightflow list` prints the alignment methods and the registries above, from the registries."""
+    from straightflow import align
+    from straightflow.cli import main
+    from straightflow.cli.listing import families
+
+    fam = families()
+    assert fam["alignment methods"] == align.available()
+    assert {"adjoint_matching", "dpo", "grpo", "reinflow", "rwr"} <= set(fam["alignment methods"])
+    assert fam["guidance schedules"] == ["constant", "cosine", "linear"]
+    assert fam["rewards"] == ["class", "region"]
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert f"alignment methods: {', '.join(align.available())}\n" in out

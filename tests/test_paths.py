@@ -249,3 +249,29 @@ def test_division_guard_still_guards_the_ends():
             tt = torch.full((3,), t, dtype=F64)
             for out in (p.x0_to_x1(x, x, tt), p.x1_to_x0(x, x, tt), p.velocity_to_x1(x, x, tt), p.velocity_to_x0(x, x, tt)):
                 assert not torch.isnan(out).any(), (name, t)
+
+
+def test_probability_paths_and_file_paths_have_distinct_type_names():
+    """``PathSpec`` (a probability path) lives in paths.py, ``FilePath`` (a filesystem path) in io.py,
+    each defined once; ``PathLike`` survives only as deprecated aliases of each."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    from straightflow import io
+
+    src = Path(P.__file__).resolve().parent
+    definers = {}
+    for f in sorted(src.rglob("*.py")):
+        for name in re.findall(r"^(PathSpec|FilePath|PathLike) = ", f.read_text(), re.M):
+            definers.setdefault(name, []).append(f.relative_to(src).as_posix())
+    assert definers["PathSpec"] == ["paths.py"]
+    assert definers["FilePath"] == ["io.py"]
+    # left to their owners (edited in parallel); they should import io.FilePath. No new ones.
+    leftovers = {"paths.py", "train.py", "runs.py", "images/latent.py"}
+    assert set(definers.get("PathLike", [])) <= leftovers
+    assert P.PathLike is P.PathSpec
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert io.PathLike is io.FilePath
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)

@@ -24,17 +24,18 @@ T0, T1 = 0.25, 0.75
 
 
 @pytest.fixture(scope="module")
-def oracle():
+def oracle8():
+    """The 8-component 2D oracle of this module (the session-wide ``oracle`` of conftest has 4)."""
     return GaussianMixtureFlow.random(dim=2, n_components=8, seed=0)
 
 
 @pytest.fixture(scope="module")
-def reference(oracle, noise):
-    return sample(oracle, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12, t0=T0, t1=T1).x
+def reference(oracle8, noise):
+    return sample(oracle8, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12, t0=T0, t1=T1).x
 
 
-def _err(oracle, noise, ref, solver, steps=None, grid="uniform", **kw):
-    x = sample(oracle, noise, solver=solver, steps=steps, grid=grid, t0=T0, t1=T1, **kw).x
+def _err(oracle8, noise, ref, solver, steps=None, grid="uniform", **kw):
+    x = sample(oracle8, noise, solver=solver, steps=steps, grid=grid, t0=T0, t1=T1, **kw).x
     return (x - ref).pow(2).mean().sqrt().item()
 
 
@@ -73,8 +74,8 @@ def test_ab_coefficients_uniform_and_variable():
     ("ab2", 2, {}), ("ab3", 3, {}), ("ab4", 4, {}), ("ab4", 4, {"warmup": "rk4"}), ("plms", 4, {}),
     ("heun_pc", 2, {}), ("heun_pc", 2, {"exact_steps": 3}),
 ])
-def test_empirical_order_uniform_grid(oracle, noise, reference, solver, order, kw):
-    errs = [_err(oracle, noise, reference, solver, n, **kw) for n in (16, 32, 64)]
+def test_empirical_order_uniform_grid(oracle8, noise, reference, solver, order, kw):
+    errs = [_err(oracle8, noise, reference, solver, n, **kw) for n in (16, 32, 64)]
     slopes = _slopes(errs)
     assert errs[0] > errs[1] > errs[2]
     assert abs(slopes[-1] - order) < 0.3, (solver, errs, slopes)
@@ -82,23 +83,23 @@ def test_empirical_order_uniform_grid(oracle, noise, reference, solver, order, k
 
 
 @pytest.mark.parametrize("solver,order", [("ab2", 2), ("ab3", 3), ("ab4", 4), ("plms", 4)])
-def test_variable_step_coefficients_keep_the_order(oracle, noise, reference, solver, order):
-    errs = [_err(oracle, noise, reference, solver, grid=_alternating(n)) for n in (16, 32, 64)]
+def test_variable_step_coefficients_keep_the_order(oracle8, noise, reference, solver, order):
+    errs = [_err(oracle8, noise, reference, solver, grid=_alternating(n)) for n in (16, 32, 64)]
     assert abs(_slopes(errs)[-1] - order) < 0.3, (solver, errs)
 
 
 @pytest.mark.parametrize("solver,kw", [
     ("hb", {}), ("hb", {"beta": 0.5, "order": 4}), ("ghvb", {}), ("ghvb", {"order": 2.5}), ("ghvb", {"order": 0.6}),
 ])
-def test_momentum_methods_converge(oracle, noise, reference, solver, kw):
-    errs = [_err(oracle, noise, reference, solver, n, **kw) for n in (16, 32, 64)]
+def test_momentum_methods_converge(oracle8, noise, reference, solver, kw):
+    errs = [_err(oracle8, noise, reference, solver, n, **kw) for n in (16, 32, 64)]
     slopes = _slopes(errs)
     assert errs[0] > errs[1] > errs[2]
     assert min(slopes) > 0.85, (solver, kw, errs, slopes)
 
 
-def test_momentum_special_cases_reduce_to_known_methods(oracle, noise):
-    run = lambda s, **kw: sample(oracle, noise, solver=s, steps=12, **kw).x  # noqa: E731
+def test_momentum_special_cases_reduce_to_known_methods(oracle8, noise):
+    run = lambda s, **kw: sample(oracle8, noise, solver=s, steps=12, **kw).x  # noqa: E731
     assert torch.allclose(run("hb", beta=1.0), run("euler"), atol=1e-13)
     assert torch.allclose(run("ghvb", order=1), run("euler"), atol=1e-13)
     # the paper: Euler with HB beta is GHVB of momentum number beta; integer orders are PLMS
@@ -117,11 +118,11 @@ def test_momentum_special_cases_reduce_to_known_methods(oracle, noise):
     ("ab2", {}), ("ab3", {}), ("ab4", {}), ("ab3", {"warmup": "rk4"}), ("plms", {}), ("pndm", {}),
     ("hb", {}), ("ghvb", {"order": 3.5}), ("heun_pc", {}), ("flowturbo", {"exact_steps": 2}),
 ])
-def test_exact_nfe_is_counted_from_real_calls(oracle, noise, solver, kw):
+def test_exact_nfe_is_counted_from_real_calls(oracle8, noise, solver, kw):
     for steps in range(1, 9):
-        oracle.reset_nfe()
-        res = sample(oracle, noise[:8], solver=solver, steps=steps, **kw)
-        assert res.nfe == oracle.nfe == exact_nfe(solver, steps, **kw), (solver, steps)
+        oracle8.reset_nfe()
+        res = sample(oracle8, noise[:8], solver=solver, steps=steps, **kw)
+        assert res.nfe == oracle8.nfe == exact_nfe(solver, steps, **kw), (solver, steps)
 
 
 def test_nfe_accounting_formulas():
@@ -140,54 +141,55 @@ def test_nfe_accounting_formulas():
         exact_nfe("ab3", 4, warmup="euler")
 
 
-def test_multistep_inversion_round_trip(oracle, noise):
-    x1 = sample(oracle, noise, solver="rk4", steps=200).x
+def test_multistep_inversion_round_trip(oracle8, noise):
+    x1 = sample(oracle8, noise, solver="rk4", steps=200).x
     for solver in ("ab3", "plms", "heun_pc", "ghvb"):
         errs = []
         for steps in (32, 64):
-            z = invert(oracle, x1, solver=solver, steps=steps).x
-            errs.append((sample(oracle, z, solver=solver, steps=steps).x - x1).pow(2).mean().sqrt().item())
+            z = invert(oracle8, x1, solver=solver, steps=steps).x
+            errs.append((sample(oracle8, z, solver=solver, steps=steps).x - x1).pow(2).mean().sqrt().item())
         assert errs[1] < errs[0] < 0.02, (solver, errs)
 
 
 # ----------------------------------------------------------------------------- dopri5
 
-def test_dopri5_matches_fine_rk4(oracle, noise):
+@pytest.mark.slow
+def test_dopri5_matches_fine_rk4(oracle8, noise):
     x0 = noise[:32]
-    rk = solve(oracle, x0, torch.linspace(0, 1, 4097, dtype=torch.float64), "rk4", check_finite=False).x
-    oracle.reset_nfe()
-    res = sample(oracle, x0, solver="dopri5", steps=1, rtol=1e-10, atol=1e-10)
+    rk = solve(oracle8, x0, torch.linspace(0, 1, 4097, dtype=torch.float64), "rk4", check_finite=False).x
+    oracle8.reset_nfe()
+    res = sample(oracle8, x0, solver="dopri5", steps=1, rtol=1e-10, atol=1e-10)
     assert (res.x - rk).abs().max().item() < 1e-8
-    assert res.nfe == oracle.nfe and res.nfe % 6 == 2  # 6 per step, + first stage + starting-step probe
+    assert res.nfe == oracle8.nfe and res.nfe % 6 == 2  # 6 per step, + first stage + starting-step probe
 
 
-def test_dopri5_nfe_falls_as_tolerance_loosens(oracle, noise):
-    ref = sample(oracle, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12).x
+def test_dopri5_nfe_falls_as_tolerance_loosens(oracle8, noise):
+    ref = sample(oracle8, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12).x
     nfes, errs = [], []
     for tol in (1e-10, 1e-7, 1e-4):
-        res = sample(oracle, noise, solver="dopri5", steps=1, rtol=tol, atol=tol)
+        res = sample(oracle8, noise, solver="dopri5", steps=1, rtol=tol, atol=tol)
         nfes.append(res.nfe)
         errs.append((res.x - ref).abs().max().item())
     assert nfes[0] > nfes[1] > nfes[2], nfes
     assert errs[0] < errs[1] < errs[2] and errs[0] < 1e-8 and errs[2] < 1e-2, errs
 
 
-def test_dopri5_grid_times_callback_and_inversion(oracle, noise):
+def test_dopri5_grid_times_callback_and_inversion(oracle8, noise):
     tight = dict(rtol=1e-10, atol=1e-10)
-    res = sample(oracle, noise, solver="dopri5", grid="shifted", steps=6, return_trajectory=True, **tight)
+    res = sample(oracle8, noise, solver="dopri5", grid="shifted", steps=6, return_trajectory=True, **tight)
     assert res.trajectory.shape == (7, 256, 2)
     # every reported state is the solution at its grid time
     for i in (2, 4):
-        part = sample(oracle, noise, solver="dopri5", grid=res.times[: i + 1], steps=None, **tight).x
+        part = sample(oracle8, noise, solver="dopri5", grid=res.times[: i + 1], steps=None, **tight).x
         assert (res.trajectory[i] - part).abs().max() < 1e-8
-    through = sample(oracle, noise, solver="dopri5", steps=6, hit_grid=False, return_trajectory=True, **tight)
+    through = sample(oracle8, noise, solver="dopri5", steps=6, hit_grid=False, return_trajectory=True, **tight)
     assert through.trajectory.shape == (2, 256, 2) and (through.x - res.x).abs().max() < 1e-8
-    z = invert(oracle, res.x, solver="dopri5", steps=1, **tight).x
+    z = invert(oracle8, res.x, solver="dopri5", steps=1, **tight).x
     assert (z - noise).abs().max() < 1e-8
     with pytest.raises(RuntimeError, match="max_steps"):
-        sample(oracle, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12, max_steps=5)
+        sample(oracle8, noise, solver="dopri5", steps=1, rtol=1e-12, atol=1e-12, max_steps=5)
     with pytest.raises(ValueError, match="rtol"):
-        sample(oracle, noise, solver="dopri5", steps=1, rtol=0.0)
+        sample(oracle8, noise, solver="dopri5", steps=1, rtol=0.0)
 
 
 # ----------------------------------------------------------------------------- SDE
@@ -195,17 +197,17 @@ def test_dopri5_grid_times_callback_and_inversion(oracle, noise):
 _CHUNK, _N_CHUNKS = 500, 16
 
 
-def _moment_z(x, oracle):
+def _moment_z(x, oracle8):
     """Standardised errors of the sample mean and covariance against the oracle's exact moments."""
     n = x.shape[0]
     m, c = x.mean(0), torch.cov(x.T)
     xc = x - m
     se_m = (c.diag() / n).sqrt()
     se_c = ((xc[:, :, None] * xc[:, None, :]).var(0) / n).sqrt()
-    return ((m - oracle.mean()) / se_m).abs().max().item(), ((c - oracle.covariance()) / se_c).abs().max().item()
+    return ((m - oracle8.mean()) / se_m).abs().max().item(), ((c - oracle8.covariance()) / se_c).abs().max().item()
 
 
-def _sw2_ratio(x, oracle, seed=5):
+def _sw2_ratio(x, oracle8, seed=5):
     """Mean sliced W2 of 16 chunks of 500 samples to fresh exact samples, over the same for data vs data.
 
     For exact samples this ratio is 1.00 +- 0.08 (measured over 100 repetitions; max 1.23), so
@@ -213,13 +215,14 @@ def _sw2_ratio(x, oracle, seed=5):
     """
     g = torch.Generator().manual_seed(seed)
     n = _CHUNK * _N_CHUNKS
-    a = oracle.sample(n, generator=g, dtype=torch.float64).split(_CHUNK)
-    b = oracle.sample(n, generator=g, dtype=torch.float64).split(_CHUNK)
+    a = oracle8.sample(n, generator=g, dtype=torch.float64).split(_CHUNK)
+    b = oracle8.sample(n, generator=g, dtype=torch.float64).split(_CHUNK)
     val = np.mean([sliced_w2(xi, ai, n_projections=64, seed=j) for j, (xi, ai) in enumerate(zip(x.split(_CHUNK), a))])
     floor = np.mean([sliced_w2(bi, ai, n_projections=64, seed=j) for j, (bi, ai) in enumerate(zip(b, a))])
     return val / floor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["linear", "cosine"])
 def test_sde_keeps_the_marginals(path):
     o = GaussianMixtureFlow.random(dim=2, n_components=8, seed=0, path=path)
@@ -240,15 +243,15 @@ def test_sde_moment_check_detects_a_wrong_score():
     assert max(_moment_z(x, o)) > 10
 
 
-def test_sde_seeding_options_and_errors(oracle, noise):
-    run = lambda **kw: sample(oracle, noise, solver="sde", steps=20, **kw).x  # noqa: E731
+def test_sde_seeding_options_and_errors(oracle8, noise):
+    run = lambda **kw: sample(oracle8, noise, solver="sde", steps=20, **kw).x  # noqa: E731
     a, b, c = run(seed=3), run(seed=3), run(seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert torch.equal(run(generator=g1), run(generator=g2))
     assert get_solver("euler_maruyama").name == "sde" and get_solver("sde").stochastic
     # g = 0 is the Euler ODE sampler; a callable, a float and a named schedule agree when equal
-    assert torch.allclose(run(g=0.0, seed=1), sample(oracle, noise, solver="euler", steps=20).x, atol=1e-13)
+    assert torch.allclose(run(g=0.0, seed=1), sample(oracle8, noise, solver="euler", steps=20).x, atol=1e-13)
     assert torch.equal(run(g=0.7, seed=2), run(g=lambda t: 0.7, seed=2))
     assert torch.equal(run(g="constant", scale=0.7, seed=2), run(g=0.7, seed=2))
     # on the linear path the denoising last step is the Euler step
@@ -260,9 +263,9 @@ def test_sde_seeding_options_and_errors(oracle, noise):
     with pytest.raises(ValueError, match="last_step"):
         run(last_step="tweedie")
     with pytest.raises(ValueError, match="invert"):
-        solve(oracle, noise, torch.linspace(1, 0, 5, dtype=torch.float64), "sde")
+        solve(oracle8, noise, torch.linspace(1, 0, 5, dtype=torch.float64), "sde")
     with pytest.raises(ValueError, match="stochastic"):
-        invert(oracle, noise, solver="sde")
+        invert(oracle8, noise, solver="sde")
 
 
 def test_registry_lists_new_solvers():

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .io import CheckpointError, PathLike, load_json, load_tensors, save_json, save_tensors, tensor_shapes
+from .io import CheckpointError, FilePath, load_json, load_tensors, save_json, save_tensors, tensor_shapes
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -77,7 +77,7 @@ def _model_config(model: nn.Module) -> Dict[str, Any]:
     return cfg
 
 
-def save_weights(path: PathLike, model: nn.Module) -> None:
+def save_weights(path: FilePath, model: nn.Module) -> None:
     """Write ``model``'s state dict as safetensors, atomically."""
     model = unwrap(model)
     meta = {"format": "pt", "straightflow_version": straightflow_version()}
@@ -88,7 +88,7 @@ def save_weights(path: PathLike, model: nn.Module) -> None:
 
 
 def save_model(
-    run_dir: PathLike, model: nn.Module, config: Optional[Mapping[str, Any]] = None, weights: str = MODEL_FILE
+    run_dir: FilePath, model: nn.Module, config: Optional[Mapping[str, Any]] = None, weights: str = MODEL_FILE
 ) -> Path:
     """Save ``model`` into ``run_dir`` as ``weights`` (default model.safetensors) + config.json.
 
@@ -126,7 +126,7 @@ def _looks_like_repo_id(spec: str) -> bool:
     return bool(_REPO_ID.match(spec)) and not p.exists() and not p.parent.is_dir()
 
 
-def resolve_run_dir(spec: PathLike, *, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+def resolve_run_dir(spec: FilePath, *, revision: Optional[str] = None, cache_dir: Optional[FilePath] = None,
                     force_download: bool = False, local_files_only: bool = False, token: Any = None) -> Path:
     """A run directory: ``spec`` itself, or, for a Hugging Face Hub repo id (``"org/name"``), its
     snapshot: the one in the local Hub cache (``cache_dir``, else ``$HF_HUB_CACHE``, else
@@ -160,7 +160,7 @@ def resolve_run_dir(spec: PathLike, *, revision: Optional[str] = None, cache_dir
                               f"fetched: {e}") from None
 
 
-def load_config(run_dir: PathLike) -> Dict[str, Any]:
+def load_config(run_dir: FilePath) -> Dict[str, Any]:
     """Read and check ``run_dir/config.json`` (a dict with a ``"model"`` dict naming a model); a Hub
     repo id is resolved first (:func:`resolve_run_dir`)."""
     run_dir = resolve_run_dir(run_dir)
@@ -201,7 +201,7 @@ def _check_shapes(path: Path, found: Mapping[str, tuple], expected: Mapping[str,
         )
 
 
-def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_weights(model: nn.Module, path: FilePath, device: str | torch.device = "cpu") -> nn.Module:
     """Load a safetensors state dict into ``model`` with ``strict=True`` and clear errors."""
     path = Path(path)
     state = load_tensors(path)  # CheckpointError for missing / truncated / corrupt / pickle
@@ -214,7 +214,7 @@ def load_weights(model: nn.Module, path: PathLike, device: str | torch.device = 
     return model.to(device)
 
 
-def load(run_dir: PathLike, device: str | torch.device = "cpu", weights: str = MODEL_FILE) -> nn.Module:
+def load(run_dir: FilePath, device: str | torch.device = "cpu", weights: str = MODEL_FILE) -> nn.Module:
     """Rebuild the model of a run directory and load its weights; returns it in eval mode.
 
     ``run_dir`` may be a Hugging Face Hub repo id (``"org/name"``, see :func:`resolve_run_dir`).
@@ -325,7 +325,7 @@ class RunInfo:
                 "interrupted); rerun the same training command to finish it")
 
 
-def run_info(run: Union[nn.Module, PathLike, Mapping[str, Any]]) -> RunInfo:
+def run_info(run: Union[nn.Module, FilePath, Mapping[str, Any]]) -> RunInfo:
     """:class:`RunInfo` of a loaded model (its ``run_config``), a run directory or a config dict."""
     if isinstance(run, Mapping):
         return RunInfo.from_config(run)

@@ -18,14 +18,23 @@ import torch
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
-PathLike = Union[str, os.PathLike]
+FilePath = Union[str, os.PathLike]  # a filesystem path
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PathLike":  # the old name, which also meant a probability path in straightflow.paths
+        import warnings
+        warnings.warn("straightflow.io.PathLike is deprecated; use straightflow.io.FilePath", DeprecationWarning,
+                      stacklevel=2)
+        return FilePath
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CheckpointError(ValueError):
     """A checkpoint or state file is missing, truncated, corrupt, or of a refused format."""
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: FilePath, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename + dir fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,11 +61,11 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         pass
 
 
-def save_json(path: PathLike, obj: Any) -> None:
+def save_json(path: FilePath, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def load_json(path: PathLike) -> Any:
+def load_json(path: FilePath) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -66,7 +75,7 @@ def load_json(path: PathLike) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e}); the file is truncated or corrupt") from e
 
 
-def save_tensors(path: PathLike, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] | None = None) -> None:
+def save_tensors(path: FilePath, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str] | None = None) -> None:
     """Save a flat dict of tensors as safetensors, atomically (tensors are made contiguous)."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write_bytes(path, st_save_bytes(flat, metadata=metadata))
@@ -84,7 +93,7 @@ def _refuse_unsafe(path: Path, head: bytes) -> None:
         )
 
 
-def tensor_shapes(path: PathLike) -> Dict[str, tuple]:
+def tensor_shapes(path: FilePath) -> Dict[str, tuple]:
     """Shapes of the tensors in a safetensors file, from its header alone (nothing else is read)."""
     path = Path(path)
     if not path.is_file():
@@ -106,7 +115,7 @@ def tensor_shapes(path: PathLike) -> Dict[str, tuple]:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
 
 
-def load_tensors(path: PathLike, device: str | torch.device = "cpu") -> Dict[str, torch.Tensor]:
+def load_tensors(path: FilePath, device: str | torch.device = "cpu") -> Dict[str, torch.Tensor]:
     """Load a safetensors file with clear errors for missing, truncated, corrupt or pickle files."""
     path = Path(path)
     if not path.is_file():

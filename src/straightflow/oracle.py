@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .paths import PathLike, get_path
+from .paths import PathSpec, get_path
 
 __all__ = ["GaussianMixtureFlow"]
 
@@ -72,7 +72,7 @@ class GaussianMixtureFlow:
         covs=None,
         stds=None,
         weights=None,
-        path: PathLike = "linear",
+        path: PathSpec = "linear",
     ) -> None:
         mu = _f64(means, "means")
         if mu.ndim != 2 or mu.shape[0] < 1 or mu.shape[1] < 1:
@@ -139,7 +139,7 @@ class GaussianMixtureFlow:
         dim: int,
         n_components: int = 8,
         seed: int = 0,
-        path: PathLike = "linear",
+        path: PathSpec = "linear",
         scale: float = 2.5,
     ) -> "GaussianMixtureFlow":
         """A reproducible random mixture: spread-out means in a ball of radius ``scale``
@@ -178,7 +178,7 @@ class GaussianMixtureFlow:
         return cls(means, covs=torch.stack(covs), weights=weights, path=path)
 
     @classmethod
-    def eight_gaussians(cls, path: PathLike = "linear", radius: float = 2.0, std: float = 0.2) -> "GaussianMixtureFlow":
+    def eight_gaussians(cls, path: PathSpec = "linear", radius: float = 2.0, std: float = 0.2) -> "GaussianMixtureFlow":
         """The 2D ring of 8 equal-weight isotropic Gaussians at angles ``k pi / 4``."""
         ang = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
         means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)

@@ -350,10 +350,11 @@ class CustomPath(AffinePath):
         return self._ds(t) if self._ds is not None else self._grad(self._s, t)
 
 
-PathLike = Union[str, AffinePath, Dict]
+PathSpec = Union[str, AffinePath, Dict]  # a probability path: a name, a config dict or an AffinePath
+PathLike = PathSpec  # deprecated alias (PathLike reads as a file path); use PathSpec
 
 
-def get_path(path: PathLike = "linear", **kwargs) -> AffinePath:
+def get_path(path: PathSpec = "linear", **kwargs) -> AffinePath:
     """Build a path from a name, a config dict (``{"name": ..., **params}``) or pass one through."""
     if isinstance(path, dict) and path.get("name") == "custom":
         raise ValueError("a custom path cannot be rebuilt from its config; pass the CustomPath object")
@@ -373,7 +374,7 @@ class PathConvertedVelocity:
     ``c = sigma_dst(t) / sigma_src(tau)``.
     """
 
-    def __init__(self, model: Callable, src: PathLike, dst: PathLike) -> None:
+    def __init__(self, model: Callable, src: PathSpec, dst: PathSpec) -> None:
         self.model, self.src, self.dst = model, get_path(src), get_path(dst)
 
     def map_time(self, t: Tensor):
@@ -398,6 +399,6 @@ class PathConvertedVelocity:
         return da * x1 + ds * x0
 
 
-def convert_velocity(model: Callable, src: PathLike, dst: PathLike) -> PathConvertedVelocity:
+def convert_velocity(model: Callable, src: PathSpec, dst: PathSpec) -> PathConvertedVelocity:
     """Wrap a velocity model trained on path ``src`` as a velocity for path ``dst``."""
     return PathConvertedVelocity(model, src, dst)

@@ -63,20 +63,6 @@ def image_grid(x: Tensor, nrow: int = 10, pad: int = 1) -> np.ndarray:
     return arr
 
 
-def save_image_grid(x: Tensor, path, nrow: int = 10, scale: int = 4) -> Path:
-    """Write a PNG grid of images (nearest-neighbour upscaled by ``scale`` for tiny images)."""
-    from PIL import Image
-
-    arr = image_grid(x, nrow)
-    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
 def save_scatter_panels(panels: Sequence[Tuple[str, Tensor]], path, reference: Optional[Tensor] = None,
                         lim: float = 4.5, suptitle: str = "") -> Path:
     """One scatter panel per (title, points (N, 2)), the reference data in the first panel."""

@@ -278,8 +278,31 @@ class ReinFlowPPO(AlignObjective):
                 "clip": self.clip, "vf_coef": self.vf_coef, "ent_coef": self.ent_coef, "min_std": self.min_std,
                 "max_std": self.max_std, "reward_scale": self.reward_scale}
 
-    def probe(self, *a, **kw) -> None:
-        return None
+    def probe(self, base: nn.Module, shape: Any = None, cond: Any = None, seed: int = 0) -> None:
+        """Check the environment (this method's reward) against the base policy before any training, so
+        bad input fails fast: the policy's observation and action sizes match the environment's, and one
+        step with the base policy's action (seeded, noise off) gives a finite action and a finite reward.
+        ``shape`` and ``cond`` (the sample shape and prompts of :meth:`AlignObjective.probe`) are not
+        needed: observations come from the environment."""
+        b = getattr(base, "get_base_model", lambda: base)()
+        env = make_env(self.env_id)
+        try:
+            odim, adim = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+            if (int(b.obs_dim), int(b.action_dim)) != (odim, adim):
+                raise ValueError(f"the policy takes observations of size {b.obs_dim} and gives actions of size "
+                                 f"{b.action_dim}; {self.env_id} has observations of size {odim} and actions "
+                                 f"of size {adim}")
+            obs, _ = env.reset(seed=int(seed))
+            a = act(b, _obs_tensor(np.asarray(obs, dtype=np.float32)[None]), self.K,
+                    torch.Generator().manual_seed(int(seed)), action_dim=adim)
+            if not bool(torch.isfinite(a).all()):
+                raise ValueError(f"the base policy gives a non-finite action on {self.env_id} "
+                                 "(checked before training)")
+            _, r, *_ = env.step(a[0].numpy() * self.max_action)
+            if not np.isfinite(r):
+                raise ValueError(f"{self.env_id} returned a non-finite reward {r!r} (checked before training)")
+        finally:
+            env.close()
 
     # ---------------------------------------------------------------- rollout
     def _chain_logp(self, m: nn.Module, obs: Tensor, chain: Tensor, grad: bool):
@@ -389,6 +412,7 @@ def reinflow_finetune(base: Union[str, Path, nn.Module], out: Optional[Union[str
     policy = copy.deepcopy(model).train().requires_grad_(True)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     obj = ReinFlowPPO(policy, env_id=env_id, reg=reg, reference=ref, denoise_steps=denoise_steps, init_seed=seed, **opts)
+    obj.probe(model, None, None, seed)
     steps = rollouts * obj.updates_per_rollout
     data = Dataset(torch.zeros(obj.n_envs, int(model.action_dim)), name="rollouts")
     info = {"method": "reinflow_ppo", "base_run": base_dir, "denoise_steps": denoise_steps, "rollouts": rollouts}

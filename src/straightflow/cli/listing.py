@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .. import bench, coupling, data, grids, losses, metrics, models, optimize, paths, solvers, time as sftime
+from .. import align, bench, coupling, data, grids, losses, metrics, models, optimize, paths, solvers, time as sftime
 from ..control import guidance, inverse, operators, rewards, scaling
 from ..images import fast
 from ..solvers.sde import DIFFUSIONS
@@ -26,11 +26,12 @@ def families() -> Dict[str, List[str]]:
         "SDE diffusions": list(DIFFUSIONS),
         "metrics": metrics.available(),
         "calibration kinds": optimize.calibration_kinds(),
-        "guidance schedules": list(guidance.SCHEDULES),
+        "guidance schedules": guidance.GUIDANCE_SCHEDULES.names(),
         "operators": operators.available(),
         "inverse methods": inverse.available(),
-        "rewards": list(rewards.REWARD_KINDS),
+        "rewards": rewards.REWARDS.names(),
         "search methods": scaling.available(),
+        "alignment methods": align.available(),
         "fast samplers": fast.available(),
         "stream rcfg modes": pipeline.available(),
         "benchmark suites": bench.available(),

@@ -23,11 +23,20 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..registry import Registry
 from ..solvers.guidance import ClassifierFreeGuidance
 
-__all__ = ["GuidanceSchedule", "ScheduledGuidance", "SCHEDULES", "make_guidance"]
+__all__ = ["GuidanceSchedule", "ScheduledGuidance", "SCHEDULES", "GUIDANCE_SCHEDULES", "make_guidance"]
 
-SCHEDULES = ("constant", "linear", "cosine")
+_SHAPES = (("constant", lambda r: 1.0), ("linear", lambda r: r),
+           ("cosine", lambda r: 0.5 * (1.0 - math.cos(math.pi * r))))
+GUIDANCE_SCHEDULES: Registry = Registry("guidance schedule")
+"""The ramp shape ``r -> r'`` on ``[0, 1]`` of every schedule, by name (``constant`` has no ramp: ``w = scale``)."""
+for _name, _shape in _SHAPES:
+    GUIDANCE_SCHEDULES.register(_name)(_shape)
+
+SCHEDULES: Tuple[str, ...] = tuple(name for name, _ in _SHAPES)
+"""The schedule names, in the order the docs list them (derived from :data:`GUIDANCE_SCHEDULES`)."""
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,7 @@ class GuidanceSchedule:
     interval: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown guidance schedule {self.kind!r}; valid: {', '.join(SCHEDULES)}")
+        object.__setattr__(self, "kind", GUIDANCE_SCHEDULES.canonical(self.kind))  # unknown: lists the names
         if self.direction not in ("up", "down"):
             raise ValueError(f"guidance schedule direction must be 'up' or 'down', got {self.direction!r}")
         a, b = (float(v) for v in self.ramp)
@@ -66,8 +74,7 @@ class GuidanceSchedule:
         r = min(max((t - a) / (b - a), 0.0), 1.0)
         if self.direction == "down":
             r = 1.0 - r
-        if self.kind == "cosine":
-            r = 0.5 * (1.0 - math.cos(math.pi * r))
+        r = GUIDANCE_SCHEDULES.get(self.kind)(r)
         return float(self.start + (self.scale - self.start) * r)
 
 

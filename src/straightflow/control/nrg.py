@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.embed import timestep_features
-from ..paths import PathLike, get_path
+from ..paths import PathSpec, get_path
 from ..solvers import initial_noise
 from .rewards import Reward, as_reward
 from .scaling import SearchResult, _check_budget, _evals, prepare, register_search_method, time_grid
@@ -93,7 +93,7 @@ class WeightedRewards(Reward):
         return out
 
 
-def train_noisy_reward(reward: Callable[[Tensor], Tensor], x1: Tensor, steps: int = 1000, path: PathLike = "linear",
+def train_noisy_reward(reward: Callable[[Tensor], Tensor], x1: Tensor, steps: int = 1000, path: PathSpec = "linear",
                        batch_size: int = 256, lr: float = 2e-3, seed: int = 0, hidden: int = 64,
                        progress: bool = False) -> NoisyReward:
     """Fit ``r_phi(x_t, t) ~ E[r(x1) | x_t]`` on clean samples ``x1`` (data or the base model's samples):
@@ -147,7 +147,7 @@ def _tb(t: float, x: Tensor) -> Tensor:
 
 
 def nrg(model: Callable, reward, shape: Sequence[int], budget: int, n: int = 1, *, steps: Optional[int] = None,
-        weights: Optional[Sequence[float]] = None, scale: float = 1.0, t_min: float = 0.05, path: PathLike = "linear",
+        weights: Optional[Sequence[float]] = None, scale: float = 1.0, t_min: float = 0.05, path: PathSpec = "linear",
         cond: Optional[Dict[str, Any]] = None, seed: Optional[int] = 0, generator: Optional[torch.Generator] = None,
         vp: bool = False, chunk: Optional[int] = None, **ignored: Any):
     """Flow-NRG (module docstring): ``n`` outputs from the reward-guided Euler ODE within ``budget`` NFE each.

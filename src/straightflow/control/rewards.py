@@ -19,10 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Reward", "ClassLogProb", "RegionReward", "FunctionReward", "as_reward", "parse_reward",
-           "REWARD_KINDS", "REGION_KINDS"]
+from ..registry import Registry, UnknownNameError
 
+__all__ = ["Reward", "ClassLogProb", "RegionReward", "FunctionReward", "as_reward", "parse_reward",
+           "REWARDS", "REWARD_KINDS", "REGION_KINDS"]
+
+REWARDS: Registry = Registry("reward")
+"""``build(spec, parts, classifier) -> Reward`` of every reward kind (the part of a spec before the first ``:``)."""
 REWARD_KINDS = ("class", "region")
+"""The reward kind names, in the order the docs list them (those of :data:`REWARDS`)."""
 REGION_KINDS = ("disc", "halfplane")
 
 
@@ -174,33 +179,41 @@ def parse_reward(spec: str, classifier: Union[str, nn.Module] = "digits") -> Rew
     ``region:halfplane:nx,ny,b``; a region may end with ``:hard`` or ``:soft=T`` (default soft 0.1).
     """
     parts = str(spec).split(":")
-    kind = parts[0].lower()
-    if kind == "class":
-        if len(parts) != 2:
-            raise ValueError(f"class reward spec is 'class:C', got {spec!r}")
-        try:
-            return ClassLogProb(int(parts[1]), classifier)
-        except ValueError as e:
-            raise ValueError(f"bad class reward {spec!r}: {e}") from None
-    if kind == "region":
-        if len(parts) < 3:
-            raise ValueError(f"region reward spec is 'region:disc:cx,cy,r' or 'region:halfplane:nx,ny,b', got {spec!r}")
-        shape, args = parts[1].lower(), parts[2]
-        temp: Optional[float] = 0.1
-        for extra in parts[3:]:
-            e = extra.lower()
-            if e == "hard":
-                temp = None
-            elif e.startswith("soft"):
-                temp = float(e.split("=", 1)[1]) if "=" in e else 0.1
-            else:
-                raise ValueError(f"unknown region option {extra!r} in {spec!r}; valid: hard, soft=T")
-        if shape == "disc":
-            cx, cy, r = _floats(args, 3, "region:disc")
-            return RegionReward("disc", center=(cx, cy), radius=r, temperature=temp)
-        if shape == "halfplane":
-            nx, ny, b = _floats(args, 3, "region:halfplane")
-            return RegionReward("halfplane", normal=(nx, ny), offset=b, temperature=temp)
-        raise ValueError(f"unknown region {shape!r} in {spec!r}; valid: {', '.join(REGION_KINDS)}")
-    raise ValueError(f"unknown reward {spec!r}; valid kinds: {', '.join(REWARD_KINDS)} "
-                     "(e.g. 'class:3', 'region:disc:0,0,1', 'region:halfplane:1,0,0.5:hard')")
+    try:
+        build = REWARDS.get(parts[0])
+    except UnknownNameError as e:
+        raise UnknownNameError(f"{e} (e.g. 'class:3', 'region:disc:0,0,1', 'region:halfplane:1,0,0.5:hard')") from None
+    return build(spec, parts, classifier)
+
+
+@REWARDS.register("class")
+def _class_reward(spec: str, parts: list, classifier: Union[str, nn.Module]) -> Reward:
+    if len(parts) != 2:
+        raise ValueError(f"class reward spec is 'class:C', got {spec!r}")
+    try:
+        return ClassLogProb(int(parts[1]), classifier)
+    except ValueError as e:
+        raise ValueError(f"bad class reward {spec!r}: {e}") from None
+
+
+@REWARDS.register("region")
+def _region_reward(spec: str, parts: list, classifier: Union[str, nn.Module]) -> Reward:
+    if len(parts) < 3:
+        raise ValueError(f"region reward spec is 'region:disc:cx,cy,r' or 'region:halfplane:nx,ny,b', got {spec!r}")
+    shape, args = parts[1].lower(), parts[2]
+    temp: Optional[float] = 0.1
+    for extra in parts[3:]:
+        e = extra.lower()
+        if e == "hard":
+            temp = None
+        elif e.startswith("soft"):
+            temp = float(e.split("=", 1)[1]) if "=" in e else 0.1
+        else:
+            raise ValueError(f"unknown region option {extra!r} in {spec!r}; valid: hard, soft=T")
+    if shape == "disc":
+        cx, cy, r = _floats(args, 3, "region:disc")
+        return RegionReward("disc", center=(cx, cy), radius=r, temperature=temp)
+    if shape == "halfplane":
+        nx, ny, b = _floats(args, 3, "region:halfplane")
+        return RegionReward("halfplane", normal=(nx, ny), offset=b, temperature=temp)
+    raise ValueError(f"unknown region {shape!r} in {spec!r}; valid: {', '.join(REGION_KINDS)}")

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..grids import make_grid
-from ..paths import AffinePath, PathLike, convert_velocity, get_path
+from ..paths import AffinePath, PathSpec, convert_velocity, get_path
 from ..registry import Registry
 from ..solvers import CountedVelocity, drive, get_solver, initial_noise, solve
 from ..solvers.sde import euler_maruyama
@@ -79,14 +79,14 @@ class _Counted(CountedVelocity):
 
 
 # ----------------------------------------------------------------------------- conversions
-def prepare(model: Callable, path: PathLike = "linear", vp: bool = False) -> Tuple[Callable, AffinePath]:
+def prepare(model: Callable, path: PathSpec = "linear", vp: bool = False) -> Tuple[Callable, AffinePath]:
     """``(velocity, sampling path)``: the model itself, or its VP conversion when ``vp``."""
     if vp:
         return convert_velocity(model, path, "vp"), get_path("vp")
     return model, get_path(path)
 
 
-def time_grid(steps: int, path: PathLike = "linear", vp: bool = False, grid: str = "uniform") -> Tensor:
+def time_grid(steps: int, path: PathSpec = "linear", vp: bool = False, grid: str = "uniform") -> Tensor:
     """Sampling grid (float64, 0 -> 1). With ``vp`` a ``grid`` on ``path`` is moved to VP time by
     matching log-SNRs (``lambda_vp(t') = lambda_path(t)``), ends pinned to 0 and 1."""
     g = make_grid(grid, steps)
@@ -112,19 +112,19 @@ def _tb(t, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
-def posterior_x1(velocity: Callable, path: PathLike, x: Tensor, t, cond: Optional[Dict[str, Any]] = None) -> Tensor:
+def posterior_x1(velocity: Callable, path: PathSpec, x: Tensor, t, cond: Optional[Dict[str, Any]] = None) -> Tensor:
     """Tweedie's data prediction ``x1_hat = E[x1 | x_t] = (sigma' x - sigma v) / (alpha sigma' - sigma alpha')``."""
     p, tb = get_path(path), _tb(t, x)
     return p.velocity_to_x1(velocity(x, tb, **(cond or {})), x, tb)
 
 
-def score(velocity: Callable, path: PathLike, x: Tensor, t, cond: Optional[Dict[str, Any]] = None) -> Tensor:
+def score(velocity: Callable, path: PathSpec, x: Tensor, t, cond: Optional[Dict[str, Any]] = None) -> Tensor:
     """Marginal score from the velocity: ``s = -x0_hat / sigma`` (N(0, I) source)."""
     p, tb = get_path(path), _tb(t, x)
     return p.velocity_to_score(velocity(x, tb, **(cond or {})), x, tb)
 
 
-def sde_sample(model: Callable, noise: Tensor, steps: int = 50, path: PathLike = "linear", vp: bool = False,
+def sde_sample(model: Callable, noise: Tensor, steps: int = 50, path: PathSpec = "linear", vp: bool = False,
                g: Union[float, str, Callable] = "sigma", scale: float = 1.0, cond: Optional[Dict[str, Any]] = None,
                generator: Optional[torch.Generator] = None, last_step: str = "denoise"):
     """Sample the marginal-preserving SDE ``dx = [v + g^2/2 s] dt + g dW`` of a flow (solver ``"sde"``),
@@ -200,7 +200,7 @@ def systematic_resample(log_w: Tensor, generator: Optional[torch.Generator] = No
 # ----------------------------------------------------------------------------- best-of-N
 def best_of_n(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n: int = 1, *,
               particles: Optional[int] = None, steps: Optional[int] = None, sde: bool = False, vp: bool = False,
-              solver: str = "euler", path: PathLike = "linear", cond: Optional[Dict[str, Any]] = None,
+              solver: str = "euler", path: PathSpec = "linear", cond: Optional[Dict[str, Any]] = None,
               g: Union[float, str, Callable] = "sigma", scale: float = DEFAULT_SCALE, seed: Optional[int] = 0,
               generator: Optional[torch.Generator] = None, chunk: Optional[int] = None) -> SearchResult:
     """Best-of-N: generate N samples per output (ODE with N noises, or SDE with N paths) and keep the
@@ -250,7 +250,7 @@ def best_of_n(model: Callable, reward: Callable, shape: Sequence[int], budget: i
 # ----------------------------------------------------------------------------- SMC
 def smc(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n: int = 1, *,
         particles: Optional[int] = None, steps: int = 10, lam: float = 10.0, ess_threshold: float = 0.5,
-        vp: bool = False, path: PathLike = "linear", cond: Optional[Dict[str, Any]] = None,
+        vp: bool = False, path: PathSpec = "linear", cond: Optional[Dict[str, Any]] = None,
         g: Union[float, str, Callable] = "sigma", scale: float = DEFAULT_SCALE, seed: Optional[int] = 0,
         generator: Optional[torch.Generator] = None) -> SearchResult:
     """Sequential Monte Carlo on the SDE (particle filtering; Wu et al. 2023 "TDS", Kim et al. 2025).
@@ -310,7 +310,7 @@ def smc(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n:
 
 # ----------------------------------------------------------------------------- RBF
 def rbf(model: Callable, reward: Callable, shape: Sequence[int], budget: int, n: int = 1, *,
-        steps: int = 10, init_particles: int = 1, vp: bool = False, path: PathLike = "linear",
+        steps: int = 10, init_particles: int = 1, vp: bool = False, path: PathSpec = "linear",
         cond: Optional[Dict[str, Any]] = None, g: Union[float, str, Callable] = "sigma", scale: float = DEFAULT_SCALE,
         seed: Optional[int] = 0, generator: Optional[torch.Generator] = None) -> SearchResult:
     """Rollover Budget Forcing (Kim et al. 2025) with an exact budget per output.

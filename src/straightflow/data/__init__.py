@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..registry import Registry, UnknownNameError
-from .dataset import Dataset, DataError, PathLike, _check_n
+from .dataset import Dataset, DataError, FilePath, _check_n
 from .files import IMAGE_EXTENSIONS, load_array, load_idx, load_image_folder
 from .images import (  # noqa: F401
     FLIP_SAFE,
@@ -149,7 +149,7 @@ GENERATED_TEST_SEED_OFFSET = 1_000_000_007
 _GENERATED = {"shapes", "shapes32"}
 
 
-def is_generated(spec: Union[str, PathLike]) -> bool:
+def is_generated(spec: Union[str, FilePath]) -> bool:
     """True for the data sets drawn fresh from a seed (2D toys, shapes): unlimited held-out data."""
     return isinstance(spec, str) and (spec in _GENERATED or spec in TOYS)
 
@@ -174,7 +174,7 @@ def _split(ds: Dataset, split: str) -> Dataset:
     return test
 
 
-def load_dataset(spec: Union[str, PathLike], n: Optional[int] = None, seed: int = 0,
+def load_dataset(spec: Union[str, FilePath], n: Optional[int] = None, seed: int = 0,
                  resolution: Optional[int] = None, split: str = "all") -> Dataset:
     """A registered name (``available()``) or a path (.npz/.npy, IDX or .gz, image folder).
 

@@ -11,15 +11,14 @@ from a ``torch.Generator``, which it advances) are shared by the generators.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-PathLike = Union[str, os.PathLike]
+from ..io import FilePath  # re-exported for data/*
 
 
 class DataError(ValueError):

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .dataset import Dataset, DataError, PathLike
+from .dataset import Dataset, DataError, FilePath
 
 
 # ----------------------------------------------------------------------------- array conversion
@@ -94,7 +94,7 @@ def _refuse_pickle(path: Path, e: Exception) -> DataError:
     )
 
 
-def load_array(path: PathLike, key: Optional[str] = None, label_key: Optional[str] = None) -> Dataset:
+def load_array(path: FilePath, key: Optional[str] = None, label_key: Optional[str] = None) -> Dataset:
     """Load a ``.npz``/``.npy`` file (``allow_pickle=False`` always) as a Dataset.
 
     uint8 maps to [-1, 1] (``x / 127.5 - 1``); float arrays are kept as they are (data in
@@ -191,7 +191,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.astype(dt.newbyteorder("="))
 
 
-def load_idx(path: PathLike, labels_path: Optional[PathLike] = None) -> Dataset:
+def load_idx(path: FilePath, labels_path: Optional[FilePath] = None) -> Dataset:
     """Load an MNIST-style IDX file (raw or gzip, detected by magic bytes), with optional labels.
 
     Images ``(N, H, W)`` uint8 become ``(N, 1, H, W)`` in [-1, 1]; other layouts as in load_array.
@@ -217,7 +217,7 @@ def _images_in(d: Path) -> List[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_image_folder(root: PathLike, resolution: Optional[Union[int, Tuple[int, int]]] = None,
+def load_image_folder(root: FilePath, resolution: Optional[Union[int, Tuple[int, int]]] = None,
                       channels: Optional[int] = None) -> Dataset:
     """Load images directly in ``root`` (no labels) or in class subfolders (labels = index of the
     sorted subfolder name; names in ``.classes``). ``resolution`` (int or (H, W)) resizes;

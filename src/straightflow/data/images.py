@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dataset import Dataset, DataError, PathLike, _check_n, _np_rng
+from .dataset import Dataset, DataError, FilePath, _check_n, _np_rng
 from .files import load_array
 
 
@@ -152,7 +152,7 @@ def random_hflip(x: Tensor, p: float = 0.5, generator: Optional[torch.Generator]
 MNIST_FILE = "mnist_test_10k.npz"
 
 
-def _mnist_candidates(path: Optional[PathLike]) -> List[Path]:
+def _mnist_candidates(path: Optional[FilePath]) -> List[Path]:
     if path is not None:
         p = Path(path)
         return [p / MNIST_FILE if p.is_dir() else p]
@@ -174,7 +174,7 @@ def _mnist_candidates(path: Optional[PathLike]) -> List[Path]:
     return uniq
 
 
-def mnist_path(path: Optional[PathLike] = None) -> Optional[Path]:
+def mnist_path(path: Optional[FilePath] = None) -> Optional[Path]:
     """Where ``mnist_test_10k.npz`` is: ``path`` (file or dir), ``$STRAIGHTFLOW_DATA``, or
     ``<ancestor>/shared/data/`` of this file or the cwd; None if absent."""
     for p in _mnist_candidates(path):
@@ -183,7 +183,7 @@ def mnist_path(path: Optional[PathLike] = None) -> Optional[Path]:
     return None
 
 
-def mnist(path: Optional[PathLike] = None) -> Dataset:
+def mnist(path: Optional[FilePath] = None) -> Dataset:
     """The 10k MNIST test images (no labels): x ``(10000, 1, 28, 28)`` in [-1, 1]."""
     p = mnist_path(path)
     if p is None:

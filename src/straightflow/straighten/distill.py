@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..coupling import PairDataset, get_coupling
+from ..io import FilePath
 from ..losses import Loss, get_loss
 from ..models import sample_shape
 from ..solvers import initial_noise, sample
@@ -50,7 +51,6 @@ from ..train import TrainResult, train
 __all__ = ["DistillObjective", "SlimFlowObjective", "distill", "slimflow_distill", "make_pairs",
            "conditional_onestep", "ConditionalOnestepResult", "distill_targets"]
 
-PathLike = Union[str, Path]
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
@@ -212,7 +212,7 @@ class SlimFlowObjective(DistillObjective):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _as_pairs(pairs: Union[PairDataset, PathLike]) -> PairDataset:
+def _as_pairs(pairs: Union[PairDataset, FilePath]) -> PairDataset:
     if isinstance(pairs, PairDataset):
         return pairs
     if isinstance(pairs, (str, Path)):
@@ -222,7 +222,7 @@ def _as_pairs(pairs: Union[PairDataset, PathLike]) -> PairDataset:
     raise TypeError(f"pairs must be a PairDataset or a pairs directory, got {type(pairs).__name__}")
 
 
-def _as_module(model: Union[nn.Module, PathLike]) -> nn.Module:
+def _as_module(model: Union[nn.Module, FilePath]) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if isinstance(model, (str, Path)):
@@ -232,7 +232,7 @@ def _as_module(model: Union[nn.Module, PathLike]) -> nn.Module:
     raise TypeError(f"expected a model or a run directory, got {type(model).__name__}")
 
 
-def _student(student: Optional[nn.Module], init: Optional[Union[nn.Module, PathLike]]) -> nn.Module:
+def _student(student: Optional[nn.Module], init: Optional[Union[nn.Module, FilePath]]) -> nn.Module:
     if student is None and init is None:
         raise ValueError("give a student network, or init= (a model or run directory) to copy as the student")
     if student is None:
@@ -265,8 +265,8 @@ def _extra(train_kw: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Any]:
     return extra
 
 
-def distill(pairs: Union[PairDataset, PathLike], student: Optional[nn.Module] = None, k: int = 1, steps: int = 2000,
-            out: Optional[PathLike] = None, init: Optional[Union[nn.Module, PathLike]] = None,
+def distill(pairs: Union[PairDataset, FilePath], student: Optional[nn.Module] = None, k: int = 1, steps: int = 2000,
+            out: Optional[FilePath] = None, init: Optional[Union[nn.Module, FilePath]] = None,
             loss: Union[str, Dict, Loss] = "pseudo_huber", perceptual: float = 0.0,
             feature_net: Optional[nn.Module] = None, **train_kw: Any) -> TrainResult:
     """Distil stored teacher pairs into a k-step student (:class:`DistillObjective`).
@@ -286,10 +286,10 @@ def distill(pairs: Union[PairDataset, PathLike], student: Optional[nn.Module] = 
     return train(obj, ds, steps=steps, out=out, extra_config=extra, **train_kw)
 
 
-def slimflow_distill(teacher: Union[Callable, PathLike], pairs: Union[PairDataset, PathLike], student: nn.Module,
+def slimflow_distill(teacher: Union[Callable, FilePath], pairs: Union[PairDataset, FilePath], student: nn.Module,
                      steps: int = 2000, guide_weight: float = 1.0, t_range: Sequence[float] = (0.2, 0.8),
                      intermediate: str = "teacher", loss: Union[str, Dict, Loss] = "pseudo_huber",
-                     out: Optional[PathLike] = None, init: Optional[Union[nn.Module, PathLike]] = None,
+                     out: Optional[FilePath] = None, init: Optional[Union[nn.Module, FilePath]] = None,
                      perceptual: float = 0.0, guidance: Optional[float] = None, **train_kw: Any) -> TrainResult:
     """SlimFlow: distil a (2-)RF teacher into a smaller one-step ``student`` with flow guidance
     (:class:`SlimFlowObjective`): the stored pairs plus the teacher's 2-step Euler predictions on
@@ -372,7 +372,7 @@ def conditional_onestep(teacher: Callable, n_pairs: int, guidance: float, *, ref
                         teacher_steps: int = 32, distill_from: str = "reflow", seed: int = 0,
                         reflow_fn: Optional[Callable[..., TrainResult]] = None,
                         reflow_kw: Optional[Dict[str, Any]] = None, distill_kw: Optional[Dict[str, Any]] = None,
-                        out: Optional[PathLike] = None) -> ConditionalOnestepResult:
+                        out: Optional[FilePath] = None) -> ConditionalOnestepResult:
     """InstaFlow-style conditional straightening with class labels.
 
     1. Pairs from the class-conditional ``teacher`` with classifier-free guidance ``guidance``

@@ -43,14 +43,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..coupling import PairDataset
-from ..io import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from ..io import CheckpointError, FilePath, load_json, load_tensors, save_json, save_tensors
 from ..models import sample_shape
 from ..paths import get_path
 from ..solvers import get_solver, initial_noise, sample
@@ -64,7 +64,6 @@ KIND = "straightflow.pairs"
 _META_KEY = "straightflow.pairs"
 LABEL_MODES = ("none", "cycle", "random", "tensor")
 
-PathLike = Union[str, os.PathLike]
 
 
 def shard_name(k: int) -> str:
@@ -237,7 +236,7 @@ def _recipe_sha(recipe: Dict[str, Any]) -> str:
 
 def generate_pairs(
     model: Callable,
-    out: PathLike,
+    out: FilePath,
     n: int,
     *,
     shape: Optional[Sequence[int]] = None,
@@ -449,7 +448,7 @@ def _write_manifest(out: Path, recipe: Dict[str, Any], rsha: str, num_shards: in
 # ----------------------------------------------------------------------------- loading
 
 
-def load_pairs(directory: PathLike, verify: bool = True) -> StoredPairDataset:
+def load_pairs(directory: FilePath, verify: bool = True) -> StoredPairDataset:
     """Read a pairs directory written by :func:`generate_pairs` into a :class:`StoredPairDataset`.
 
     Checks the manifest, that every listed shard exists, and (``verify=True``) each shard file's

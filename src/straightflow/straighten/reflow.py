@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from .. import checkpoint
 from ..checkpoint import run_info
 from ..flow import Flow
 from ..grids import make_grid
+from ..io import FilePath
 from ..metrics import straightness
 from ..models import sample_shape
 from ..paths import get_path
@@ -47,7 +48,6 @@ from .pairs import load_pairs
 __all__ = ["reflow", "make_objective", "AnnealSchedule", "AnnealedReflow", "sample_renoise",
            "straightness_report", "first_order_deviation", "IMPROVED_TIME_DIST", "IMPROVED_LOSS"]
 
-PathLike = Union[str, os.PathLike]
 
 IMPROVED_TIME_DIST: Dict[str, Any] = {"name": "u_shaped", "a": 4.0}
 IMPROVED_LOSS: Dict[str, Any] = {"name": "pseudo_huber", "weighting": "inv_noise"}
@@ -225,7 +225,7 @@ def reflow(
     pairs: Any,
     steps: int,
     *,
-    out: Optional[PathLike] = None,
+    out: Optional[FilePath] = None,
     improved: bool = False,
     init: Any = "teacher",
     path: Any = None,
