@@ -70,15 +70,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import grids as sfgrids, metrics
-from ..checkpoint import run_info
-from ..optimize import bellman_path, boss_cost_table, reference_trajectory, run_schedule, search_schedule
-from ..oracle import GaussianMixtureFlow
-from ..paths import get_path
-from ..report import reference_data
-from ..solvers import CountedVelocity, available, get_solver, initial_noise, sample
-from ..solvers.guidance import ClassifierFreeGuidance
-from ..system import machine_line
+from straightflow import grids as sfgrids, metrics
+from straightflow.checkpoint import run_info
+from straightflow.optimize import bellman_path, boss_cost_table, reference_trajectory, run_schedule, search_schedule
+from straightflow.oracle import GaussianMixtureFlow
+from straightflow.paths import get_path
+from straightflow.report import reference_data
+from straightflow.solvers import CountedVelocity, available, get_solver, initial_noise, sample
+from straightflow.solvers.guidance import ClassifierFreeGuidance
+from straightflow.system import machine_line
 from . import solvers_calibrated as scal
 from .harness import cached_model, command_line, log_to, register_suite, run_suite, write_report
 
@@ -400,7 +400,7 @@ def _make_field(name: str, out: Path, runs, quick: bool, seed: int, n: int | Non
                      n_candidates=sizes[2], source=f"GaussianMixtureFlow.random({dim}, 8, seed={seed})")
     kind = FIELD_ALIASES.get(name, name)
     if kind == "mnist":
-        from ..data import mnist_path
+        from straightflow.data import mnist_path
         if mnist_path() is None:
             raise FieldSkipped("MNIST data (mnist_test_10k.npz) not found: set STRAIGHTFLOW_DATA or put it in "
                                "../shared/data (nothing is downloaded)")

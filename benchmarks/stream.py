@@ -29,22 +29,20 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from .. import checkpoint
-from ..models import UNet
-from ..stream import resolve_run
-from ..stream.clips import builtin_clip, static_mask
-from ..stream.filter import SimilarityFilter, cosine_similarity
-from ..stream.pipeline import MotionStrength, StreamBatchPipeline, rows_per_call
-from ..stream.server import encode_png
-from ..system import machine_line
-from .harness import header, register_suite, run_suite, write_report
+from straightflow import checkpoint
+from straightflow.models import UNet
+from straightflow.stream import resolve_run
+from straightflow.stream.clips import builtin_clip, static_mask
+from straightflow.stream.filter import SimilarityFilter, cosine_similarity
+from straightflow.stream.pipeline import MotionStrength, StreamBatchPipeline, rows_per_call
+from straightflow.stream.server import encode_png
+from .harness import Report, Timing, register_suite, run_suite
 
 __all__ = ["main", "SECTIONS", "LARGE_SPEC"]
 
@@ -650,7 +648,7 @@ def _page_fps(model, send_rates: List[int], seconds: float, chromium: str, settl
         return {"skipped": "playwright is not installed (make browser)"}
     import uvicorn
 
-    from ..stream.server import ServerConfig, create_app
+    from straightflow.stream.server import ServerConfig, create_app
 
     cfg = ServerConfig()
     app = create_app(model, cfg)
@@ -799,9 +797,12 @@ def run(a: argparse.Namespace) -> int:
         return next((b for b in rows if b["mode"] == "stream" and b["rcfg"] == "full" and b["n"] == r["n"]
                      and b["threads"] == r["threads"]), None)
 
-    md = header("straightflow bench stream", cmd)[:-2] + [
-          f"Machine: {machine_line()} (throughput tables at {', '.join(map(str, thread_list))} thread(s); "
-          "cost section at 1 thread)  ",
+    report = Report("straightflow bench stream", cmd,
+                    Timing(a.threads, warmup=1, repeats=repeats,
+                           note=f"Throughput tables at {', '.join(map(str, thread_list))} thread(s); cost section at "
+                                "1 thread; the load test and the page are timed live, once."),
+                    quick=quick)
+    md = [
           f"Sections: {', '.join(v for v in SECTIONS if v in sec)}  ",
           f"Model: `{run}` ({type(model).__name__}, {sum(p.numel() for p in model.parameters())} parameters, "
           f"shape {c}x{h}x{w}); clip: built-in moving shapes, {n_frames} frames ({move} moving / {hold} static); "
@@ -883,7 +884,8 @@ def run(a: argparse.Namespace) -> int:
         _plot(throughput, motion, out / "stream.png")
     if cost:
         _plot_cost(cost, out / "rcfg_cost.png")
-    write_report(out, "stream", "\n".join(md), {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
+    report.add(*md)
+    report.write(out, "stream", {"command": cmd, "date": report.date, "machine": report.machine,
                                     "run": run, "frames": n_frames, "repeats": repeats,
                                     "sections": [v for v in SECTIONS if v in sec],
                                     "throughput": throughput + rcfg_rows + filter_rows, "stream_batch": throughput,
@@ -891,7 +893,7 @@ def run(a: argparse.Namespace) -> int:
                                     "load_test_no_rate_limit": load_hi, "cost": cost, "page": page,
                                     "large_spec": {k: list(v) if isinstance(v, tuple) else v for k, v in large_spec.items()},
                                     "similarity_moving_mean": sim_moving})
-    print("\n".join(md))
+    print(report.render())
     return 0
 
 
