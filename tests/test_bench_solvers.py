@@ -148,7 +148,7 @@ def test_diffusers_peers_converge_on_the_oracle(bench):
 def test_calibrated_rows_sections_and_counted_nfe(bench):
     """Issue 13: each calibration kind at the quick NFE, on the evaluation batch, with counted NFE,
     its cost, the transfer rows, and the summary of ratios to the best peer."""
-    from benchmarks import solvers_calibrated as sc
+    from benchmarks.solvers import calibrated as sc
 
     _, md, data = bench
     fo = data["fields"]["oracle2d"]
