@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from straightflow.optimize import bellman_path, boss_cost_table, reference_trajectory, run_schedule, search_schedule
@@ -17,12 +18,33 @@ from .fields import Field, fixed_noise
 from .peers import Peer
 
 
+COST_MISMATCH: dict[str, str] = {}  # solver -> what its registered cost got wrong (shown in the report)
+
+
+def _counted_nfe(solver: str, steps: int) -> int:
+    return int(sample(lambda x, t: -x, torch.ones(1, 2, dtype=torch.float64), solver=solver, steps=steps).nfe)
+
+
 def sf_steps_for_nfe(solver: str, nfe: int) -> int | None:
     """Largest step count whose exact NFE (``get_solver(solver).nfe(steps)``, warm-ups included) is
-    <= ``nfe``; None unless it is exactly ``nfe``."""
+    <= ``nfe``; None unless it is exactly ``nfe``.
+
+    The registered cost is checked once per solver against one counted run on a trivial field; a
+    solver whose registered cost is wrong is noted in :data:`COST_MISMATCH` (the report lists it) and
+    its step count is then found from counted runs, so its rows stay at their true NFE."""
     spec = get_solver(solver)
+    if spec.name not in COST_MISMATCH:
+        s = max(1, spec.steps_for_nfe(nfe))
+        got = _counted_nfe(solver, s)
+        if got == spec.nfe(s):
+            return s if spec.nfe(s) == nfe else None
+        COST_MISMATCH[spec.name] = f"registered cost {spec.nfe(s)} for {s} steps, counted {got}"
     s = max(1, spec.steps_for_nfe(nfe))
-    return s if spec.nfe(s) == nfe else None
+    while s > 1 and _counted_nfe(solver, s) > nfe:
+        s -= 1
+    while s < nfe and _counted_nfe(solver, s + 1) <= nfe:
+        s += 1
+    return s if _counted_nfe(solver, s) == nfe else None
 
 
 def endpoint_rmse(a: Tensor, b: Tensor) -> float:

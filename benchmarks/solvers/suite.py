@@ -74,7 +74,7 @@ from straightflow.system import machine_line
 from ..harness import command_line, log_to, register_suite, run_suite, write_report
 from . import calibrated as scal
 from .fields import Field, FieldSkipped, fixed_noise, make_field, reference_solution
-from .methods import (CalibrationBatch, Method, boss_method, endpoint_rmse, fixed_method, peer_method, search_method,
+from .methods import (COST_MISMATCH, CalibrationBatch, Method, boss_method, endpoint_rmse, fixed_method, peer_method, search_method,
                       sf_steps_for_nfe)
 from .peers import Peer, make_peers
 from .report import calibrated_summary_data, markdown_report, plot_field, plot_summary, table_summary
@@ -485,7 +485,9 @@ def bench_solvers(
     meta = {"machine": ml, "cpus": os.cpu_count(), "threads": threads, "date": _dt.date.today().isoformat(),
             "load": load, "command": cmd, "quick": quick, "nfes": list(nfes), "fields": list(fields),
             "peer_versions": {k: v.get("version", "?") for k, v in peer_info.items()},
-            "peers_skipped": peers_skipped, "fields_skipped": fields_skipped, "notes": notes,
+            "peers_skipped": peers_skipped, "fields_skipped": fields_skipped,
+            "notes": notes + [f"{k}: its registered NFE cost disagrees with the counted one ({v}); its step counts "
+                              "come from counted runs" for k, v in sorted(COST_MISMATCH.items())],
             "summary_plot": summary_plot, "seed": seed, "peer_notes": {p.name: p.note for p in peers if p.note}, "metric_top": metric_top,
             "torch": torch.__version__, "seconds": time.perf_counter() - t_start}
     md = markdown_report(meta, fields_out, summary, ov, nfes, cal_summary)
