@@ -42,6 +42,8 @@ demo: $(STAMP)
 test: $(STAMP) $(PEERS) $(BROWSER)
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
+# The suites live in benchmarks/ beside the library (not installed): `straightflow bench` finds them
+# from this checkout.
 bench: $(STAMP) $(PEERS)
 	$(BIN)/straightflow bench train --out bench_out
 	$(BIN)/straightflow bench solvers --out bench_out

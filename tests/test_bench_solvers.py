@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from straightflow.bench import solvers as bs
+from benchmarks import solvers as bs
 from straightflow.solvers import CountedVelocity, available, get_solver, sample
 
 QUICK_NFES = list(bs.QUICK_NFES)
@@ -148,7 +148,7 @@ def test_diffusers_peers_converge_on_the_oracle(bench):
 def test_calibrated_rows_sections_and_counted_nfe(bench):
     """Issue 13: each calibration kind at the quick NFE, on the evaluation batch, with counted NFE,
     its cost, the transfer rows, and the summary of ratios to the best peer."""
-    from straightflow.bench import solvers_calibrated as sc
+    from benchmarks.solvers import calibrated as sc
 
     _, md, data = bench
     fo = data["fields"]["oracle2d"]

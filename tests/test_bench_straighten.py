@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from straightflow.bench import straighten as bs
+from benchmarks import straighten as bs
 from straightflow.cli import main as cli_main
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from straightflow.bench.adjoint import SavedTensorMeter
+from benchmarks.adjoint import SavedTensorMeter
 from straightflow.control.adjoint import (SoftLabelModel, adjoint_gradients, odeint_adjoint, odeint_unrolled,
                                           optimise_noise)
 from straightflow.control.rewards import RegionReward
@@ -108,7 +108,7 @@ def test_optimise_noise_increases_reward():
 
 @pytest.mark.slow
 def test_bench_adjoint_quick(tmp_path):
-    from straightflow.bench.adjoint import bench_adjoint
+    from benchmarks.adjoint import bench_adjoint
 
     md = bench_adjoint(str(tmp_path), quick=True)
     assert "| rk4 | 8 |" in md and (tmp_path / "adjoint_memory.png").exists()

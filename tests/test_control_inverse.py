@@ -195,7 +195,7 @@ def test_pmrf_predictor_starts_at_pinv_and_restores():
 
 # ----------------------------------------------------------------------------- tuning protocol
 def test_validation_split_is_disjoint_from_the_test_images():
-    from straightflow.bench.control import held_out_split
+    from benchmarks.control import held_out_split
 
     perm, test, val = held_out_split(200, 128, 32)
     assert sorted(perm.tolist()) == list(range(200))
@@ -206,7 +206,7 @@ def test_validation_split_is_disjoint_from_the_test_images():
 
 
 def test_tuning_grids():
-    from straightflow.bench.control import DEFAULT_PARAMS, tuning_grid
+    from benchmarks.control import DEFAULT_PARAMS, tuning_grid
 
     full, quick = tuning_grid(False), tuning_grid(True)
     assert set(full) == set(quick) == set(DEFAULT_PARAMS) == {"flowchef", "dps", "flair"}
@@ -217,7 +217,7 @@ def test_tuning_grids():
 
 
 def test_tune_operator_picks_the_best_validation_psnr():
-    from straightflow.bench.control import tune_operator
+    from benchmarks.control import tune_operator
 
     model = NoGradModel(strict=False)
     op = make_operator("inpaint_box", SHAPE)
@@ -281,7 +281,7 @@ def test_class_swap_keeps_more_structure_with_more_injected_steps_on_a_tiny_mode
 
 @pytest.mark.slow
 def test_bench_control_quick(tiny_run, tmp_path):
-    from straightflow.bench.control import main
+    from benchmarks.control import main
 
     assert main(["--out", str(tmp_path), "--quick", "--model-run", tiny_run, "--skip-others"]) == 0
     md = (tmp_path / "control.md").read_text()
@@ -319,7 +319,7 @@ def test_bench_control_quick(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_bench_control_mnist_section_quick(tmp_path):
-    from straightflow.bench.control import main
+    from benchmarks.control import main
     from straightflow.data import mnist_path
 
     if mnist_path() is None:

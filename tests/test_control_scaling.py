@@ -229,7 +229,7 @@ def test_search_cli_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_scaling_quick(tmp_path):
-    from straightflow.bench.scaling import bench_scaling
+    from benchmarks.scaling import bench_scaling
 
     md = bench_scaling(str(tmp_path), quick=True)
     assert "| method" in md and "rbf" in md

@@ -453,7 +453,7 @@ def test_invert_and_bench_show_progress(moons_run, tmp_path, capsys, monkeypatch
     assert main(["invert", str(moons_run), "--solvers", "euler,heun", "--nfe", "4", "--n", "8"]) == 0
     err = capsys.readouterr().err
     assert "invert" in err and "3/3" in err
-    from straightflow.bench import harness
+    from benchmarks import harness
 
     monkeypatch.setattr(harness, "HEARTBEAT_S", 0.05)
     suite = harness.Suite("slowpoke", "a suite that computes silently", lambda p: None,

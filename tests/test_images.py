@@ -293,7 +293,7 @@ def test_cli_latent_and_generate(tmp_path):
 
 @pytest.mark.slow
 def test_bench_images_quick(tmp_path):
-    from straightflow.bench.images import main
+    from benchmarks.images import main
 
     assert main(["--out", str(tmp_path), "--quick"]) == 0
     md = (tmp_path / "images.md").read_text()

@@ -3,15 +3,16 @@
 Layers, each importing only from itself and those below it (``docs/architecture.md``):
 
     5  cli                                    the ``straightflow`` command
-    4  bench                                  benchmark suites on one harness
     3  straighten control align images stream interop    features (library code)
     2  train recipe runs optimize report hub  training, the recipe value, cached runs, calibration, evaluation, Hub directories
     1  models data metrics solvers flow oracle checkpoint    building blocks
     0  registry io paths time grids losses coupling plotting system    foundations
 
 The package root (``straightflow/__init__.py``) is the public facade: it may import any library
-layer (0-3), never ``bench`` or ``cli``. Nothing outside ``cli``/``bench`` imports either of them,
-and there is no import cycle between modules.
+layer (0-3), never ``cli``. Nothing outside ``cli`` imports it, and there is no import cycle between
+modules. The benchmark suites live outside the library, in ``benchmarks/`` beside ``src/`` (not in
+the wheel): no library module imports them (``cli/bench.py`` finds and imports them by name at run
+time), and they import the library, never the other way round.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ LAYERS: Dict[str, int] = {
     **{m: 1 for m in ("models", "data", "metrics", "solvers", "flow", "oracle", "checkpoint")},
     **{m: 2 for m in ("train", "recipe", "runs", "optimize", "report", "hub")},
     **{m: 3 for m in ("straighten", "control", "align", "images", "stream", "interop")},
-    "bench": 4,
     "cli": 5,
     "__main__": 6,  # `python -m straightflow`: the entry point, calls cli.main
 }
@@ -109,6 +109,18 @@ def test_nothing_outside_cli_and_bench_imports_them():
            if _top(d) in ("cli", "bench") and _top(m) not in ("cli", "bench", "__main__") and _top(m) != _top(d)]
     bad += [(m, d) for m, deps in GRAPH.items() for d in deps if _top(m) == "bench" and _top(d) == "cli"]
     assert not bad, "library code imports the command line or the benchmarks: " + ", ".join(f"{a} -> {b}" for a, b in bad)
+
+
+def test_library_code_never_imports_the_benchmarks():
+    """``benchmarks/`` is outside the library: no module of ``src/`` imports it (statically)."""
+    assert not (SRC / PKG / "bench").exists(), "the benchmarks live in benchmarks/ beside src/, not in the package"
+    bad = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{name} -> {m}" for m in mods if m.split(".")[0] == "benchmarks"]
+    assert not bad, "library code imports the benchmarks: " + ", ".join(bad)
 
 
 def test_no_lower_layer_imports_a_higher_one():

@@ -88,8 +88,8 @@ def test_readme_calibration_snippet_runs():
 
 def test_readme_command_lines_parse():
     """Every `straightflow ...` line of the README's command block is accepted by the CLI parser."""
-    from straightflow.bench import SUITES
-    from straightflow.bench.harness import parser as suite_parser
+    from benchmarks import SUITES
+    from benchmarks.harness import parser as suite_parser
     from straightflow.cli import build_parser
 
     lines = command_lines()

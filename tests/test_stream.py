@@ -229,7 +229,7 @@ def test_bench_stream_cost_section_quick(tmp_path):
     """`bench stream --sections cost --quick`: cost-vs-rows lines and RCFG vs full CFG rows for both models."""
     import json
 
-    from straightflow.bench.stream import main
+    from benchmarks.stream import main
     from straightflow.checkpoint import save_model
 
     run = save_model(tmp_path / "run", tiny_unet(dtype=torch.float32), config={"data": {"shape": [1, 8, 8]}})

@@ -314,7 +314,7 @@ def test_browser_page_output_follows_the_input(tmp_path, shapes_model):
 @pytest.mark.slow
 def test_bench_stream_quick(tmp_path):
     """`straightflow bench stream --quick` on a tiny saved run: tables, JSON and the load test."""
-    from straightflow.bench.stream import main
+    from benchmarks.stream import main
     from straightflow.checkpoint import save_model
 
     run = save_model(tmp_path / "run", tiny_model(), config={"data": {"shape": [1, 8, 8]}})

@@ -326,7 +326,7 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 
 def test_bench_train_tiny(tmp_path):
-    from straightflow.bench.train import bench_train
+    from benchmarks.train import bench_train
 
     md = bench_train(tmp_path, steps=3, batch_size=32, hidden=16, repeats=1, threads=1, depth=1, n_data=256)
     assert (tmp_path / "train.md").read_text() == md

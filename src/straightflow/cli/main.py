@@ -16,11 +16,11 @@ from typing import List, Optional
 
 import torch
 
-from ..bench.harness import show_defaults
 from ..checkpoint import CheckpointError, UnfinishedRunWarning, straightflow_version
 from ..registry import UnknownNameError
 from ..train import max_steps
 from . import align, bench, calibrate, control, core, demo, flags, hub, images, straighten, stream
+from .help import show_defaults
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (

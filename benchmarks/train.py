@@ -19,7 +19,6 @@ run each; a contender's time is its median ms/step over the repeats, with the in
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import time
 from pathlib import Path
@@ -28,13 +27,13 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .. import plotting
-from ..data import toy_2d
-from ..flow import Flow
-from ..models import MLP
-from ..system import cpu_model
-from ..train import Trainer
-from .harness import register_suite, run_suite, write_report
+from straightflow import plotting
+from straightflow.data import toy_2d
+from straightflow.flow import Flow
+from straightflow.models import MLP
+from straightflow.system import cpu_model
+from straightflow.train import Trainer
+from .harness import Report, Timing, register_suite, run_suite, write_report
 
 __all__ = ["bench_train"]
 
@@ -170,28 +169,26 @@ def bench_train(
         load = " Load average at the end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()) + "."
     except OSError:
         pass
-    lines = [
-        "# Training-step overhead",
-        "",
-        *([f"Command: `{command}`", ""] if command else []),
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch.set_num_threads({threads}); "
-        f"torch {torch.__version__}; {_dt.date.today().isoformat()}.{load}",
-        "",
+    report = Report("Training-step overhead", command or "straightflow bench train",
+                    Timing(threads, warmup=1, repeats=repeats, clock="wall clock (time.perf_counter), ms per step",
+                           note="Contenders interleaved (order rotated each repeat), all in one process."),
+                    machine_note=f"{cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}.{load}")
+    report.add(
         f"Setup: `MLP(dim=2, hidden={hidden}, depth={depth})`, checkerboard data (n={n}), batch {batch_size}, "
         f"AdamW(lr={lr}); {steps} steps per run; median over {repeats} repeats after a warm-up run, "
         "contenders interleaved (order rotated each repeat), all in one process.",
         "",
         "| contender | ms/step (median) | IQR | ratio to bare loop |",
         "|---|---|---|---|",
-    ]
+    )
     for name, _, note in contenders:
         label = f"{name} ({note})" if note and name in stats else name
         if name in stats:
             med, iqr = stats[name][:2]
-            lines.append(f"| {label} | {med:.3f} | {iqr:.3f} | {med / base:.3f} |")
+            report.add(f"| {label} | {med:.3f} | {iqr:.3f} | {med / base:.3f} |")
         else:
-            lines.append(f"| {name} ({note}) | n/a | n/a | n/a |")
-    md = "\n".join(lines) + "\n"
+            report.add(f"| {name} ({note}) | n/a | n/a | n/a |")
+    md = report.render()
     write_report(out, "train", md)
     _plot(out / "train.png", stats, base, threads)
     return md

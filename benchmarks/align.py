@@ -29,26 +29,24 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import plotting
-from ..align import align, available
-from ..align.base import forward_equivalents, prompt_labels
-from ..align.policy import behaviour_clone, evaluate as evaluate_policy, reinflow_finetune
-from ..align.rewards import InkReward, held_out_classifier
-from ..control.nrg import train_noisy_reward
-from ..control.rewards import ClassLogProb, RegionReward
-from ..control.scaling import diversity, search
-from ..data import toy_2d
-from ..metrics import classifier_features, evaluate, feature_extractor, frechet_distance, load_digits_images, w2
-from ..solvers import sample
-from ..system import machine_line
-from .harness import cached_model, register_suite, run_suite, write_report
+from straightflow import plotting
+from straightflow.align import align, available
+from straightflow.align.base import forward_equivalents, prompt_labels
+from straightflow.align.policy import behaviour_clone, evaluate as evaluate_policy, reinflow_finetune
+from straightflow.align.rewards import InkReward, held_out_classifier
+from straightflow.control.nrg import train_noisy_reward
+from straightflow.control.rewards import ClassLogProb, RegionReward
+from straightflow.control.scaling import diversity, search
+from straightflow.data import toy_2d
+from straightflow.metrics import classifier_features, evaluate, feature_extractor, frechet_distance, load_digits_images, w2
+from straightflow.solvers import sample
+from .harness import Report, Timing, cached_model, register_suite, run_suite, write_report
 
 METHOD_ORDER = ("sft", "rwr", "dpo", "grpo", "reinflow", "adjoint_matching", "draft")
 SEARCHES = ("best_of_n", "smc", "rbf", "nrg")
@@ -546,7 +544,11 @@ def run(a: argparse.Namespace) -> int:
     searches = [s for s in a.searches.split(",") if s]
     t_start = time.perf_counter()
     cmd = a.command
-    results: Dict[str, Any] = {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
+    report = Report("Benchmark: align (alignment to rewards vs inference-time scaling)", cmd,
+                    Timing(a.threads, warmup=0, repeats=1, statistic="single measurement",
+                           clock="CPU seconds of the process; compute also in model-forward equivalents"),
+                    quick=quick)
+    results: Dict[str, Any] = {"command": cmd, "date": report.date, "machine": report.machine,
                                "quick": quick, "tasks": {}}
     for name in tasks:
         if name == "control":
@@ -559,9 +561,7 @@ def run(a: argparse.Namespace) -> int:
         r["n_eval"] = task.n_eval
         results["tasks"][name] = r
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    lines = ["# Benchmark: align (alignment to rewards vs inference-time scaling)", "",
-             f"Command: `{cmd}`; date {results['date']}; {results['machine']}; {results['seconds']} s wall."
-             + (" QUICK MODE: tiny settings, numbers not meaningful." if quick else ""), "",
+    lines = [f"Total: {results['seconds']} s wall.", "",
              "Every aligned model is sampled with the Euler ODE from held-out noise; rewards are means over "
              f"fresh samples; training compute is in model-forward equivalents (backward = 2 forwards). "
              f"Search methods run on the base model; their equal-compute budget per sample is "
@@ -577,8 +577,8 @@ def run(a: argparse.Namespace) -> int:
         lines += ["![digits samples](align_digits.png)", ""]
     if "control" in results["tasks"]:
         lines += ["![control](align_control.png)", ""]
-    md = "\n".join(lines)
-    write_report(out, "align", md, _strip(results))
+    md = report.add(*lines).render()
+    write_report(out, "align", md, {**_strip(results), "report": report.meta()})
     print(md)
     print(f"[bench align] wrote {out / 'align.md'} and {out / 'align.json'}")
     return 0

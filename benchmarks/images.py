@@ -33,11 +33,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import data as sfdata, metrics, plotting
-from ..flow import Flow
-from ..images.bottleneck import bottleneck_sample
-from ..images.fast import fast_sample
-from ..images.latent import (
+from straightflow import data as sfdata, metrics, plotting
+from straightflow.flow import Flow
+from straightflow.images.bottleneck import bottleneck_sample
+from straightflow.images.fast import fast_sample
+from straightflow.images.latent import (
     HFlipFlow,
     LatentFlow,
     default_latent_model,
@@ -45,9 +45,9 @@ from ..images.latent import (
     encode_dataset,
     train_autoencoder,
 )
-from ..models import build_model, count_parameters
-from ..train import train
-from .harness import fmt, header, log_to, median_time, register_suite, run_suite, write_report
+from straightflow.models import build_model, count_parameters
+from straightflow.train import train
+from .harness import Report, Timing, fmt, log_to, median_time, register_suite, run_suite
 
 __all__ = ["main", "bench_images"]
 
@@ -261,8 +261,11 @@ def _cpu_median(fn: Callable[[], Any], repeats: int = 3) -> float:
     return median_time(fn, repeats, clock=_cpu)[0]
 
 
-def _markdown(res: Dict[str, Any], cmd: str) -> str:
-    L = header("Image-scale flows: pixel UNet, pixel DiT, latent DiT", cmd) + [
+def _markdown(res: Dict[str, Any], cmd: str, threads: int = 1) -> Report:
+    report = Report("Image-scale flows: pixel UNet, pixel DiT, latent DiT", cmd,
+                    Timing(threads, warmup=1, repeats=1 if res["quick"] else 3, clock="CPU seconds of the process"),
+                    quick=res["quick"])
+    L = [
          "Times are CPU seconds of the process (one thread); throughput is images per CPU-second. "
          "Euler sampler; FD = Fréchet distance of classifier features (lower is better).", ""]
     for d in res["datasets"]:
@@ -309,7 +312,7 @@ def _markdown(res: Dict[str, Any], cmd: str) -> str:
                              f"{r['nfe']} ({fmt(r['full_res_nfe'], 1)}) | {fmt(r['speedup'])}x |")
             L.append("")
         L += [f"![samples](images_{d['name']}_samples.png) ![fd](images_{d['name']}_fd_vs_nfe.png)", ""]
-    return "\n".join(L)
+    return report.add(*L)
 
 
 def bench_images(out: str, quick: bool = False, datasets: Optional[Sequence[str]] = None, seed: int = 0,
@@ -327,8 +330,10 @@ def bench_images(out: str, quick: bool = False, datasets: Optional[Sequence[str]
     for name in datasets:
         res["datasets"].append(_bench_set(name, cfg, outp, seed, quick))
     res["cpu_seconds"], res["wall_seconds"] = _cpu() - t0, time.perf_counter() - w0
-    md = _markdown(res, cmd) + f"\nTotal: {res['cpu_seconds']:.0f} CPU s, {res['wall_seconds']:.0f} s wall.\n"
-    write_report(outp, "images", md, res)
+    report = _markdown(res, cmd, threads).add(f"Total: {res['cpu_seconds']:.0f} CPU s, {res['wall_seconds']:.0f} s wall.")
+    md = report.render()
+    res["date"] = report.date
+    report.write(outp, "images", res)
     shutil.rmtree(outp / "_runs", ignore_errors=True)
     res["markdown"] = md
     return res

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import io as sfio, plotting
-from ..control.adjoint import SoftLabelModel, adjoint_gradients
-from ..control.rewards import ClassLogProb
+from straightflow import io as sfio, plotting
+from straightflow.control.adjoint import SoftLabelModel, adjoint_gradients
+from straightflow.control.rewards import ClassLogProb
 from .scaling import digits_model
 
 __all__ = ["SavedTensorMeter", "bench_adjoint"]

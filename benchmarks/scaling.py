@@ -11,11 +11,11 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from .. import io as sfio, plotting
-from ..control.rewards import ClassLogProb, RegionReward
-from ..control.scaling import DEFAULT_SCALE, METHODS, diversity, hit_rate, search
-from ..metrics import classifier_features
-from ..oracle import GaussianMixtureFlow
+from straightflow import io as sfio, plotting
+from straightflow.control.rewards import ClassLogProb, RegionReward
+from straightflow.control.scaling import DEFAULT_SCALE, METHODS, diversity, hit_rate, search
+from straightflow.metrics import classifier_features
+from straightflow.oracle import GaussianMixtureFlow
 from .harness import cached_model
 
 __all__ = ["digits_model", "bench_scaling"]

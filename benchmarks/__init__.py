@@ -1,6 +1,8 @@
 """Benchmark suites (``straightflow bench NAME``), each on the small harness in :mod:`.harness`.
 
-Nothing in the library imports this package; it imports the library. Importing it registers
+This package lives beside the library, in the source checkout, and is not part of the installed
+wheel. It uses only straightflow's public API; nothing in the library imports it (the command
+line's ``bench`` launcher finds it in the checkout and imports it by name). Importing it registers
 every suite in :data:`SUITES`, in the fixed order of the table below.
 """
 from __future__ import annotations

@@ -23,21 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import date
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import data as sfdata, plotting
-from ..control import inverse, operators
-from ..control.editing import class_swap_edit, deterministic_solvers, inversion_roundtrip
-from ..metrics import classifier_fd, feature_extractor, psnr, ssim
-from ..solvers import get_solver
-from ..system import machine_line
+from straightflow import data as sfdata, plotting
+from straightflow.control import inverse, operators
+from straightflow.control.editing import class_swap_edit, deterministic_solvers, inversion_roundtrip
+from straightflow.metrics import classifier_fd, feature_extractor, psnr, ssim
+from straightflow.solvers import get_solver
 from .adjoint import bench_adjoint
-from .harness import cached_model, dated_machine, fmt, log_to, register_suite, run_suite, write_report
+from .harness import Report, Timing, cached_model, fmt, log_to, register_suite, run_suite, write_report
 from .scaling import bench_scaling
 
 LOG = log_to("control")
@@ -394,11 +392,15 @@ def _others(out: Path, quick: bool) -> List[str]:
 def _mnist_section(a, out: Path, quick: bool, steps: int) -> List[str]:
     t0 = time.perf_counter()
     sec = bench_mnist(a, out, quick, a.noise, steps)
-    (out / "control-mnist.md").write_text("\n".join(
-        ["# Benchmark: control on MNIST (inverse problems)", "",
-         f"Command: `{a.command}`; {dated_machine()}; "
-         f"{time.perf_counter() - t0:.0f} s.", ""] + sec))
+    report = Report("Benchmark: control on MNIST (inverse problems)", a.command, _timing(a.threads), quick=quick)
+    report.add(f"Total: {time.perf_counter() - t0:.0f} s.", "", *sec)
+    write_report(out, "control-mnist", report.render())
     return sec
+
+
+def _timing(threads: int) -> Timing:
+    return Timing(threads, warmup=0, repeats=1, statistic="single measurement",
+                  note="Peak memory: a second identical run under torch.profiler.")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -424,11 +426,10 @@ def run(a: argparse.Namespace) -> int:
     x_ref = train.x[torch.randperm(train.x.shape[0], generator=torch.Generator().manual_seed(1))[: max(n, 64) * 4]]
 
     cmd = a.command
-    lines = ["# Benchmark: control (inversion, editing, inverse problems)", "",
-             f"Command: `{cmd}`; {dated_machine()}.", "",
-             f"Model: class-conditional UNet on digits (8x8), {how} (`{run_dir}`). Test images: held-out digits "
+    report = Report("Benchmark: control (inversion, editing, inverse problems)", cmd, _timing(a.threads), quick=quick)
+    lines = [f"Model: class-conditional UNet on digits (8x8), {how} (`{run_dir}`). Test images: held-out digits "
              f"never seen in training. {'QUICK MODE: tiny settings, numbers not meaningful.' if quick else ''}", ""]
-    results: Dict[str, object] = {"command": cmd, "date": date.today().isoformat(), "machine": machine_line(),
+    results: Dict[str, object] = {"command": cmd, "date": report.date, "machine": report.machine,
                                   "quick": quick, "run": run_dir}
 
     print("[bench control] 1/4 inversion", flush=True)
@@ -483,8 +484,8 @@ def run(a: argparse.Namespace) -> int:
     total = time.perf_counter() - t_start
     lines += [f"Total time: {total:.0f} s.", ""]
     results["seconds"] = total
-    md = "\n".join(lines)
-    write_report(out, "control", md, results)
+    md = report.add(*lines).render()
+    report.write(out, "control", results)
     print(md)
     return 0
 

@@ -40,17 +40,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import data as sfdata, metrics
-from ..checkpoint import load as load_run, load_config, load_weights
-from ..coupling import Coupling, PairDataset
-from ..flow import Flow
-from ..io import load_json, load_tensors, save_json, save_tensors
-from ..models import MLP
-from ..plotting import pyplot, save_image_panels, save_scatter_panels, series_style
-from ..solvers import sample
-from ..system import machine_line
-from ..train import train
-from .harness import register_suite, run_suite
+from straightflow import data as sfdata, metrics
+from straightflow.checkpoint import load as load_run, load_config, load_weights
+from straightflow.coupling import Coupling, PairDataset
+from straightflow.flow import Flow
+from straightflow.io import load_json, load_tensors, save_json, save_tensors
+from straightflow.models import MLP
+from straightflow.plotting import pyplot, save_image_panels, save_scatter_panels, series_style
+from straightflow.solvers import sample
+from straightflow.system import machine_line
+from straightflow.train import train
+from .harness import Report, Timing, register_suite, run_suite
 
 __all__ = ["main", "run_bench", "Settings", "DATASETS", "METHODS"]
 
@@ -228,7 +228,7 @@ def _slug(name: str) -> str:
 def _load_model(d: Path) -> nn.Module:
     cfg = load_config(d)
     if cfg["model"]["name"] == "blockwise":
-        from ..models.blockwise import BlockwiseFlow
+        from straightflow.models.blockwise import BlockwiseFlow
 
         m = BlockwiseFlow(**{k: v for k, v in cfg["model"].items() if k != "name"})
         load_weights(m, d / "model.safetensors")
@@ -287,7 +287,7 @@ class Runner:
             teacher = self.get(teacher_key)
             S = self.S
             if self.task.source is None:
-                from ..straighten.pairs import generate_pairs
+                from straightflow.straighten.pairs import generate_pairs
 
                 man = generate_pairs(teacher.model, d, S.n_pairs, shape=(self.task.dim,), solver="rk4",
                                      steps=S.pair_steps, labels=labels, guidance=guidance, seed=104729 + self.seed,
@@ -346,7 +346,7 @@ def _load_pairs(d: Path) -> PairDataset:
         t = load_tensors(f)
         ds = PairDataset(t["x0"], t["x1"], name="pairs")
         return ds
-    from ..straighten.pairs import load_pairs
+    from straightflow.straighten.pairs import load_pairs
 
     return load_pairs(d)
 
@@ -355,11 +355,11 @@ def _draw(model: Any, noise: Tensor, nfe: int, sampler: str, cond: Optional[Dict
     if sampler == "euler":
         return sample(model, noise, solver="euler", steps=nfe, cond=cond, return_trajectory=trajectory)
     if sampler == "renoise":
-        from ..straighten.reflow import sample_renoise
+        from straightflow.straighten.reflow import sample_renoise
 
         return sample_renoise(model, noise, nfe, cond=cond, return_trajectory=trajectory)
     if sampler == "mean":
-        from ..straighten.meanflow import sample_mean
+        from straightflow.straighten.meanflow import sample_mean
 
         return sample_mean(model, noise, steps=nfe, cond=cond, return_trajectory=trajectory)
     raise ValueError(f"unknown sampler {sampler!r}")
@@ -377,13 +377,13 @@ def _b_ot(r: Runner, d: Path) -> Stage:
 
 
 def _b_wcfm(r: Runner, d: Path) -> Stage:
-    from ..straighten.wcfm import WeightedCFM
+    from straightflow.straighten.wcfm import WeightedCFM
 
     return r.fit(WeightedCFM(r.mlp(), epsilon=r.S.wcfm_epsilon, coupling=r.task.coupling()), d, r.S.base_steps)
 
 
 def _b_block(r: Runner, d: Path) -> Stage:
-    from ..models.blockwise import BlockwiseFlow
+    from straightflow.models.blockwise import BlockwiseFlow
 
     torch.manual_seed(r.seed)
     m = BlockwiseFlow({"name": "mlp", "dim": r.task.dim, "hidden": r.S.hidden, "depth": r.S.depth},
@@ -392,7 +392,7 @@ def _b_block(r: Runner, d: Path) -> Stage:
 
 
 def _b_meanflow(r: Runner, d: Path, split: bool = False) -> Stage:
-    from ..straighten.meanflow import MeanFlow, SplitMeanFlow
+    from straightflow.straighten.meanflow import MeanFlow, SplitMeanFlow
 
     # time_scale 10: the average-velocity targets differentiate (MeanFlow) or difference (SplitMeanFlow)
     # across times, which the usual scale-1000 sinusoidal features make needlessly steep; MeanFlow
@@ -403,7 +403,7 @@ def _b_meanflow(r: Runner, d: Path, split: bool = False) -> Stage:
 
 
 def _reflow_stage(r: Runner, d: Path, **kw: Any) -> Stage:
-    from ..straighten.reflow import reflow
+    from straightflow.straighten.reflow import reflow
 
     teacher = r.get("1-RF")
     pairs = r.pairs("pairs 1-RF", "1-RF")
@@ -418,19 +418,19 @@ def _b_2rf_improved(r: Runner, d: Path) -> Stage:
 
 
 def _b_2rf_u(r: Runner, d: Path) -> Stage:
-    from ..straighten.reflow import IMPROVED_TIME_DIST
+    from straightflow.straighten.reflow import IMPROVED_TIME_DIST
 
     return _reflow_stage(r, d, time_dist=IMPROVED_TIME_DIST)
 
 
 def _b_2rf_huber(r: Runner, d: Path) -> Stage:
-    from ..straighten.reflow import IMPROVED_LOSS
+    from straightflow.straighten.reflow import IMPROVED_LOSS
 
     return _reflow_stage(r, d, loss=IMPROVED_LOSS)
 
 
 def _b_distill(r: Runner, d: Path) -> Stage:
-    from ..straighten.distill import distill
+    from straightflow.straighten.distill import distill
 
     # the teacher is the 2-RF variant that keeps the 1-RF's quality best at many steps (U-shaped t):
     # a k = 1 student reproduces its teacher's endpoint map, so the teacher's NFE-100 quality is its ceiling
@@ -444,7 +444,7 @@ def _b_distill(r: Runner, d: Path) -> Stage:
 def _b_distill_1rf(r: Runner, d: Path) -> Stage:
     """k = 1 distillation straight from the 1-RF's pairs (no reflow): the student learns the 1-RF's
     own noise -> data map, so its ceiling is the 1-RF's many-step quality rather than the 2-RF's."""
-    from ..straighten.distill import distill
+    from straightflow.straighten.distill import distill
 
     rf1 = r.get("1-RF")
     pairs = r.pairs("pairs 1-RF", "1-RF")
@@ -461,7 +461,7 @@ def _b_slim_reflow(r: Runner, d: Path) -> Stage:
 
 
 def _b_slim(r: Runner, d: Path) -> Stage:
-    from ..straighten.distill import slimflow_distill
+    from straightflow.straighten.distill import slimflow_distill
 
     small = r.get("SlimFlow annealed 2-RF")
     pairs = r.pairs("pairs SlimFlow 2-RF", "SlimFlow annealed 2-RF")
@@ -481,7 +481,7 @@ def _b_cond_teacher(r: Runner, d: Path) -> Stage:
 
 
 def _b_cond_reflow(r: Runner, d: Path) -> Stage:
-    from ..straighten.reflow import reflow
+    from straightflow.straighten.reflow import reflow
 
     teacher = r.get("conditional teacher")
     pairs = r.pairs("pairs conditional CFG", "conditional teacher", labels="cycle", guidance=r.S.guidance)
@@ -491,7 +491,7 @@ def _b_cond_reflow(r: Runner, d: Path) -> Stage:
 
 
 def _b_cond_distill(r: Runner, d: Path) -> Stage:
-    from ..straighten.distill import distill
+    from straightflow.straighten.distill import distill
 
     rf2 = r.get("conditional 2-RF")
     pairs = r.pairs("pairs conditional 2-RF", "conditional 2-RF", labels="cycle")
@@ -574,7 +574,7 @@ def wcfm_sweep(task: Task, S: Settings, epsilons: Sequence[float], root: Path, s
 
     The Gibbs weights tilt the marginals as ``eps`` falls: the sweep shows the trade between one-step
     quality (straighter) and many-step quality (biased) that sets the data set's default ``eps``."""
-    from ..straighten.wcfm import WeightedCFM
+    from straightflow.straighten.wcfm import WeightedCFM
 
     rows = []
     runner = Runner(task, S, seed, root, log)
@@ -700,6 +700,7 @@ def run_bench(out: Path, datasets: Sequence[str], seeds: int, quick: bool, digit
     results: Dict[str, Any] = {"command": command, "date": _dt.datetime.now().isoformat(timespec="seconds"),
                                "quick": quick, "nfes": list(NFES), "datasets": {}}
     results["machine"] = machine_line()
+    results["threads"] = torch.get_num_threads()
     for name, task in tasks.items():
         S = SETTINGS[(task.kind, quick)]
         ds_res: Dict[str, Any] = {"description": task.description, "metric": task.metric, "floor": task.floor(),
@@ -775,11 +776,13 @@ def _summarise(entry: Dict[str, Any]) -> None:
 
 
 def _markdown(results: Dict[str, Any]) -> str:
-    lines = ["# Straighten and compress: quality vs NFE, straightness, cost", "",
-             f"Command: `{results['command']}`  ", f"Date: {results['date']}  ",
-             f"Machine: {results.get('machine', '')}  ",
-             f"Wall time: {results.get('seconds', 0) / 60:.1f} min (runs reused from a previous invocation are not re-timed)"
-             + ("  \n**--quick: tiny settings, numbers are not meaningful**" if results.get("quick") else ""), "",
+    report = Report("Straighten and compress: quality vs NFE, straightness, cost",
+                    results["command"] or "straightflow bench straighten",
+                    Timing(results.get("threads", torch.get_num_threads()), warmup=0, repeats=0,
+                           note="Cost is counted in velocity evaluations and training rows, not seconds."),
+                    quick=bool(results.get("quick")), date=str(results["date"])[:10],
+                    machine=results.get("machine") or machine_line())
+    lines = [f"Wall time: {results.get('seconds', 0) / 60:.1f} min (runs reused from a previous invocation are not re-timed)", "",
              "Quality: exact W2 (POT) against held-out data for 2D, Fréchet distance in the project digits "
              "classifier's features for digits; the data-vs-data floor is the same metric between two "
              "independent held-out draws (2D) or two disjoint halves of the data set (digits) at the same sample size. Euler sampling for velocity models, the "
@@ -837,7 +840,7 @@ def _markdown(results: Dict[str, Any]) -> str:
         lines += _sweep_markdown(results["wcfm_sweep"])
     lines += ["Figures: `straighten_nfe.png` (quality vs NFE, mean over seeds, floor dashed), "
               "`samples_<dataset>.png` (NFE-1 samples of seed 0 for each method).", ""]
-    return "\n".join(lines)
+    return report.add(*lines).render()
 
 
 def _figures(out: Path, results: Dict[str, Any], tasks: Dict[str, Task]) -> None:

@@ -42,11 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..optimize import calibrate
-from ..optimize.learned import reference as learned_reference
-from ..solvers import CountedVelocity, sample
-from ..solvers.guidance import ClassifierFreeGuidance
-from ..solvers.learned import LearnedSolver, sample_learned
+from straightflow.optimize import calibrate
+from straightflow.optimize.learned import reference as learned_reference
+from straightflow.solvers import CountedVelocity, sample
+from straightflow.solvers.guidance import ClassifierFreeGuidance
+from straightflow.solvers.learned import LearnedSolver, sample_learned
 
 __all__ = ["CAL_KINDS", "CAL_NFES", "cal_rtol", "calibration_section", "calibration_sizes", "transfer_section"]
 
@@ -86,7 +86,7 @@ def _rmse(a: Tensor, b: Tensor) -> float:
 
 
 def _noise(shape, seed: int, dtype: torch.dtype) -> Tensor:
-    from ..solvers import initial_noise
+    from straightflow.solvers import initial_noise
 
     return initial_noise(tuple(shape), seed=seed, dtype=torch.float64)[0].to(dtype)
 

@@ -17,51 +17,21 @@ import shlex
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .. import checkpoint, runs
-from ..io import atomic_write_bytes
-from ..registry import Registry
-from ..system import machine_line
-from ..train import max_steps_cap
+from straightflow import checkpoint, runs
+from straightflow.io import atomic_write_bytes
+from straightflow.registry import Registry
+from straightflow.system import machine_line
+from straightflow.cli.help import HelpFormatter, show_defaults
+from straightflow.train import max_steps_cap
 
-__all__ = ["Suite", "SUITES", "register_suite", "run_suite", "command_line", "header", "dated_machine", "table",
-           "fmt", "ratio", "median_time", "write_report", "cached_model", "log_to", "show_defaults", "HelpFormatter"]
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """``--help`` with every option's default (unless its help already names it, it is None, or the
-    option is a switch); descriptions keep their own line breaks."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if ("default" in h.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
-                or not action.option_strings):
-            return h
-        return h + " (default: %(default)s)"
-
-    def _fill_text(self, text, width, indent):  # indented lines (tables) stay as written, others wrap
-        return "\n".join(indent + part if part[:1].isspace() or not part.strip()
-                         else argparse.HelpFormatter._fill_text(self, part, width, indent)
-                         for part in text.split("\n"))
-
-
-def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make ``parser`` (and its sub-commands) print every option's default in ``--help``, options
-    without a help text included."""
-    parser.formatter_class = HelpFormatter
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                show_defaults(sub)
-        elif (action.option_strings and not action.help and action.nargs != 0
-              and action.default not in (None, argparse.SUPPRESS)):
-            action.help = "(default: %(default)s)"
-    return parser
+__all__ = ["Suite", "SUITES", "register_suite", "run_suite", "command_line", "dated_machine", "table",
+           "fmt", "ratio", "median_time", "Report", "Timing", "write_report", "cached_model", "log_to", "show_defaults", "HelpFormatter"]
 
 
 @dataclass(frozen=True)
@@ -140,15 +110,84 @@ def run_suite(name: str, argv: Optional[Sequence[str]] = None) -> int:
 
 
 # ----------------------------------------------------------------------------- report text
+@dataclass(frozen=True)
+class Timing:
+    """How a report's timings were taken: ``threads`` torch threads, ``warmup`` untimed runs, then
+    ``statistic`` (the median) over ``repeats`` timed runs on ``clock``; ``repeats=0``: the report
+    quotes no timings. ``note`` adds what is particular to the suite (interleaving, units, ...)."""
+
+    threads: int
+    warmup: int = 1
+    repeats: int = 3
+    statistic: str = "median"
+    clock: str = "wall clock (time.perf_counter)"
+    note: str = ""
+
+    def line(self) -> str:
+        if self.repeats < 1:
+            s = f"Timing: none quoted (torch.set_num_threads({self.threads}))."
+        else:
+            s = (f"Timing: torch.set_num_threads({self.threads}); {self.warmup} warm-up run(s), then the "
+                 f"{self.statistic} of {self.repeats} repeats, {self.clock}.")
+        return s + (f" {self.note}" if self.note else "")
+
+    def as_dict(self) -> dict:
+        return {"threads": self.threads, "warmup": self.warmup, "repeats": self.repeats,
+                "statistic": self.statistic, "clock": self.clock, "note": self.note}
+
+
+@dataclass
+class Report:
+    """A suite's Markdown report: the header every report carries (title, command, date, machine,
+    timing protocol, quick-mode warning) followed by the suite's own lines.
+
+    Every suite builds one and writes it with :meth:`write` (or renders it with :meth:`render`), so
+    the header cannot be left out. ``machine_note`` adds to the machine line (load average, ...).
+    """
+
+    title: str
+    command: str
+    timing: Timing
+    quick: bool = False
+    machine_note: str = ""
+    date: str = field(default_factory=lambda: _dt.date.today().isoformat())
+    machine: str = field(default_factory=machine_line)
+    lines: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.title or not self.command:
+            raise ValueError("a report needs a title and the command that reproduces it")
+        if not isinstance(self.timing, Timing):
+            raise ValueError(f"a report's timing protocol is a harness.Timing, got {type(self.timing).__name__}")
+
+    def add(self, *lines: str) -> "Report":
+        """Append lines (each may hold several); returns the report."""
+        self.lines.extend(lines)
+        return self
+
+    def header_lines(self) -> List[str]:
+        m = f"Machine: {self.machine}" + (f"; {self.machine_note}" if self.machine_note else "")
+        return ([f"# {self.title}", "", f"Command: `{self.command}`  ", f"Date: {self.date}  ", m + "  ",
+                 self.timing.line(), ""]
+                + (["QUICK MODE: tiny settings, numbers not meaningful.", ""] if self.quick else []))
+
+    def render(self) -> str:
+        """The Markdown text: the header, then the suite's lines; ends with one newline."""
+        return "\n".join(self.header_lines() + list(self.lines)).rstrip("\n") + "\n"
+
+    def meta(self) -> dict:
+        """The header as data (stored as ``report`` in the suite's JSON)."""
+        return {"title": self.title, "command": self.command, "date": self.date, "machine": self.machine,
+                "machine_note": self.machine_note, "quick": self.quick, "timing": self.timing.as_dict()}
+
+    def write(self, out: Path, stem: str, data: Optional[Mapping[str, Any]] = None) -> Path:
+        """``out/stem.md`` (and ``out/stem.json`` with ``data`` and the header as ``report``)."""
+        return write_report(out, stem, self.render(), None if data is None else {**data, "report": self.meta()})
+
+
 def dated_machine() -> str:
     """``date YYYY-MM-DD; <machine line>``."""
     return f"date {_dt.date.today().isoformat()}; {machine_line()}"
-
-
-def header(title: str, command: str, quick: bool = False) -> List[str]:
-    """The first lines of every report: title, the command, the date and the machine."""
-    return [f"# {title}", "", f"Command: `{command}`  ", f"Date: {_dt.date.today().isoformat()}  ",
-            f"Machine: {machine_line()}", ""] + (["QUICK MODE: tiny settings, numbers not meaningful.", ""] if quick else [])
 
 
 def fmt(v: Any, nd: int = 2) -> str:
