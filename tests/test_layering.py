@@ -210,6 +210,10 @@ VIOLATIONS = {
         "test_no_lower_layer_imports_a_higher_one",
         [("straightflow", "straightflow.cli.main")], [],
         "straightflow -> straightflow.cli.main (the facade imports bench/cli"),
+    "library code imports the benchmarks": (
+        "test_library_code_never_imports_the_benchmarks", [],
+        [("straightflow.metrics.leaky", "from benchmarks.harness import table\n")],
+        "straightflow.metrics.leaky -> benchmarks.harness"),
     "an import cycle": (
         "test_no_import_cycles",
         [("straightflow.registry", "straightflow.io"), ("straightflow.io", "straightflow.registry")], [],
@@ -218,10 +222,17 @@ VIOLATIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(VIOLATIONS))
-def test_the_checks_catch_a_violation(case, monkeypatch):
-    """Each rule fails on a synthetic edge (or module) that breaks it (the checker itself is tested)."""
+def test_the_checks_catch_a_violation(case, monkeypatch, tmp_path):
+    """Each rule fails on a synthetic edge (or module) that breaks it (the checker itself is tested).
+    A module given as ``(name, source)`` is written to a temporary file (rules that read the source)."""
     rule, edges, modules, names = VIOLATIONS[case]
     for m in modules:
+        if isinstance(m, tuple):
+            m, text = m
+            f = tmp_path / (m.replace(".", "_") + ".py")
+            f.write_text(text)
+            monkeypatch.setitem(MODULES, m, f)
+            continue
         monkeypatch.setitem(MODULES, m, SRC / (m.replace(".", "/") + ".py"))
     for a, b in edges:
         monkeypatch.setitem(GRAPH, a, GRAPH.get(a, set()) | {b})
