@@ -78,6 +78,7 @@ from ..solvers.guidance import ClassifierFreeGuidance
 from ..solvers.learned import LearnedSolver, ns_solve, symbolic_run
 from ..time import shift_time
 from .base import _noise, _rmse
+from .errors import error_stats, per_sample_sq_error, prob_better
 from .record import Calibration, CalibrationRequest, model_fingerprint, register_calibration_kind
 
 __all__ = ["CANDIDATES", "FitResult", "Reference", "reference", "candidates", "select_initial", "fit_grad",
@@ -91,10 +92,16 @@ CANDIDATES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
     ("ab2", "ab2", {}), ("ab3", "ab3", {}), ("heun_pc", "heun_pc", {}), ("euler", "euler", {}),
     ("midpoint", "midpoint", {}), ("heun", "heun", {}), ("rk4", "rk4", {}),
 )
+FIT_CONFIDENCE = 0.9  # the held-out check keeps a fitted table when P(its MSE < its start's) >= this
 REF_TOL = 1e-8       # fit_learned's reference tolerance (the research tables used it)
 CALIBRATE_RTOL = 1e-5  # the calibration kinds' default: ~1 % of the error of a table at NFE 10 (digits
                        # UNet: RMSE ~1e-3); a dopri5 solve of a trained digits UNet takes ~180 / 530 / 1100
                        # evaluations at rtol 1e-4 / 1e-5 / 1e-6, and the reference is most of the cost
+
+
+def _phase(on_phase: Optional[Callable[[str], None]], name: str) -> None:
+    if on_phase is not None:
+        on_phase(name)
 
 
 def _Calls(model: Callable, cond: Optional[Dict[str, Any]] = None) -> CountedVelocity:
@@ -524,7 +531,8 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
               init: Optional[LearnedSolver] = None, names: Optional[Sequence[str]] = None,
               model64: Optional[Callable] = None, rtol: float = REF_TOL, grad_iters: int = 120,
               ridge: float = 1e-6, time_shifts: Sequence[float] = (0.7, 1.0, 1.4), dc_solver: Optional[str] = None,
-              references: Optional[Tuple[Reference, Reference]] = None) -> FitResult:
+              references: Optional[Tuple[Reference, Reference]] = None,
+              on_phase: Optional[Callable[[str], None]] = None) -> FitResult:
     """Fit a learned table (or DC ratios, ``mode="dc"``) at ``nfe`` evaluations to ``model``.
 
     ``mode``: ``"grad"``, ``"ls"``, ``"ls+grad"``, ``"dc"`` (module doc) or ``"auto"``: each of
@@ -537,7 +545,13 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
     ``model64``: float64 model for the reference (default: a float64 copy of an ``nn.Module``).
     ``references``: precomputed (calibration, held-out) references to reuse across NFE; the
     calibration one is extended with the times a fit needs.
-    The fitted table is returned only if its held-out RMSE is below the initial table's.
+    ``on_phase(name)`` is called as each phase ends (``"reference"``, ``"select"``, a mode's name,
+    ``"held-out"``): progress bars.
+
+    Held-out check (:mod:`.errors`): the fitted table is returned only if the paired bootstrap
+    probability that its mean squared error on the held-out population is below the initial
+    table's is at least :data:`FIT_CONFIDENCE`; ``heldout_stats`` is the chosen table's held-out
+    RMSE with its prediction interval and 99th-percentile per-sample error.
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; valid: {', '.join(MODES)}")
@@ -550,6 +564,7 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
     if references is None:
         rc = reference(m64, calib, cond=cond, rtol=rtol)
         rh = reference(m64, heldout, cond=heldout_cond, rtol=rtol)
+        _phase(on_phase, "reference")
     else:
         rc, rh = references
     ref_calls0 = 0 if references is None else rc.calls + rh.calls
@@ -557,6 +572,7 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
     cands: Dict[str, float] = {}
     if init is None:
         init, cands, calls["select"] = select_initial(model, calib, rc.at(1.0), nfe, cond, guidance, names, path)
+        _phase(on_phase, "select")
     elif init.nfe != nfe:
         raise ValueError(f"init has {init.nfe} evaluations, not nfe = {nfe}")
     init = LearnedSolver(init.times, init.a, init.b, guidance=guidance, meta=dict(init.meta))
@@ -592,6 +608,7 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
         rc.extend(m64, [t for sh in time_shifts for t in _warp(init, sh).times], cond=cond, rtol=rtol)
     if mode != "auto":
         fitted = run_mode(mode, calib, rc, cond)
+        _phase(on_phase, mode)
     else:
         # choose among the modes on a validation quarter of the calibration batch (fitted on the
         # other three quarters), so the held-out batch stays untouched until the final check
@@ -605,6 +622,7 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
         tables = {"init": init}
         for md in AUTO_MODES:
             tables[md] = run_mode(md, calib[fit_rows], rf, cf)
+            _phase(on_phase, md)
         with torch.no_grad():
             for md, tb in tables.items():
                 scores[md] = _rmse(ns_solve(fv, calib[val_rows], tb.times, tb.a, tb.b)[0], rv.at(1.0))
@@ -612,22 +630,27 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
         pick = min(scores, key=lambda k: scores[k] if math.isfinite(scores[k]) else math.inf)
         fitted = tables[pick]
         fitted.meta["auto"] = {"picked": pick, "validation_rmse": scores}
-    # held-out check and fallback
+    # held-out check and fallback: per-sample errors, paired bootstrap (module errors)
     f = _Calls(_velocity(model, guidance), heldout_cond)
     with torch.no_grad():
         f.cond = dict(heldout_cond or {})
-        h_init = _rmse(ns_solve(f, heldout, init.times, init.a, init.b)[0], rh.at(1.0))
-        h_fit = _rmse(ns_solve(f, heldout, fitted.times, fitted.a, fitted.b)[0], rh.at(1.0))
+        e_init = per_sample_sq_error(ns_solve(f, heldout, init.times, init.a, init.b)[0], rh.at(1.0))
+        e_fit = per_sample_sq_error(ns_solve(f, heldout, fitted.times, fitted.a, fitted.b)[0], rh.at(1.0))
+        h_init, h_fit = float(e_init.mean().sqrt()), float(e_fit.mean().sqrt())
         fc = _Calls(_velocity(model, guidance), cond)
         c_init = _rmse(ns_solve(fc, calib, init.times, init.a, init.b)[0], rc.at(1.0))
         c_fit = _rmse(ns_solve(fc, calib, fitted.times, fitted.a, fitted.b)[0], rc.at(1.0))
     calls["heldout"] = f.calls + fc.calls
-    fallback = not (math.isfinite(h_fit) and h_fit < h_init)
+    p_better = prob_better(e_fit, e_init) if fitted is not init else 0.0
+    fallback = not (math.isfinite(h_fit) and p_better >= FIT_CONFIDENCE)
     chosen = init if fallback else fitted
+    h_stats = error_stats(e_init if fallback else e_fit)
+    _phase(on_phase, "held-out")
     calls["reference"] = rc.calls + rh.calls - ref_calls0  # incurred by this calibration
     meta = {"fingerprint": model_fingerprint(model, strict=False), "shape": list(calib.shape[1:]), "path": get_path(path).config(),
             "init": init.meta.get("init"), "guidance": guidance, "n_calib": int(calib.shape[0]),
-            "n_heldout": int(heldout.shape[0]), "ref_rtol": rtol, "n_params": chosen.n_params}
+            "n_heldout": int(heldout.shape[0]), "ref_rtol": rtol, "n_params": chosen.n_params,
+            "p_better": p_better, "heldout_stats": h_stats.to_dict()}
     chosen.meta.update({"mode": mode if not fallback else "fallback", **{k: meta[k] for k in ("fingerprint", "init")}})
     return FitResult(chosen, init, mode, nfe, {"init": c_init, "fitted": c_fit}, {"init": h_init, "fitted": h_fit},
                      fallback, time.process_time() - cpu0, calls, cands, meta)
@@ -635,29 +658,135 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
 
 # ---------------------------------------------------------------------------- calibration kinds
 def _fit_request(req: CalibrationRequest, mode: str) -> Calibration:
-    """Run :func:`fit_learned` for a :class:`CalibrationRequest` and wrap the result as a :class:`Calibration`."""
+    """Run :func:`fit_learned` for a :class:`CalibrationRequest` and wrap the result as a :class:`Calibration`:
+    on the given batches when they are pinned (``req.budget_s is None``), else self-sized (:func:`_self_sized`)."""
     opts = dict(req.options)
     mode = opts.pop("mode", mode)
     rtol = float(opts.pop("rtol", CALIBRATE_RTOL))
+    names = None if req.solver == "auto" else [req.solver]
+    if req.budget_s is not None:
+        return _self_sized(req, mode, rtol, names, opts)
     xh = _noise(req.holdout if req.holdout is not None else tuple(req.x.shape), req.seed + 1)
     if xh.shape[1:] != req.x.shape[1:]:
         raise ValueError(f"the held-out batch has samples of shape {tuple(xh.shape[1:])}, the calibration batch "
                          f"{tuple(req.x.shape[1:])}")
     hcond = req.holdout_cond if req.holdout_cond is not None else (req.cond if req.holdout is None else None)
-    names = None if req.solver == "auto" else [req.solver]
     res = fit_learned(req.model, req.x, xh, req.nfe, mode=mode, cond=req.cond, heldout_cond=hcond,
                       guidance=req.guidance, path=req.path, names=names, rtol=rtol, **opts)
+    return _as_calibration(req, mode, rtol, res, {"self_sized": False})
+
+
+# self-sizing (issue: the error is dominated by rare samples near the boundaries between modes; a
+# small batch may hold none of them, and then neither the fit nor the held-out check can see them)
+PILOT_BATCH = 32           # the first, timed fit
+MIN_STABLE_BATCH = 1024    # a cheap model keeps growing to at least this many samples
+MAX_BATCH = 8192
+STABLE_REL_HALFWIDTH = 0.10  # held-out RMSE known to +-10 % (prediction interval, errors.ErrorStats)
+
+
+def _draw(n: int, shape: Tuple[int, ...], seed: int) -> Tensor:
+    """``n`` noise samples as fixed chunks of 256 drawn with seeds ``seed, seed + 1, ...``: a larger
+    draw always extends a smaller one (the same first rows)."""
+    chunks = [torch.randn(256, *shape, generator=torch.Generator().manual_seed(seed + k))
+              for k in range((n + 255) // 256)]
+    return torch.cat(chunks)[:n]
+
+
+def _self_sized(req: CalibrationRequest, mode: str, rtol: float, names, opts) -> Calibration:
+    """Grow the calibration and held-out batches (same size ``n``, disjoint seeds) until the held-out
+    RMSE is stable or the CPU budget ``req.budget_s`` is spent.
+
+    A pilot fit on :data:`PILOT_BATCH` samples is timed; when it predicts that ``auto`` (which
+    back-propagates through the model) cannot reach 256 samples within half the budget, the mode
+    falls back to ``ls`` (no back-propagation). The first real fit takes the largest ``n`` (a
+    doubling of the pilot) predicted to cost at most a third of the budget; then ``n`` doubles
+    while the held-out prediction interval is wider than +-:data:`STABLE_REL_HALFWIDTH` (or
+    ``n < MIN_STABLE_BATCH``) and the next fit (predicted from the last one, times 2.2) fits in
+    what is left. The last fit is the calibration; the history is recorded in ``info["sizing"]``.
+    """
+    cpu0 = time.process_time()
+    budget = float(req.budget_s)
+    shape = tuple(int(s) for s in req.x.shape[1:])
+    seed_c, seed_h = 1_000_003 * (req.seed + 1), 2_000_029 * (req.seed + 1)
+    bar = _ProgressBar(req, budget)
+    history: List[Dict[str, Any]] = []
+
+    def fit(n: int, md: str) -> FitResult:
+        t = time.process_time()
+        res = fit_learned(req.model, _draw(n, shape, seed_c), _draw(n, shape, seed_h), req.nfe, mode=md,
+                          cond=req.cond_for(n), heldout_cond=req.cond_for(n), guidance=req.guidance, path=req.path,
+                          names=names, rtol=rtol, on_phase=lambda ph: bar.tick(f"n={n} {ph}"), **opts)
+        st = res.meta["heldout_stats"]
+        history.append({"n": n, "mode": md, "cpu_s": round(time.process_time() - t, 2), "heldout_rmse": st["rmse"],
+                        "interval": [st["lo"], st["hi"]], "fallback": res.fallback})
+        return res
+
+    md = mode
+    res = fit(PILOT_BATCH, md)
+    per_sample = history[-1]["cpu_s"] / PILOT_BATCH
+    if md == "auto" and per_sample * 256 > 0.5 * budget:
+        md = "ls"  # back-propagating through this model does not fit the budget at a useful batch
+        res = fit(PILOT_BATCH, md)
+        per_sample = history[-1]["cpu_s"] / PILOT_BATCH
+    n = PILOT_BATCH
+    while 2 * n <= MAX_BATCH and per_sample * 2 * n <= budget / 3:
+        n *= 2
+    if n > PILOT_BATCH:
+        res = fit(n, md)
+    while True:
+        stats = res.meta["heldout_stats"]
+        rel = (stats["hi"] - stats["lo"]) / (2 * stats["rmse"]) if stats["rmse"] > 0 else 0.0
+        if (rel <= STABLE_REL_HALFWIDTH and n >= MIN_STABLE_BATCH) or 2 * n > MAX_BATCH:
+            break
+        if time.process_time() - cpu0 + 2.2 * history[-1]["cpu_s"] > budget:
+            break
+        n *= 2
+        res = fit(n, md)
+    bar.close()
+    sizing = {"self_sized": True, "budget_s": budget, "batch": n, "mode_used": md,
+              "cpu_seconds_total": round(time.process_time() - cpu0, 2), "history": history}
+    cal = _as_calibration(req, mode, rtol, res, sizing)
+    cal.info["cpu_seconds"] = sizing["cpu_seconds_total"]  # the whole sizing, pilot included
+    return cal
+
+
+class _ProgressBar:
+    """A tqdm bar over the CPU-second budget (ETA included), advanced as each fit phase ends."""
+
+    def __init__(self, req: CalibrationRequest, budget: float) -> None:
+        self.t0 = self.last = time.process_time()
+        self.bar = None
+        if req.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=round(budget), unit="CPU s", desc=f"calibrate NFE {req.nfe}", leave=False)
+
+    def tick(self, what: str) -> None:
+        if self.bar is not None:
+            now = time.process_time()
+            self.bar.update(min(now - self.last, max(0.0, self.bar.total - self.bar.n)))
+            self.bar.set_postfix_str(what, refresh=True)
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _as_calibration(req: CalibrationRequest, mode: str, rtol: float, res: FitResult, sizing: Dict[str, Any]) -> Calibration:
     pick = "init" if res.fallback else "fitted"
     table = res.solver.to_dict()
     table["meta"] = {k: v for k, v in table["meta"].items() if k not in ("fingerprint",)}
     return Calibration(
         kind=mode if mode == "dc" else "learned", solver=req.solver, nfe=res.nfe, times=list(res.solver.times),
         solvers=[], grid="learned", calib_rmse=res.calib_rmse[pick], holdout_rmse=res.heldout_rmse[pick],
-        reference={"solver": "dopri5", "rtol": rtol, "dtype": "float64", "holdout_batch": int(xh.shape[0])},
+        reference={"solver": "dopri5", "rtol": rtol, "dtype": "float64", "holdout_batch": int(res.meta["n_heldout"]),
+                   "calib_batch": int(res.meta["n_calib"])},
         info={"mode": mode, "initial_solver": res.initial.meta.get("init"), "fallback": res.fallback,
               "calib_rmse": res.calib_rmse, "holdout_rmse": res.heldout_rmse, "cpu_seconds": res.cpu_seconds,
               "model_calls": res.model_calls, "candidates": res.candidates, "n_params": res.solver.n_params,
-              "initial_table": res.initial.to_dict()},
+              "initial_table": res.initial.to_dict(), "holdout_stats": res.meta["heldout_stats"],
+              "p_better": res.meta["p_better"], "sizing": sizing},
         table=table)
 
 

@@ -182,7 +182,9 @@ class CalibrationRequest:
     registered with ``solver_list=True``, the ``+``-joined candidate list); ``holdout`` /
     ``holdout_cond`` are the held-out batch (tensor or shape; ``None``: like ``x``, drawn with
     ``seed + 1``) and its conditioning; ``options`` are the extra keyword arguments of
-    ``calibrate``.
+    ``calibrate``. ``budget_s``: when not None the batches are not pinned and a kind that can
+    (``learned``, ``dc``) sizes them itself within that many CPU seconds (only ``x``'s sample
+    shape matters then; conditioning from :meth:`cond_for`); ``progress``: show a progress bar.
     """
 
     model: Callable
@@ -198,6 +200,18 @@ class CalibrationRequest:
     seed: int = 0
     guidance: Optional[float] = None
     options: Dict[str, Any] = field(default_factory=dict)
+    budget_s: Optional[float] = None
+    progress: bool = False
+    cond_sampler: Optional[Callable[[int], Optional[Dict[str, Any]]]] = None
+
+    def cond_for(self, n: int) -> Optional[Dict[str, Any]]:
+        """Conditioning for a self-sized batch of ``n`` samples (``cond_sampler(n)``; None when unconditional)."""
+        if self.cond_sampler is not None:
+            return self.cond_sampler(int(n))
+        if self.cond is not None:
+            raise ValueError("a self-sized calibration needs the conditioning as a function of the batch size "
+                             "(cond=lambda n: {...}), or pinned noise batches")
+        return None
 
     @property
     def velocity(self) -> Callable:
