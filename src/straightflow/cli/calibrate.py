@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..optimize import (CALIBRATION_KINDS, Calibration, calibrate, calibration_kinds, calibration_path,
-                        stored_calibrations)
+from ..optimize import (CALIBRATION_KINDS, Calibration, CalibrationMismatch, calibrate, calibration_kinds,
+                        calibration_path, model_fingerprint, stored_calibrations)
 from ..solvers import initial_noise
 from ..system import machine_line
 from ..train import max_steps_cap
@@ -89,9 +89,15 @@ def describe(cal: Calibration, run, cpu: Optional[float] = None) -> str:
     return "\n".join(lines)
 
 
-def pick_calibration(run, nfe: Optional[int], guidance: Optional[float], kind: Optional[str] = None) -> Calibration:
+def pick_calibration(run, nfe: Optional[int], guidance: Optional[float], kind: Optional[str] = None,
+                     shape: Optional[Sequence[int]] = None, verify: bool = False) -> Calibration:
     """The stored calibration of ``run`` for this NFE (any, when only one NFE is stored), guidance
-    scale and kind; the lowest held-out RMSE when several match. Clear errors otherwise."""
+    scale and kind; the lowest held-out RMSE when several match. Clear errors otherwise.
+
+    ``verify=True`` (and ``shape``, the sample shape) also drops files computed for other weights (the
+    fingerprint of ``run/model.safetensors``) or another shape; when only such stale files are left the
+    error says which and why (``sample --calibrated`` refuses them; ``sample --nfe`` ignores them,
+    :func:`valid_calibration`)."""
     cals = [c for c in stored_calibrations(run)
             if (kind is None or c.kind == kind) and (c.guidance == (None if guidance is None else float(guidance)))]
     hint = f"`straightflow calibrate {run} --nfe {nfe or 6}" + ("" if guidance is None else f" --guidance {guidance:g}") + "`"
@@ -107,7 +113,52 @@ def pick_calibration(run, nfe: Optional[int], guidance: Optional[float], kind: O
     if not at:
         raise FileNotFoundError(f"{run} has no calibration at NFE {nfe} (stored: NFE "
                                 f"{', '.join(str(c.budget_nfe) for c in cals)}): run {hint}")
+    if verify:
+        valid, stale = _split_valid(run, at, shape)
+        if not valid:
+            c, why = stale[0]
+            raise CalibrationMismatch(f"{calibration_file(run, c)} is stale ({why}): run {hint} --recompute")
+        at = valid
     return min(at, key=lambda c: c.holdout_rmse if c.holdout_rmse is not None else float("inf"))
+
+
+def calibration_file(run, cal: Calibration) -> Path:
+    """The file ``cal`` is stored in beside ``run``."""
+    return calibration_path(run, cal.kind, cal.solver, cal.budget_nfe, cal.guidance)
+
+
+def _split_valid(run, cals: Sequence[Calibration], shape: Optional[Sequence[int]]):
+    """``(valid, [(stale, why), ...])``: valid means the run's current weights and this sample shape."""
+    fp = model_fingerprint(run)
+    valid, stale = [], []
+    for c in cals:
+        if c.fingerprint != fp:
+            stale.append((c, "computed for other weights: the run was retrained or changed since"))
+        elif shape is not None and c.shape is not None and list(c.shape) != list(shape):
+            stale.append((c, f"computed for samples of shape {tuple(c.shape)}, this run samples {tuple(shape)}"))
+        else:
+            valid.append(c)
+    return valid, stale
+
+
+def valid_calibration(run, nfe: int, guidance: Optional[float], shape: Optional[Sequence[int]] = None
+                      ) -> Tuple[Optional[Calibration], Optional[str]]:
+    """``(calibration, note)`` for ``sample RUN --nfe K``: the valid stored calibration for budget ``nfe`` and
+    this guidance scale with the lowest held-out RMSE, or None; ``note`` is one line saying why stale files
+    at that budget were ignored (None when there were none)."""
+    g = None if guidance is None else float(guidance)
+    at = [c for c in stored_calibrations(run) if c.budget_nfe == int(nfe) and c.guidance == g]
+    if not at:
+        return None, None
+    valid, stale = _split_valid(run, at, shape)
+    note = None
+    if stale:
+        c, why = stale[0]
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        note = f"ignored {calibration_file(run, c)}{more}: {why}"
+    if not valid:
+        return None, note
+    return min(valid, key=lambda c: c.holdout_rmse if c.holdout_rmse is not None else float("inf")), note
 
 
 def register(sub) -> None:

@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from .. import coupling, grids, losses, paths, time as sftime
 from ..checkpoint import CheckpointError, RunInfo, load, run_info
 from ..recipe import DataSpec, ModelSpec, Objective, Recipe
-from ..solvers import available as solver_names
+from ..solvers import available as solver_names, choices as solver_choices
 from ..system import DEVICE_CHOICES, resolve_device
 from ..train import MAX_STEPS_ENV, TrainSettings
 
-__all__ = ["ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
+__all__ = ["ints", "positive_ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
            "add_path_recipe", "add_solver", "train_kwargs", "train_settings", "recipe", "smoke_cap", "load_run", "device",
            "step_progress"]
 
@@ -30,6 +30,17 @@ def ints(s: str) -> List[int]:
         return [int(v) for v in s.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def positive_ints(s: str) -> List[int]:
+    """``"4,8"`` -> ``[4, 8]``, every value an integer >= 1 (NFE budgets, step counts)."""
+    v = ints(s)
+    if not v:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {s!r}")
+    bad = [x for x in v if x < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"every value must be an integer >= 1, got {', '.join(map(str, bad))}")
+    return v
 
 
 def positive_int(s: str) -> int:
@@ -160,10 +171,26 @@ def smoke_cap(a: argparse.Namespace) -> Optional[int]:
     return int(raw)
 
 
-def add_solver(p: argparse.ArgumentParser, solver: str = "euler", steps: int = 8, grid: bool = True) -> None:
-    """``--solver`` (any registered name), ``--steps`` and ``--grid``."""
-    p.add_argument("--solver", default=solver, help=f"one of: {', '.join(solver_names())}")
-    p.add_argument("--steps", type=positive_int, default=steps, help="solver steps (NFE = steps x evaluations per step)")
+def add_solver(p: argparse.ArgumentParser, solver: str = "euler", steps: int = 8, grid: bool = True,
+               nfe: bool = False) -> None:
+    """``--solver`` (any registered name), ``--steps`` and ``--grid``.
+
+    ``nfe=True`` (``sample``): also ``--nfe K``, a budget in velocity evaluations for every solver (the
+    stored calibration for K when one is valid, else ``--solver`` at the most steps within K, else the
+    measured ``auto`` solver); ``--solver`` and ``--steps`` then default to None so that the command can
+    tell what was given (unset: ``solver``, ``steps``), and ``--steps`` with ``--nfe`` is refused.
+    """
+    names = solver_choices() if nfe else solver_names()
+    p.add_argument("--solver", default=None if nfe else solver,
+                   help=f"one of: {', '.join(names)}" + (f" (default {solver}; with --nfe: the stored calibration, "
+                                                          "else auto)" if nfe else ""))
+    p.add_argument("--steps", type=positive_int, default=None if nfe else steps,
+                   help=f"solver steps (NFE = steps x evaluations per step){f'; default {steps}' if nfe else ''}")
+    if nfe:
+        p.add_argument("--nfe", type=positive_int, default=None,
+                       help="budget in velocity evaluations per sample, for every solver: a stored calibration "
+                            "for it when one is valid (see `straightflow calibrate`), else --solver at the most "
+                            "steps within it, else solver auto; not with --steps")
     if grid:
         p.add_argument("--grid", default="uniform", help=f"one of: {', '.join(grids.available())}")
 

@@ -22,7 +22,7 @@ def families() -> Dict[str, List[str]]:
         "losses": losses.available(),
         "loss weightings": losses.WEIGHTINGS.names(),
         "couplings": coupling.available(),
-        "solvers": solvers.available(),
+        "solvers": solvers.choices(),  # auto included: sample resolves it per NFE
         "grids": grids.available(),
         "SDE diffusions": list(DIFFUSIONS),
         "metrics": metrics.available(),

@@ -25,8 +25,11 @@ from . import ipndm  # noqa: F401  (registers ipndm)
 from .guidance import ClassifierFreeGuidance
 from .protocol import Eval, State, Stepper, drive, trace
 from .noise import initial_noise
+from ..registry import UnknownNameError
 
-__all__ = ["sample", "invert", "available", "get_solver", "SampleResult", "NonFiniteError",
+AUTO = "auto"  # not a registered solver: ``sample``/``invert`` resolve it to one (:mod:`.auto`)
+
+__all__ = ["sample", "invert", "available", "choices", "resolve_auto", "AUTO", "get_solver", "SampleResult", "NonFiniteError",
            "register_solver", "SolverSpec", "ClassifierFreeGuidance", "solve", "initial_noise", "CountedVelocity",
            "Eval", "State", "Stepper", "drive", "trace"]
 
@@ -36,8 +39,52 @@ def available() -> list:
     return SOLVERS.names()
 
 
+def choices() -> list:
+    """What ``sample``/``invert`` accept as ``solver=``: every registered solver and ``"auto"`` (the
+    best fixed solver for the NFE budget ``steps``, measured: :mod:`straightflow.solvers.auto`)."""
+    return sorted(available() + [AUTO])
+
+
 def get_solver(name: str) -> SolverSpec:
+    if _is_auto(name):
+        raise ValueError('"auto" is not one solver: sample(..., solver="auto", steps=k) resolves it per NFE budget k '
+                         "(straightflow.solvers.resolve_auto); give a registered name here: " + ", ".join(available()))
     return SOLVERS.get(name)
+
+
+def _is_auto(name) -> bool:
+    return isinstance(name, str) and name.strip().lower() == AUTO
+
+
+def _canonical(name: str) -> str:
+    """The registered name, else an error listing :func:`choices` (``auto`` included)."""
+    try:
+        return SOLVERS.canonical(name)
+    except UnknownNameError:
+        raise UnknownNameError(f"unknown solver {name!r}; valid names: {', '.join(choices())}") from None
+
+
+def resolve_auto(nfe: int, grid: GridLike = "uniform", options: Optional[Dict[str, Any]] = None):
+    """``(solver name, steps, options)`` that ``solver="auto"`` runs for the NFE budget ``nfe``: the measured
+    choice of :data:`straightflow.solvers.auto.AUTO_TABLE` (above the table: its largest entry) at the largest
+    step count whose exact cost is within ``nfe`` (exactly ``nfe`` for every budget the table lists).
+    The choice was measured on the uniform grid with the solver's own options, so other grids and options
+    are refused."""
+    from .auto import auto_choice
+
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise ValueError(f'solver="auto" takes steps = the NFE budget (an integer), got {nfe!r}')
+    if _is_explicit(grid) or str(grid).lower() != "uniform":
+        raise ValueError('solver="auto" was measured on the uniform grid: pass a named solver to use grid='
+                         f"{grid if isinstance(grid, str) else 'a tensor'}")
+    if options:
+        raise ValueError(f'solver="auto" picks its solver\'s options itself; got {sorted(options)} (name a solver)')
+    name, opts = auto_choice(nfe)
+    spec = SOLVERS.get(name)
+    steps = spec.steps_for_nfe(nfe, **opts)
+    if spec.nfe(steps, **opts) > nfe:
+        raise ValueError(f'solver="auto" cannot meet NFE {nfe}: one {name} step costs {spec.nfe(1, **opts)}')
+    return name, steps, opts
 
 
 def solve(
@@ -118,6 +165,11 @@ def sample(
     evaluations per sample, guided rows included) and ``.trajectory`` when asked. ``steps``
     defaults to 8.
 
+    ``solver="auto"``: ``steps`` is the NFE budget ``k`` (required), and the solver measured best at ``k``
+    among the fixed ones runs on the uniform grid (:func:`resolve_auto`; ``docs/solvers-auto.md`` is the
+    table); ``result.nfe == k`` for every budget in the table (k = 2..12), and above it the NFE-12 choice
+    spends exactly ``k`` as well when its cost allows.
+
     ``solver`` may also be a calibration (``straightflow.optimize.calibrate(...)``, or any object
     with a ``sample(model, noise, cond=, guidance=, check_finite=)`` method): it fixes its own
     times and NFE and refuses a model, shape or guidance scale it was not computed for.
@@ -125,7 +177,13 @@ def sample(
     if not isinstance(solver, str):
         return _sample_calibrated(solver, model, noise, steps, grid, guidance, cond, seed, generator,
                                   return_trajectory, check_finite, solver_options)
-    SOLVERS.canonical(solver)  # fail on a bad name before any work
+    budget = None
+    if _is_auto(solver):
+        if steps is None:
+            raise ValueError('solver="auto" needs steps = the NFE budget (an integer >= 2)')
+        budget = steps
+        solver, steps, solver_options = resolve_auto(steps, grid, solver_options)
+    _canonical(solver)  # fail on a bad name before any work
     if steps is None and not _is_explicit(grid):
         steps = 8
     x, _ = initial_noise(noise, seed, generator)
@@ -137,15 +195,18 @@ def sample(
     velocity = model
     if guidance is not None:
         velocity = guidance if isinstance(guidance, ClassifierFreeGuidance) else ClassifierFreeGuidance(model, float(guidance))
-    return solve(velocity, x, g, solver, cond=cond, return_trajectory=return_trajectory,
-                 check_finite=check_finite, generator=generator, path=path, **solver_options)
+    res = solve(velocity, x, g, solver, cond=cond, return_trajectory=return_trajectory,
+                check_finite=check_finite, generator=generator, path=path, **solver_options)
+    if budget is not None:
+        res.info["auto"] = {"budget": int(budget), "solver": res.info["solver"], "steps": res.info["steps"]}
+    return res
 
 
 def _sample_calibrated(cal, model, noise, steps, grid, guidance, cond, seed, generator, return_trajectory,
                        check_finite, solver_options) -> SampleResult:
     run = getattr(cal, "sample", None)
     if not callable(run):
-        raise TypeError(f"solver must be a solver name ({', '.join(available())}) or a calibration, "
+        raise TypeError(f"solver must be a solver name ({', '.join(choices())}) or a calibration, "
                         f"got {type(cal).__name__}")
     nfe = getattr(cal, "nfe", None)
     budget = getattr(cal, "budget", None)
@@ -180,9 +241,14 @@ def invert(
     """Map data back to noise: integrate the same ODE from t = 1 to t = 0 on the reversed grid.
 
     With a deterministic solver, ``sample(model, invert(model, x).x)`` reconstructs ``x`` up to the
-    solver's discretisation error (which falls with its order).
+    solver's discretisation error (which falls with its order). ``solver="auto"``: ``steps`` is the NFE
+    budget, as in :func:`sample`.
     """
-    spec = SOLVERS.get(solver)
+    budget = None
+    if _is_auto(solver):
+        budget = steps
+        solver, steps, solver_options = resolve_auto(steps, grid, solver_options)
+    spec = SOLVERS.get(_canonical(solver))
     if spec.stochastic:
         raise ValueError(f"solver {spec.name!r} is stochastic; inversion needs a deterministic solver")
     if not torch.is_tensor(x1) or not x1.is_floating_point():
@@ -190,5 +256,8 @@ def invert(
     g = make_grid(grid, None if _is_explicit(grid) else steps, **(grid_options or {}))
     if float(g[0]) < float(g[-1]):
         g = g.flip(0)
-    return solve(model, x1, g, solver, cond=cond, return_trajectory=return_trajectory,
-                 check_finite=check_finite, path=path, **solver_options)
+    res = solve(model, x1, g, solver, cond=cond, return_trajectory=return_trajectory,
+                check_finite=check_finite, path=path, **solver_options)
+    if budget is not None:
+        res.info["auto"] = {"budget": int(budget), "solver": res.info["solver"], "steps": res.info["steps"]}
+    return res
