@@ -14,17 +14,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..optimize import (CALIBRATION_KINDS, Calibration, CalibrationMismatch, calibrate, calibration_kinds,
+from ..optimize import (CALIBRATION_KINDS, DEFAULT_BUDGET_S, Calibration, CalibrationMismatch, calibrate, calibration_kinds,
                         calibration_path, model_fingerprint, stored_calibrations)
 from ..solvers import initial_noise
 from ..system import machine_line
 from ..train import max_steps_cap
 from . import flags
-
-
-def _labels(model, n: int) -> Optional[dict]:
-    k = getattr(model, "num_classes", None)
-    return {"y": torch.arange(n) % int(k)} if k else None
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -33,27 +28,45 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     kind = CALIBRATION_KINDS.get(a.kind).name
     if info.average_velocity:
         raise ValueError(f"{a.run} is an average-velocity ({info.objective}) run: its sampler takes no calibration")
+    self_sized = kind in ("learned", "dc") and a.batch is None
+    if a.budget is not None and not self_sized:
+        raise ValueError("--budget sizes the batches of a learned/dc calibration: drop --batch (or --budget)")
+    if a.budget is not None and not a.budget > 0:
+        raise ValueError(f"--budget must be > 0 CPU seconds, got {a.budget:g}")
+    if a.rtol is not None and not 0 < a.rtol < 1:
+        raise ValueError(f"--rtol must be in (0, 1), got {a.rtol:g}")
+    budget = a.budget if a.budget is not None else DEFAULT_BUDGET_S
+    batch = a.batch or 256
     if max_steps_cap() is not None:  # smoke tests (the README test): a small, cheap calibration
-        a.batch, a.mode, a.rtol = min(a.batch, 32), a.mode or "ls", max(a.rtol, 1e-4)
-    cond = _labels(model, a.batch)
-    if a.guidance is not None and cond is None:
+        self_sized, batch, a.mode = False, min(batch, 32), a.mode or "ls"
+        a.rtol = max(a.rtol or 1e-4, 1e-4)
+    k = getattr(model, "num_classes", None)
+    if a.guidance is not None and not k:
         raise ValueError("--guidance needs a class-conditional model")
-    # noise of its own (seeds 1000 + seed, 1001 + seed): never the noise `sample --seed` draws
-    x, _ = initial_noise((a.batch, *info.shape), seed=a.seed + 1000, device=dev)
-    xh, _ = initial_noise((a.batch, *info.shape), seed=a.seed + 1001, device=dev)
-    cond = None if cond is None else {"y": cond["y"].to(dev)}
+    labels = (lambda n, _k=int(k): {"y": (torch.arange(n) % _k).to(dev)}) if k else None
     options = {}
     if kind in ("learned", "dc"):
-        options["rtol"] = a.rtol
+        if a.rtol is not None:
+            options["rtol"] = a.rtol
         if a.mode and kind == "learned":
             options["mode"] = a.mode
+    if self_sized:
+        noise, extra = (1, *info.shape), {"cond": labels, "budget_s": budget, "progress": not a.quiet}
+        what = f"batches sized within {budget:g} CPU s"
+    else:
+        # noise of its own (seeds 1000 + seed, 1001 + seed): never the noise `sample --seed` draws
+        noise, _ = initial_noise((batch, *info.shape), seed=a.seed + 1000, device=dev)
+        xh, _ = initial_noise((batch, *info.shape), seed=a.seed + 1001, device=dev)
+        cond = None if labels is None else labels(batch)
+        extra = {"holdout": xh, "cond": cond, "holdout_cond": cond}
+        what = f"{batch} calibration + {batch} held-out samples"
     if not a.quiet:
-        print(f"calibrating {a.run}: {kind} ({a.solver}) at NFE {a.nfe}, {a.batch} calibration + {a.batch} held-out "
-              f"samples{'' if a.guidance is None else f', guidance {a.guidance:g}'}; the reference solve "
+        print(f"calibrating {a.run}: {kind} ({a.solver}) at NFE {a.nfe}, {what}"
+              f"{'' if a.guidance is None else f', guidance {a.guidance:g}'}; the reference solve "
               "(float64 dopri5) takes most of the time", flush=True)
     t0 = time.process_time()
-    cal = calibrate(model, kind, a.solver, a.nfe, x, run_dir=a.run, holdout=xh, cond=cond, holdout_cond=cond,
-                    guidance=a.guidance, recompute=a.recompute, path=info.path, **options)
+    cal = calibrate(model, kind, a.solver, a.nfe, noise, run_dir=a.run, guidance=a.guidance, recompute=a.recompute,
+                    path=info.path, seed=a.seed, **extra, **options)
     cpu = time.process_time() - t0
     print(describe(cal, a.run, cpu))
     return 0
@@ -70,8 +83,18 @@ def describe(cal: Calibration, run, cpu: Optional[float] = None) -> str:
         lines += ["| | held-out RMSE to the reference |", "|---|---:|",
                   f"| {init} (classical start, uniform grid) | {h.get('init', float('nan')):.3e} |",
                   f"| calibrated ({info.get('mode')}) | {h.get('fitted', float('nan')):.3e} |", ""]
+        st = info.get("holdout_stats")
+        if st:
+            lines += [f"Held-out RMSE of the calibration: {st['rmse']:.3e}, {st['level']:.0%} interval for a fresh batch "
+                      f"of {st['n']}: [{st['lo']:.3e}, {st['hi']:.3e}]; 99th percentile of the per-sample error "
+                      f"{st['p99']:.3e}.", ""]
+        sz = info.get("sizing") or {}
+        if sz.get("self_sized"):
+            lines += [f"Self-sized: {sz['batch']} calibration + {sz['batch']} held-out samples, mode {sz['mode_used']}, "
+                      f"within a budget of {sz['budget_s']:g} CPU s ({len(sz['history'])} fits).", ""]
         if info.get("fallback"):
-            lines.append(f"The fitted table was not better on held-out noise: the calibration is {init} itself.")
+            lines.append(f"The fitted table was not better on held-out noise (bootstrap probability "
+                         f"{info.get('p_better', 0):.2f} < 0.9): the calibration is {init} itself.")
         else:
             lines.append(f"{h['init'] / h['fitted']:.2f}x lower error than {init} at the same NFE "
                          f"({info.get('n_params')} parameters).")
@@ -170,7 +193,12 @@ def register(sub) -> None:
                    help="starting solver (learned, dc; auto = the best classical one at this NFE), the solver "
                         "(boss), or a +-joined candidate list (search)")
     c.add_argument("--mode", default=None, help="learned: auto (default), ls (no backpropagation), grad, ls+grad")
-    c.add_argument("--batch", type=flags.positive_int, default=256, help="calibration batch (and held-out batch) size")
+    c.add_argument("--batch", type=flags.positive_int, default=None,
+                   help="pin the calibration (and held-out) batch size; default for learned/dc: self-sized within "
+                        "--budget (other kinds: 256)")
+    c.add_argument("--budget", type=float, default=None,
+                   help=f"CPU seconds a learned/dc calibration may take while it sizes its own batches "
+                        f"(default {DEFAULT_BUDGET_S:g})")
     c.add_argument("--rtol", type=float, default=1e-5,
                    help="tolerance of the float64 dopri5 reference (learned, dc)")
     c.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale to calibrate at")

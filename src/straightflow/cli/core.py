@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,7 +11,7 @@ import torch
 
 from .. import data as sfdata, models, plotting, report
 from ..images.latent import is_latent_run, load_latent
-from ..optimize import calibrate, calibrated_grid
+from ..optimize import DEFAULT_BUDGET_S, calibrate, calibrated_grid
 from .calibrate import calibration_file, pick_calibration, valid_calibration
 from ..runs import train_recipe
 from ..report import steps_for
@@ -37,16 +36,6 @@ def cmd_train(a: argparse.Namespace) -> int:
     if not a.no_calibrate:
         calibrate_after_training(res, wall, a.calibrate_nfe, progress=not a.quiet)
     return 0
-
-
-def _library_budget() -> Optional[float]:
-    """``calibrate``'s default CPU budget (None: it takes no ``budget_s`` or has no numeric default)."""
-    p = inspect.signature(calibrate).parameters.get("budget_s")
-    return float(p.default) if p is not None and isinstance(p.default, (int, float)) else None
-
-
-def _calibrate_takes(name: str) -> bool:
-    return name in inspect.signature(calibrate).parameters
 
 
 def calibrate_after_training(res, wall_s: float, nfes: Sequence[int], progress: bool = True) -> list:
@@ -74,13 +63,10 @@ def calibrate_after_training(res, wall_s: float, nfes: Sequence[int], progress: 
         reason = f"a class-conditional model with no null class: calibrate with {later} (it draws labels)"
     elif res.resumed_from is not None and res.resumed_from >= res.steps:
         reason = "nothing was trained: the stored calibrations (if any) still apply"
-    elif not _calibrate_takes("budget_s"):
-        reason = f"this calibrate() takes no CPU budget yet, so none is run here: use {later}"
     if reason is None and not nfes:
         return []
-    default = _library_budget()
     cap = CALIBRATE_SHARE * wall_s
-    total = cap if default is None else min(default * len(nfes), cap)
+    total = min(DEFAULT_BUDGET_S * len(nfes), cap)
     per = total / max(1, len(nfes))
     if reason is None and per < MIN_CALIBRATE_S:
         reason = (f"training took {wall_s:.1f} s: {int(CALIBRATE_SHARE * 100)}% of it ({total:.1f} CPU s) is too "
@@ -90,13 +76,10 @@ def calibrate_after_training(res, wall_s: float, nfes: Sequence[int], progress: 
         return []
     print(f"calibrating NFE {', '.join(map(str, nfes))} for fast sampling (budget ~{total:.0f} CPU s; "
           "--no-calibrate to skip)", flush=True)
-    kw = {"path": info.path}
-    if _calibrate_takes("progress"):
-        kw["progress"] = progress
+    kw = {"path": info.path, "progress": progress, "noise_or_shape": (1, *info.shape)}
     k = getattr(model, "num_classes", None)
-    if k:  # labels cycled through the classes, as `sample` draws them (pins the batch at 256)
-        y = torch.arange(256) % int(k)
-        kw.update(noise_or_shape=(256, *info.shape), cond={"y": y}, holdout_cond={"y": y})
+    if k:  # labels cycled through the classes, as `sample` draws them, for every self-sized batch
+        kw["cond"] = lambda n, _k=int(k): {"y": torch.arange(n) % _k}
     out = []
     for nfe in nfes:
         c0 = time.process_time()

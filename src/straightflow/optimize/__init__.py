@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from .base import NoiseLike  # noqa: F401
 from .boss import bellman_path, boss_cost_table, boss_grid
-from .compute import calibrate, calibrated_grid, calibrated_schedule
+from .compute import DEFAULT_BUDGET_S, calibrate, calibrated_grid, calibrated_schedule
 from .record import (  # noqa: F401
     CALIBRATION_DIR,
     CALIBRATION_KINDS,
@@ -56,6 +56,7 @@ from .record import (  # noqa: F401
     stored_calibrations,
 )
 from .learned import DCCompensation, FitResult, LearnedSolver, fit_dc, fit_learned, fit_ls, fit_grad  # noqa: F401
+from .errors import ErrorStats, error_stats, per_sample_sq_error, prob_better  # noqa: F401
 from .reference import ReferenceTrajectory, reference_trajectory
 from .search import Schedule, run_schedule, search_schedule
 

@@ -531,7 +531,7 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
               init: Optional[LearnedSolver] = None, names: Optional[Sequence[str]] = None,
               model64: Optional[Callable] = None, rtol: float = REF_TOL, grad_iters: int = 120,
               ridge: float = 1e-6, time_shifts: Sequence[float] = (0.7, 1.0, 1.4), dc_solver: Optional[str] = None,
-              references: Optional[Tuple[Reference, Reference]] = None,
+              references: Optional[Tuple[Reference, Reference]] = None, grad_rows: int = 2048,
               on_phase: Optional[Callable[[str], None]] = None) -> FitResult:
     """Fit a learned table (or DC ratios, ``mode="dc"``) at ``nfe`` evaluations to ``model``.
 
@@ -545,6 +545,8 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
     ``model64``: float64 model for the reference (default: a float64 copy of an ``nn.Module``).
     ``references``: precomputed (calibration, held-out) references to reuse across NFE; the
     calibration one is extended with the times a fit needs.
+    ``grad_rows``: the gradient fits (which back-propagate through the model ``grad_iters`` times)
+    use at most this many rows of the calibration batch; the least-squares fits use all of it.
     ``on_phase(name)`` is called as each phase ends (``"reference"``, ``"select"``, a mode's name,
     ``"held-out"``): progress bars.
 
@@ -600,7 +602,9 @@ def fit_learned(model: Callable, calib: Tensor, heldout: Tensor, nfe: int, mode:
                 fitted = best[1]
                 fitted.meta["time_shift"] = best[2]
         if md in ("grad", "ls+grad"):
-            fitted, st = fit_grad(model, x, r.at(1.0), fitted, c, guidance, iters=grad_iters)
+            rows = torch.arange(min(int(x.shape[0]), int(grad_rows)))  # L-BFGS through the model: a subset
+            fitted, st = fit_grad(model, x[rows], r.at(1.0)[rows], fitted, _slice_rows(c, rows), guidance,
+                                  iters=grad_iters)
             calls["fit"] += st["calls"]
         return fitted
 
@@ -698,11 +702,11 @@ def _self_sized(req: CalibrationRequest, mode: str, rtol: float, names, opts) ->
 
     A pilot fit on :data:`PILOT_BATCH` samples is timed; when it predicts that ``auto`` (which
     back-propagates through the model) cannot reach 256 samples within half the budget, the mode
-    falls back to ``ls`` (no back-propagation). The first real fit takes the largest ``n`` (a
-    doubling of the pilot) predicted to cost at most a third of the budget; then ``n`` doubles
-    while the held-out prediction interval is wider than +-:data:`STABLE_REL_HALFWIDTH` (or
-    ``n < MIN_STABLE_BATCH``) and the next fit (predicted from the last one, times 2.2) fits in
-    what is left. The last fit is the calibration; the history is recorded in ``info["sizing"]``.
+    falls back to ``ls`` (no back-propagation). The first real fit takes the largest ``n`` (the
+    pilot times a power of 4) predicted to cost at most a quarter of the budget; then ``n`` grows
+    (x4, or x2 when only that fits) while the held-out prediction interval is wider than
+    +-:data:`STABLE_REL_HALFWIDTH` (or ``n < MIN_STABLE_BATCH``) and the next fit (predicted from
+    the last one, times 2.2 per doubling) fits in what is left. The last fit is the calibration; the history is recorded in ``info["sizing"]``.
     """
     cpu0 = time.process_time()
     budget = float(req.budget_s)
@@ -729,18 +733,19 @@ def _self_sized(req: CalibrationRequest, mode: str, rtol: float, names, opts) ->
         res = fit(PILOT_BATCH, md)
         per_sample = history[-1]["cpu_s"] / PILOT_BATCH
     n = PILOT_BATCH
-    while 2 * n <= MAX_BATCH and per_sample * 2 * n <= budget / 3:
-        n *= 2
+    while 4 * n <= MAX_BATCH and per_sample * 4 * n <= budget / 4:
+        n *= 4
     if n > PILOT_BATCH:
         res = fit(n, md)
     while True:
         stats = res.meta["heldout_stats"]
         rel = (stats["hi"] - stats["lo"]) / (2 * stats["rmse"]) if stats["rmse"] > 0 else 0.0
-        if (rel <= STABLE_REL_HALFWIDTH and n >= MIN_STABLE_BATCH) or 2 * n > MAX_BATCH:
+        if (rel <= STABLE_REL_HALFWIDTH and n >= MIN_STABLE_BATCH) or n >= MAX_BATCH:
             break
+        grow = 4 if time.process_time() - cpu0 + 4.4 * history[-1]["cpu_s"] <= budget else 2
         if time.process_time() - cpu0 + 2.2 * history[-1]["cpu_s"] > budget:
             break
-        n *= 2
+        n = min(MAX_BATCH, grow * n)
         res = fit(n, md)
     bar.close()
     sizing = {"self_sized": True, "budget_s": budget, "batch": n, "mode_used": md,
