@@ -56,7 +56,9 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 import dataclasses
 from contextlib import contextmanager
@@ -73,7 +75,8 @@ from .io import CheckpointError, load_tensors, save_tensors
 from .system import resolve_device
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE",
-           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap", "max_steps"]
+           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap", "max_steps", "Interrupted", "StopRequest",
+           "interruptible"]
 
 STATE_FILE = "train_state.safetensors"
 STATE_FORMAT = 1
@@ -114,6 +117,80 @@ def max_steps_cap() -> Optional[int]:
     return _STEP_CAP.get()
 
 PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------- interruption (Ctrl-C, SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A long job stopped on SIGINT/SIGTERM at a step boundary, after writing a checkpoint there.
+
+    ``str(e)`` is the one line the command line prints ("interrupted at step N of M; rerun the same
+    command to resume"); ``step``, ``total``, ``unit`` (``"step"``, ``"shard"``) and ``out`` (where the
+    checkpoint is, None when nothing was saved) say where. A ``KeyboardInterrupt`` subclass, so code
+    that catches ``Exception`` does not swallow it."""
+
+    def __init__(self, step: int, total: int, out: Optional[PathLike] = None, unit: str = "step") -> None:
+        self.step, self.total, self.unit = int(step), int(total), str(unit)
+        self.out = None if out is None else Path(out)
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        where = f"interrupted at {self.unit} {self.step} of {self.total}"
+        if self.out is None:
+            return where + "; nothing was saved (no output directory)"
+        return where + "; rerun the same command to resume"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+class StopRequest:
+    """The flag :func:`interruptible` sets: ``signal`` is the first signal number received (None: none)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+_STOP_FLAGS: List[StopRequest] = []  # the open interruptible() blocks (nested blocks share the handlers)
+
+
+def _on_signal(signum, frame) -> None:
+    if signum == signal.SIGINT and any(_STOP_FLAGS):
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now (every file is written atomically)
+    for f in _STOP_FLAGS:
+        if f.signal is None:
+            f.signal = signum
+
+
+@contextmanager
+def interruptible() -> Iterator[StopRequest]:
+    """Within the block, SIGINT and SIGTERM set the yielded :class:`StopRequest` instead of stopping the
+    process, so a loop can finish its step, checkpoint and raise :class:`Interrupted`; a second Ctrl-C
+    raises ``KeyboardInterrupt`` at once. The previous handlers come back when the block ends. Off the
+    main thread (where handlers cannot be set) and for a signal the process ignores, nothing changes.
+    The one mechanism every training loop (:class:`Trainer`) and pair generation use."""
+    flag = StopRequest()
+    installed: Dict[int, Any] = {}
+    if not _STOP_FLAGS and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                prev = signal.getsignal(sig)
+                if prev is signal.SIG_IGN or prev is None:
+                    continue  # ignored on purpose (nohup, a background job): keep it so
+                installed[sig] = signal.signal(sig, _on_signal)
+            except (ValueError, OSError):  # not the main interpreter
+                pass
+    _STOP_FLAGS.append(flag)
+    try:
+        yield flag
+    finally:
+        _STOP_FLAGS.remove(flag)
+        for sig, prev in installed.items():
+            signal.signal(sig, prev)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -744,16 +821,18 @@ class Trainer:
         save_model(self.out, self._export_model(), config)
 
     # ------------------------------------------------------------------ loop
-    def _check(self, loss: Tensor, gn: Tensor) -> Tuple[float, float]:
-        """One host sync per step: the loss and gradient norm as floats (mean over ranks)."""
+    def _check(self, loss: Tensor, gn: Tensor, stop: StopRequest) -> Tuple[float, float, bool]:
+        """One host sync per step: the loss and gradient norm as floats (mean over ranks), and whether to
+        stop after this step (a signal received; under DDP by any rank, so every rank stops at the same step)."""
         if self.world_size > 1:
-            v = torch.stack((loss.detach().float(), gn.float()))
+            v = torch.stack((loss.detach().float(), gn.float(), torch.ones_like(gn.float()) * bool(stop)))
             dist.all_reduce(v)
-            lv, gv = (v / self.world_size).tolist()
-            return lv, gv
+            lv, gv, sv = v.tolist()
+            return lv / self.world_size, gv / self.world_size, sv > 0
         if self.device.type == "cpu":
-            return loss.item(), gn.item()
-        return tuple(torch.stack((loss.detach().float(), gn.float())).tolist())
+            return loss.item(), gn.item(), bool(stop)
+        lv, gv = torch.stack((loss.detach().float(), gn.float())).tolist()
+        return lv, gv, bool(stop)
 
     def _nonfinite(self, step: int, lv: float, gv: float, lr: float) -> NonFiniteLossError:
         what = "loss" if not math.isfinite(lv) else "gradient norm"
@@ -801,6 +880,17 @@ class Trainer:
     def _loop(self) -> None:
         from tqdm.auto import tqdm
 
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
+                   unit="step", dynamic_ncols=True, desc=self.desc)
+        with interruptible() as stop:
+            try:
+                self._steps(stop, bar)
+            finally:
+                bar.close()
+
+    def _steps(self, stop: StopRequest, bar) -> None:
+        """The steps from ``self.step + 1`` to ``steps``; on a stop request (:func:`interruptible`) the
+        step in flight finishes, a checkpoint is written and :class:`Interrupted` raised."""
         x, y, x0 = self.x, self.y, self.x0
         dev = self.device
         host = dev.type == "cpu"
@@ -814,59 +904,57 @@ class Trainer:
         log_every, ckpt_every, steps = self.cfg.log_every, self.cfg.ckpt_every, self.cfg.steps
         acc = self.loss_acc
         smooth = None
-        bar = tqdm(total=steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
-                   unit="step", dynamic_ncols=True, desc=self.desc)
         cur_lr = None
-        try:
-            for step in range(self.step + 1, steps + 1):
-                lr = self.lr_at(step)
-                if lr != cur_lr:
-                    for g in groups:
-                        g["lr"] = lr
-                    cur_lr = lr
-                idx = sampler.next()
-                xb = x.index_select(0, idx)
-                cond = None if y is None else {"y": y.index_select(0, idx)}
-                x0b = None if x0 is None else x0.index_select(0, idx)
-                if not host:
-                    xb = xb.to(dev, non_blocking=True)
-                    if cond is not None:
-                        cond["y"] = cond["y"].to(dev, non_blocking=True)
-                    if x0b is not None:
-                        x0b = x0b.to(dev, non_blocking=True)
-                loss = flow.loss(xb, cond=cond, x0=x0b, generator=self.noise_gen, model=model)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(params, clip)
-                else:
-                    gn = _total_norm(params)
-                lv, gv = self._check(loss, gn)
-                if not (math.isfinite(lv) and math.isfinite(gv)):
-                    raise self._nonfinite(step, lv, gv, lr)
-                opt.step()
-                if use_ema:
-                    with torch.no_grad():
-                        if step > self.cfg.ema_start:
-                            torch._foreach_lerp_(ema_p, raw_p, 1.0 - ema_decay_at(step))
-                        else:
-                            torch._foreach_copy_(ema_p, raw_p)
-                        if raw_b:
-                            torch._foreach_copy_(ema_b, raw_b)
-                self.step = step
-                acc[0] += lv
-                acc[1] += 1
-                smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
-                if step % log_every == 0:
-                    self.history.append((step, acc[0] / acc[1]))
-                    acc[0], acc[1] = 0.0, 0
-                    bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                if ckpt_every and step % ckpt_every == 0 and step != steps:
-                    self._checkpoint()
-            self._checkpoint()
-        finally:
-            bar.close()
+        for step in range(self.step + 1, steps + 1):
+            lr = self.lr_at(step)
+            if lr != cur_lr:
+                for g in groups:
+                    g["lr"] = lr
+                cur_lr = lr
+            idx = sampler.next()
+            xb = x.index_select(0, idx)
+            cond = None if y is None else {"y": y.index_select(0, idx)}
+            x0b = None if x0 is None else x0.index_select(0, idx)
+            if not host:
+                xb = xb.to(dev, non_blocking=True)
+                if cond is not None:
+                    cond["y"] = cond["y"].to(dev, non_blocking=True)
+                if x0b is not None:
+                    x0b = x0b.to(dev, non_blocking=True)
+            loss = flow.loss(xb, cond=cond, x0=x0b, generator=self.noise_gen, model=model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip > 0:
+                gn = torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                gn = _total_norm(params)
+            lv, gv, stopping = self._check(loss, gn, stop)
+            if not (math.isfinite(lv) and math.isfinite(gv)):
+                raise self._nonfinite(step, lv, gv, lr)
+            opt.step()
+            if use_ema:
+                with torch.no_grad():
+                    if step > self.cfg.ema_start:
+                        torch._foreach_lerp_(ema_p, raw_p, 1.0 - ema_decay_at(step))
+                    else:
+                        torch._foreach_copy_(ema_p, raw_p)
+                    if raw_b:
+                        torch._foreach_copy_(ema_b, raw_b)
+            self.step = step
+            acc[0] += lv
+            acc[1] += 1
+            smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+            if step % log_every == 0:
+                self.history.append((step, acc[0] / acc[1]))
+                acc[0], acc[1] = 0.0, 0
+                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if stopping or (self.world_size == 1 and stop):
+                self._checkpoint()
+                raise Interrupted(step, steps, self.out)
+            if ckpt_every and step % ckpt_every == 0 and step != steps:
+                self._checkpoint()
+        self._checkpoint()
 
     def _result(self) -> TrainResult:
         history = list(self.history)

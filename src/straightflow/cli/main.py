@@ -3,7 +3,9 @@
 Every choice (data set, model, path, time distribution, loss, coupling, solver, grid, metric,
 method, suite) is read from the registries the library uses, so ``--help``, ``straightflow list``
 and the error messages name exactly what works. Library errors (bad names, broken run
-directories, bad values) are printed as one ``error: ...`` line with exit status 2.
+directories, bad values) are printed as one ``error: ...`` line with exit status 2. Ctrl-C or SIGTERM
+during a training loop or pair generation checkpoints at the step it reached and prints one line,
+"interrupted at step N of M; rerun the same command to resume", with exit status 130 (no traceback).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import torch
 
 from ..checkpoint import CheckpointError, UnfinishedRunWarning, straightflow_version
 from ..registry import UnknownNameError
-from ..train import max_steps
+from ..train import Interrupted, max_steps
 from . import align, bench, calibrate, control, core, demo, flags, hub, images, straighten, stream
 from .help import show_defaults
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C / SIGTERM (128 + SIGINT, as shells report)
 
 # (module, its register function), in the order ``--help`` lists the commands
 COMMANDS = (
@@ -71,3 +75,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (UnknownNameError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except Interrupted as e:  # a loop stopped at a step boundary and wrote its checkpoint there
+            print(e, file=sys.stderr, flush=True)
+            return INTERRUPTED
+        except KeyboardInterrupt:  # outside a loop (loading, evaluating): what is on disk is every checkpoint made
+            print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
+            return INTERRUPTED
