@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import shlex
 import sys
 import warnings
@@ -47,13 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
                                 "sample fast, control, stream and measure.")
     p.add_argument("--version", action="version", version=f"straightflow {straightflow_version()} (torch "
                    f"{torch.__version__}, Python {platform.python_version()})")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own choice)")
+    p.add_argument("--threads", type=flags.positive_int, default=None,
+                   help="torch intra-op threads, >= 1 (default: torch's own choice)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="smoke test: cap every training run at N steps (also $STRAIGHTFLOW_MAX_STEPS); not a real run")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for register in COMMANDS:
         register(sub)
     return show_defaults(p)
+
+
+def out_of_memory(e: BaseException) -> Optional[str]:
+    """One line for an allocation failure (CPU or GPU), else None: what was asked and what to change."""
+    msg = str(e)
+    low = msg.lower()
+    if not ("out of memory" in low or "can't allocate memory" in low or "cannot allocate memory" in low):
+        return None
+    m = re.search(r"allocate ([\d.]+) ?(bytes|[KMGT]iB|[KMGT]B)", msg)
+    asked = ""
+    if m:
+        size, unit = float(m.group(1)), m.group(2)
+        if unit == "bytes":
+            size, unit = size / 2 ** 30, "GiB"
+        asked = f" (an allocation of {size:.3g} {unit})"
+    return (f"out of memory{asked}: ask for less at once, e.g. a smaller --n, --batch-size or --batch, or "
+            "another --device")
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -74,6 +93,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return int(a.fn(a) or 0)
         except (UnknownNameError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            line = out_of_memory(e)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             return 2
         except Interrupted as e:  # a loop stopped at a step boundary and wrote its checkpoint there
             print(e, file=sys.stderr, flush=True)
