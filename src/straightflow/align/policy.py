@@ -156,9 +156,9 @@ class FlowPolicyBC:
 
 def behaviour_clone(env_id: str = "Pendulum-v1", out: Optional[Union[str, Path]] = None, steps: int = 2000,
                     episodes: int = 30, noise: float = 0.5, hidden: int = 128, depth: int = 3, batch_size: int = 256,
-                    lr: float = 1e-3, seed: int = 0, progress: bool = True, ema: float = 0.995):
-    """Collect expert data and behaviour-clone an :class:`ObsMLP` flow policy (a normal run in ``out``).
-    Returns ``(TrainResult, info)`` with the expert's return and the data size in ``info``."""
+                    lr: float = 1e-3, seed: int = 0, progress: bool = True, ema: float = 0.995, device: str = "cpu"):
+    """Collect expert data and behaviour-clone an :class:`ObsMLP` flow policy (a normal run in ``out``) on
+    ``device``. Returns ``(TrainResult, info)`` with the expert's return and the data size in ``info``."""
     from ..train import train
 
     obs, act_, ret = expert_data(env_id, episodes, noise, seed)
@@ -171,7 +171,8 @@ def behaviour_clone(env_id: str = "Pendulum-v1", out: Optional[Union[str, Path]]
                         "noise": noise}}
     res = train(FlowPolicyBC(model), data, steps=steps, out=out, batch_size=batch_size, lr=lr, seed=seed,
                 progress=progress, ema_decay=ema, warmup=min(100, steps // 10), lr_schedule="cosine",
-                extra_config=extra, log_every=min(50, steps))
+                extra_config=extra, log_every=min(50, steps), device=device)
+    res.model = res.model.cpu()  # acting steps the environment on the CPU
     res.model.run_config = {"data": {"name": f"{env_id}-actions", "shape": [int(act_.shape[1])]}, **extra}
     return res, {"expert_return": ret, "n": int(obs.shape[0])}
 

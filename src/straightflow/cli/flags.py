@@ -70,8 +70,9 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, help=f"torch device: {DEVICE_CHOICES}")
+def add_device(p: argparse.ArgumentParser, default: str = "auto", help_suffix: str = "") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"torch device: {DEVICE_CHOICES}" + (f" ({help_suffix})" if help_suffix else ""))
 
 
 def device(a: argparse.Namespace):
