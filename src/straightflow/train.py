@@ -59,6 +59,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 import dataclasses
 from contextlib import contextmanager
@@ -73,6 +74,7 @@ from torch import Tensor, nn
 
 from .io import CheckpointError, load_tensors, save_tensors
 from .system import resolve_device
+from .trainlog import TrainLog, check_log, sample_grid
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE",
            "read_train_state", "MAX_STEPS_ENV", "max_steps_cap", "max_steps", "Interrupted", "StopRequest",
@@ -359,8 +361,9 @@ class TrainSettings:
     from the first update. The decay is a pure function of the step, so resume stays bit-exact.
     ``grad_clip=0``: no clipping (the gradient norm is still checked for
     NaN/Inf). With ``lr_schedule="cosine"`` the decay horizon is ``lr_decay_steps`` (default
-    ``steps``). :meth:`to_config` / :meth:`from_config` are the one place these are written to and
-    read from a run's config.
+    ``steps``). ``log``: the training log written into ``out/logs/`` (:mod:`straightflow.trainlog`:
+    ``"csv"``, ``"tensorboard"``, ``"wandb"`` or ``"none"``). :meth:`to_config` / :meth:`from_config` are
+    the one place these are written to and read from a run's config.
     """
 
     steps: int
@@ -380,6 +383,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    log: str = "csv"
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalised once, here)
@@ -413,6 +417,7 @@ class TrainSettings:
             raise ValueError(f"ema_warmup must be True or False, got {self.ema_warmup!r}")
         put("device", str(self.device))
         put("progress", bool(self.progress))
+        put("log", check_log(self.log))
 
     def ema_decay_at(self, step: int) -> float:
         """EMA decay used at step ``step`` (1-based); 0 up to ``ema_start`` (the EMA copies the weights).
@@ -551,6 +556,8 @@ class Trainer:
             raise ValueError(f"data {self.data_name!r} has labels but the model is unconditional "
                              "(num_classes=None); build the model with num_classes or drop the labels")
         self.out = None if out is None else Path(out)
+        if self.out is not None:
+            check_log(settings.log, available=True)  # a missing tensorboard/wandb is said before any work
         cfg = getattr(model, "config", None)
         if self.out is not None and not (isinstance(cfg, dict) and "name" in cfg):
             raise TypeError(f"{type(model).__name__} has no model.config dict with a 'name', so its checkpoint "
@@ -880,15 +887,30 @@ class Trainer:
     def _loop(self) -> None:
         from tqdm.auto import tqdm
 
+        log = None
+        if self.out is not None and self.is_main and self.cfg.log != "none":
+            log = TrainLog(self.cfg.log, self.out, start_step=self.step, config=self.settings(), name=self.desc)
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
                    unit="step", dynamic_ncols=True, desc=self.desc)
         with interruptible() as stop:
             try:
-                self._steps(stop, bar)
+                self._steps(stop, bar, log)
             finally:
                 bar.close()
+                if log is not None:
+                    log.close()
 
-    def _steps(self, stop: StopRequest, bar) -> None:
+    def _log_samples(self, log: Optional[TrainLog]) -> None:
+        """The sample grid of the exported model at a checkpoint (a velocity flow on images or 2D points)."""
+        from .flow import Flow
+
+        if log is None or not isinstance(self.flow, Flow):
+            return
+        img = sample_grid(self._export_model(), self.x.shape[1:], self.num_classes, self.device, seed=self.cfg.seed)
+        if img is not None:
+            log.image(self.step, img)
+
+    def _steps(self, stop: StopRequest, bar, log: Optional[TrainLog] = None) -> None:
         """The steps from ``self.step + 1`` to ``steps``; on a stop request (:func:`interruptible`) the
         step in flight finishes, a checkpoint is written and :class:`Interrupted` raised."""
         x, y, x0 = self.x, self.y, self.x0
@@ -905,6 +927,7 @@ class Trainer:
         acc = self.loss_acc
         smooth = None
         cur_lr = None
+        clock, clock_step = time.perf_counter(), self.step
         for step in range(self.step + 1, steps + 1):
             lr = self.lr_at(step)
             if lr != cur_lr:
@@ -946,6 +969,12 @@ class Trainer:
             smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
             if step % log_every == 0:
                 self.history.append((step, acc[0] / acc[1]))
+                if log is not None:
+                    now = time.perf_counter()
+                    log.scalars(step, {"loss": acc[0] / acc[1], "lr": lr, "grad_norm": gv,
+                                       "ema_decay": ema_decay_at(step) if use_ema else 0.0,
+                                       "steps_per_s": (step - clock_step) / max(now - clock, 1e-9)})
+                    clock, clock_step = now, step
                 acc[0], acc[1] = 0.0, 0
                 bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
@@ -954,7 +983,9 @@ class Trainer:
                 raise Interrupted(step, steps, self.out)
             if ckpt_every and step % ckpt_every == 0 and step != steps:
                 self._checkpoint()
+                self._log_samples(log)
         self._checkpoint()
+        self._log_samples(log)
 
     def _result(self) -> TrainResult:
         history = list(self.history)

@@ -95,6 +95,7 @@ def register(sub) -> None:
     flags.add_seed(p)
     flags.add_device(p, default="cpu")
     flags.add_quiet(p)
+    flags.add_log(p)
     p.set_defaults(fn=cmd_align)
 
     q = sub.add_parser("policy", help="flow policy: behaviour-clone a scripted expert, fine-tune with ReinFlow (gymnasium)")

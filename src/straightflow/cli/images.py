@@ -60,6 +60,7 @@ def register(sub) -> None:
     flags.add_seed(p)
     flags.add_device(p)
     flags.add_quiet(p)
+    flags.add_log(p)
     p.set_defaults(fn=cmd_latent)
 
     g = sub.add_parser("generate", help="sample a pixel or latent run to PNG files + samples.npz (batched, resumable)")

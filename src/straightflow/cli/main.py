@@ -10,6 +10,7 @@ during a training loop or pair generation checkpoints at the step it reached and
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import shlex
@@ -85,6 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.command = "straightflow " + shlex.join(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if getattr(a, "log", None) == "wandb":  # W&B works offline unless the user's environment says otherwise
+        os.environ.setdefault("WANDB_MODE", "offline")
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line  # library warnings (an unfinished run, ...) as one line each
         warnings.simplefilter("always", UnfinishedRunWarning)

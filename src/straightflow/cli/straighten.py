@@ -286,7 +286,8 @@ def cmd_distill(a) -> int:
     cfg, smaller = _student_config(base_cfg, a)
     student = build_model(cfg, seed=a.seed)
     kw = dict(batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed, warmup=a.warmup,
-              ckpt_every=a.ckpt_every, device=str(dev), progress=not a.quiet, desc="distill",
+              ckpt_every=a.ckpt_every, device=str(dev), progress=not a.quiet, log=a.log, log_every=a.log_every,
+              desc="distill",
               allow_recipe_change=a.allow_recipe_change)
     extra = {"data_source": data_source} if data_source else {}
     if smaller and teacher is not None and a.guide_weight > 0:
@@ -376,6 +377,7 @@ def register(sub) -> None:
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--allow-recipe-change", action="store_true",
                    help="resume OUT even though the recipe differs from the saved one")
+    flags.add_log(r)
     r.add_argument("--eval-n", type=int, default=1024, help="trajectories for the straightness report")
     r.add_argument("--eval-steps", type=int, default=16, help="Euler steps for the straightness report")
     r.set_defaults(fn=cmd_reflow)
