@@ -38,10 +38,9 @@ def _opts(pairs) -> dict:
 def cmd_align(a) -> int:
     lora = {"r": a.lora_rank, "alpha": a.lora_alpha} if a.lora_rank else None
     prefs = tuple(a.preferences) if a.preferences else None
-    res = align(a.run, method=a.method, reward=a.reward, out=a.out, steps=a.steps, label=a.label, reg=a.reg, lora=lora,
-                batch_size=a.batch_size, lr=a.lr, ema=a.ema, ckpt_every=a.ckpt_every, seed=a.seed,
-                progress=not a.quiet, device=str(flags.device(a)), n_data=a.n_data, preferences=prefs,
-                **_opts(a.opt))
+    settings = flags.train_settings(a, log_every=min(a.log_every, a.steps) if a.steps >= 1 else a.log_every)
+    res = align(a.run, method=a.method, reward=a.reward, out=a.out, label=a.label, reg=a.reg, lora=lora,
+                n_data=a.n_data, preferences=prefs, settings=settings, **_opts(a.opt))
     c = res.cost
     print(f"aligned {a.run} with {a.method}: {res.steps} steps, final loss {res.final_loss:.4g}; model calls "
           f"{c['forward'] + c['grad_forward']} (+{c['reference']} reference, {c['data_forward']} for the data), "
