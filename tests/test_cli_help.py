@@ -43,3 +43,8 @@ def test_quick_help_says_what_it_takes():
     p = harness.parser(suite.SUITE)
     h = " ".join(p.format_help().split())
     assert "seconds" not in h and "about 8" in h
+
+
+@pytest.mark.parametrize("cmd", ["train", "align", "reflow", "distill", "meanflow", "latent", "policy"])
+def test_every_training_command_takes_log(capsys, cmd):
+    assert "--log {csv,tensorboard,wandb,none}" in _help(capsys, cmd)

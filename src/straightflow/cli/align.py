@@ -17,6 +17,7 @@ from ..align import align
 from ..align.base import available
 from ..align.policy import behaviour_clone, evaluate, reinflow_finetune
 from ..checkpoint import load
+from ..trainlog import LOG_KINDS
 from . import flags
 
 __all__ = ["register", "cmd_align", "cmd_policy"]
@@ -52,12 +53,12 @@ def cmd_policy(a) -> int:
     out = Path(a.out)
     bc_dir = out / "bc"
     res, info = behaviour_clone(a.env, out=bc_dir, steps=a.bc_steps, episodes=a.episodes, seed=a.seed,
-                                progress=not a.quiet, device=str(flags.device(a)))
+                                progress=not a.quiet, device=str(flags.device(a)), log=a.log)
     bc = load(bc_dir)
     before = evaluate(bc, a.env, episodes=a.eval_episodes, steps=a.denoise_steps)
     ft_dir = out / f"reinflow-k{a.denoise_steps}"
     ft = reinflow_finetune(bc_dir, out=ft_dir, rollouts=a.rollouts, denoise_steps=a.denoise_steps, seed=a.seed,
-                           progress=not a.quiet, reg=a.reg)
+                           progress=not a.quiet, reg=a.reg, log=a.log)
     after = evaluate(ft.model, a.env, episodes=a.eval_episodes, steps=a.denoise_steps)
     print(f"{a.env}: expert (noisy execution) {info['expert_return']:.1f}; behaviour-cloned {before['mean']:.1f} "
           f"+- {before['std']:.1f}; ReinFlow-fine-tuned {after['mean']:.1f} +- {after['std']:.1f} "
@@ -111,4 +112,6 @@ def register(sub) -> None:
     flags.add_device(q, default="cpu", help_suffix="for behaviour cloning; ReinFlow rollouts and evaluation step "
                      "the environment on the CPU")
     flags.add_quiet(q)
+    q.add_argument("--log", default="csv", choices=list(LOG_KINDS),
+                   help="training logs in OUT/bc/logs and OUT/reinflow-kK/logs (see straightflow train --help)")
     q.set_defaults(fn=cmd_policy)
