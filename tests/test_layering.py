@@ -4,7 +4,8 @@ Layers, each importing only from itself and those below it (``docs/architecture.
 
     5  cli                                    the ``straightflow`` command
     3  straighten control align images stream interop    features (library code)
-    2  train trainlog recipe runs optimize report hub  training, the recipe value, cached runs, calibration, evaluation, Hub directories
+    2  train trainlog recipe runs optimize report hub  training and its logs, the recipe value, cached runs,
+                                              calibration, evaluation, Hub directories
     1  models data metrics solvers flow oracle checkpoint    building blocks
     0  registry io paths time grids losses coupling plotting system    foundations
 

@@ -906,7 +906,12 @@ class Trainer:
 
         if log is None or not isinstance(self.flow, Flow):
             return
-        img = sample_grid(self._export_model(), self.x.shape[1:], self.num_classes, self.device, seed=self.cfg.seed)
+        try:  # a picture for the log never stops the training run
+            img = sample_grid(self._export_model(), self.x.shape[1:], self.num_classes, self.device,
+                              seed=self.cfg.seed)
+        except Exception as e:  # noqa: BLE001 - e.g. a NaN velocity at this checkpoint
+            warnings.warn(f"no sample grid logged at step {self.step}: {e}", stacklevel=2)
+            return
         if img is not None:
             log.image(self.step, img)
 

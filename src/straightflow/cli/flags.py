@@ -21,8 +21,8 @@ from ..train import MAX_STEPS_ENV, TrainSettings
 from ..trainlog import LOG_KINDS
 
 __all__ = ["ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
-           "add_path_recipe", "add_solver", "add_log", "train_kwargs", "train_settings", "recipe", "smoke_cap", "load_run",
-           "device", "step_progress"]
+           "add_path_recipe", "add_solver", "add_log", "train_kwargs", "train_settings", "recipe", "smoke_cap",
+           "load_run", "device", "step_progress"]
 
 
 def ints(s: str) -> List[int]:
