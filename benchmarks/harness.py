@@ -64,7 +64,9 @@ def parser(suite: Suite) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"straightflow bench {suite.name}", description=suite.doc or suite.help)
     p.add_argument("--out", default="bench_out", help="output directory (Markdown, JSON, plots)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (timings: 1)")
-    p.add_argument("--quick", action="store_true", help="tiny settings (seconds to minutes) to check the pipeline")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings that check the pipeline, not its figures (most suites take a few "
+                   "minutes on 2 CPU cores; `bench solvers --quick` about 8)")
     suite.arguments(p)
     return show_defaults(p)
 

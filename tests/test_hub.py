@@ -124,3 +124,30 @@ def test_readme_hub_snippet_runs(run, tmp_path, monkeypatch):
     assert (tmp_path / "hub" / "digits" / "README.md").is_file() and "| euler | 100 |" in (
         tmp_path / "hub" / "digits" / "README.md").read_text()
     assert scope["model"].run_config["data_source"] == "digits"
+
+
+def test_publish_refuses_a_non_empty_folder_without_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my own notes\n")
+    (out / "notes.txt").write_text("keep me\n")
+    assert main(["publish", str(run), "--out", str(out), "--nfe", ""]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (README.md, notes.txt)" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes.txt"]  # untouched
+    assert (out / "README.md").read_text() == "my own notes\n"
+    # --overwrite replaces the folder as a whole: the generated card, no foreign file left to upload
+    assert main(["publish", str(run), "--out", str(out), "--nfe", "", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert "straightflow" in (out / "README.md").read_text()
+    assert not list(tmp_path.glob(".mine.*"))  # no temporary folder left behind
+    # never the run itself
+    assert main(["publish", str(run), "--out", str(run), "--nfe", "", "--overwrite"]) == 2
+    assert "holds the run" in capsys.readouterr().err and (run / "config.json").is_file()
+
+
+def test_from_pretrained_missing_directory_is_one_clear_error(tmp_path):
+    from straightflow.io import CheckpointError
+
+    with pytest.raises(CheckpointError, match="run directory not found"):
+        sf.FlowModel.from_pretrained(str(tmp_path / "missing" / "dir"))

@@ -46,7 +46,7 @@ noise for every method:
   loops; medians after a warm-up, contenders interleaved, same process and thread count.
 
 Outputs ``out_dir/solvers.md``, ``out_dir/solvers.json`` and ``out_dir/solvers-<field>.png``.
-Run ``straightflow bench solvers --out DIR`` (``--quick`` for a seconds-long check).
+Run ``straightflow bench solvers --out DIR`` (``--quick``: a pipeline check, about 8 minutes on 2 CPU cores).
 """
 from __future__ import annotations
 

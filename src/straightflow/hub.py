@@ -21,6 +21,8 @@ the snapshot in the local Hub cache (``$HF_HUB_CACHE``) is used when there is on
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -146,12 +148,36 @@ if ModelHubMixin is not None:
             return cls(checkpoint.load(run), figures=figures)
 
         def save_pretrained(self, save_directory: Union[str, Path], *, figures: Optional[List[Dict[str, Any]]] = None,
-                            **kwargs: Any) -> Optional[str]:
+                            overwrite: bool = False, **kwargs: Any) -> Optional[str]:
             """Write ``save_directory`` (weights, ``config.json``, model card); ``figures`` replace the
-            measured rows on the card. Other arguments: :meth:`huggingface_hub.ModelHubMixin.save_pretrained`."""
+            measured rows on the card. A folder that exists and is not empty is refused (its files would be
+            kept beside the Hub directory, a ``README.md`` of its own would stand in for the card, and
+            ``push_to_hub`` would upload them all) unless ``overwrite=True``, which replaces it as a whole:
+            the new directory is written beside it and swapped in. Other arguments:
+            :meth:`huggingface_hub.ModelHubMixin.save_pretrained`."""
             if figures is not None:
                 self.figures = list(figures)
-            return super().save_pretrained(save_directory, **kwargs)
+            target = Path(save_directory)
+            old = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+            if target.exists() and not target.is_dir():
+                raise ValueError(f"{target} is a file; a Hub directory needs a folder")
+            if not old:
+                return super().save_pretrained(target, **kwargs)
+            if not overwrite:
+                shown = ", ".join(old[:5]) + (f" and {len(old) - 5} more" if len(old) > 5 else "")
+                raise ValueError(f"{target} is not empty ({shown}); a Hub directory is written into a new or empty "
+                                 "folder, so pick another one or replace it with overwrite=True (--overwrite)")
+            fresh = target.with_name(f".{target.name}.new-{os.getpid()}")
+            trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+            shutil.rmtree(fresh, ignore_errors=True)
+            try:
+                result = super().save_pretrained(fresh, **kwargs)
+                target.rename(trash)
+                fresh.rename(target)
+            finally:
+                shutil.rmtree(fresh, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
+            return result
 
         def _save_pretrained(self, save_directory: Path) -> None:
             checkpoint.save_model(save_directory, self.model, self.run_config)  # the card: generate_model_card
@@ -164,6 +190,7 @@ if ModelHubMixin is not None:
             or a directory; ``device=`` places the model."""
             directory = resolve_run_dir(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                         force_download=force_download, local_files_only=local_files_only, token=token)
+            checkpoint.load_config(directory)  # a missing or broken directory: the same one line as straightflow.load
             return super().from_pretrained(directory, **model_kwargs)
 
         def generate_model_card(self, *args: Any, **kwargs: Any) -> "ModelCard":

@@ -56,7 +56,10 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 import dataclasses
 from contextlib import contextmanager
@@ -71,9 +74,11 @@ from torch import Tensor, nn
 
 from .io import CheckpointError, load_tensors, save_tensors
 from .system import resolve_device
+from .trainlog import TrainLog, check_log, sample_grid
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "train", "NonFiniteLossError", "ResumeError", "STATE_FILE",
-           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap", "max_steps"]
+           "read_train_state", "MAX_STEPS_ENV", "max_steps_cap", "max_steps", "Interrupted", "StopRequest",
+           "interruptible"]
 
 STATE_FILE = "train_state.safetensors"
 STATE_FORMAT = 1
@@ -114,6 +119,80 @@ def max_steps_cap() -> Optional[int]:
     return _STEP_CAP.get()
 
 PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------- interruption (Ctrl-C, SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A long job stopped on SIGINT/SIGTERM at a step boundary, after writing a checkpoint there.
+
+    ``str(e)`` is the one line the command line prints ("interrupted at step N of M; rerun the same
+    command to resume"); ``step``, ``total``, ``unit`` (``"step"``, ``"shard"``) and ``out`` (where the
+    checkpoint is, None when nothing was saved) say where. A ``KeyboardInterrupt`` subclass, so code
+    that catches ``Exception`` does not swallow it."""
+
+    def __init__(self, step: int, total: int, out: Optional[PathLike] = None, unit: str = "step") -> None:
+        self.step, self.total, self.unit = int(step), int(total), str(unit)
+        self.out = None if out is None else Path(out)
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        where = f"interrupted at {self.unit} {self.step} of {self.total}"
+        if self.out is None:
+            return where + "; nothing was saved (no output directory)"
+        return where + "; rerun the same command to resume"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+class StopRequest:
+    """The flag :func:`interruptible` sets: ``signal`` is the first signal number received (None: none)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+_STOP_FLAGS: List[StopRequest] = []  # the open interruptible() blocks (nested blocks share the handlers)
+
+
+def _on_signal(signum, frame) -> None:
+    if signum == signal.SIGINT and any(_STOP_FLAGS):
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now (every file is written atomically)
+    for f in _STOP_FLAGS:
+        if f.signal is None:
+            f.signal = signum
+
+
+@contextmanager
+def interruptible() -> Iterator[StopRequest]:
+    """Within the block, SIGINT and SIGTERM set the yielded :class:`StopRequest` instead of stopping the
+    process, so a loop can finish its step, checkpoint and raise :class:`Interrupted`; a second Ctrl-C
+    raises ``KeyboardInterrupt`` at once. The previous handlers come back when the block ends. Off the
+    main thread (where handlers cannot be set) and for a signal the process ignores, nothing changes.
+    The one mechanism every training loop (:class:`Trainer`) and pair generation use."""
+    flag = StopRequest()
+    installed: Dict[int, Any] = {}
+    if not _STOP_FLAGS and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                prev = signal.getsignal(sig)
+                if prev is signal.SIG_IGN or prev is None:
+                    continue  # ignored on purpose (nohup, a background job): keep it so
+                installed[sig] = signal.signal(sig, _on_signal)
+            except (ValueError, OSError):  # not the main interpreter
+                pass
+    _STOP_FLAGS.append(flag)
+    try:
+        yield flag
+    finally:
+        _STOP_FLAGS.remove(flag)
+        for sig, prev in installed.items():
+            signal.signal(sig, prev)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -282,8 +361,9 @@ class TrainSettings:
     from the first update. The decay is a pure function of the step, so resume stays bit-exact.
     ``grad_clip=0``: no clipping (the gradient norm is still checked for
     NaN/Inf). With ``lr_schedule="cosine"`` the decay horizon is ``lr_decay_steps`` (default
-    ``steps``). :meth:`to_config` / :meth:`from_config` are the one place these are written to and
-    read from a run's config.
+    ``steps``). ``log``: the training log written into ``out/logs/`` (:mod:`straightflow.trainlog`:
+    ``"csv"``, ``"tensorboard"``, ``"wandb"`` or ``"none"``). :meth:`to_config` / :meth:`from_config` are
+    the one place these are written to and read from a run's config.
     """
 
     steps: int
@@ -303,6 +383,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    log: str = "csv"
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalised once, here)
@@ -336,6 +417,7 @@ class TrainSettings:
             raise ValueError(f"ema_warmup must be True or False, got {self.ema_warmup!r}")
         put("device", str(self.device))
         put("progress", bool(self.progress))
+        put("log", check_log(self.log))
 
     def ema_decay_at(self, step: int) -> float:
         """EMA decay used at step ``step`` (1-based); 0 up to ``ema_start`` (the EMA copies the weights).
@@ -474,6 +556,8 @@ class Trainer:
             raise ValueError(f"data {self.data_name!r} has labels but the model is unconditional "
                              "(num_classes=None); build the model with num_classes or drop the labels")
         self.out = None if out is None else Path(out)
+        if self.out is not None:
+            check_log(settings.log, available=True)  # a missing tensorboard/wandb is said before any work
         cfg = getattr(model, "config", None)
         if self.out is not None and not (isinstance(cfg, dict) and "name" in cfg):
             raise TypeError(f"{type(model).__name__} has no model.config dict with a 'name', so its checkpoint "
@@ -744,16 +828,18 @@ class Trainer:
         save_model(self.out, self._export_model(), config)
 
     # ------------------------------------------------------------------ loop
-    def _check(self, loss: Tensor, gn: Tensor) -> Tuple[float, float]:
-        """One host sync per step: the loss and gradient norm as floats (mean over ranks)."""
+    def _check(self, loss: Tensor, gn: Tensor, stop: StopRequest) -> Tuple[float, float, bool]:
+        """One host sync per step: the loss and gradient norm as floats (mean over ranks), and whether to
+        stop after this step (a signal received; under DDP by any rank, so every rank stops at the same step)."""
         if self.world_size > 1:
-            v = torch.stack((loss.detach().float(), gn.float()))
+            v = torch.stack((loss.detach().float(), gn.float(), torch.ones_like(gn.float()) * bool(stop)))
             dist.all_reduce(v)
-            lv, gv = (v / self.world_size).tolist()
-            return lv, gv
+            lv, gv, sv = v.tolist()
+            return lv / self.world_size, gv / self.world_size, sv > 0
         if self.device.type == "cpu":
-            return loss.item(), gn.item()
-        return tuple(torch.stack((loss.detach().float(), gn.float())).tolist())
+            return loss.item(), gn.item(), bool(stop)
+        lv, gv = torch.stack((loss.detach().float(), gn.float())).tolist()
+        return lv, gv, bool(stop)
 
     def _nonfinite(self, step: int, lv: float, gv: float, lr: float) -> NonFiniteLossError:
         what = "loss" if not math.isfinite(lv) else "gradient norm"
@@ -801,6 +887,37 @@ class Trainer:
     def _loop(self) -> None:
         from tqdm.auto import tqdm
 
+        log = None
+        if self.out is not None and self.is_main and self.cfg.log != "none":
+            log = TrainLog(self.cfg.log, self.out, start_step=self.step, config=self.settings(), name=self.desc)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
+                   unit="step", dynamic_ncols=True, desc=self.desc)
+        with interruptible() as stop:
+            try:
+                self._steps(stop, bar, log)
+            finally:
+                bar.close()
+                if log is not None:
+                    log.close()
+
+    def _log_samples(self, log: Optional[TrainLog]) -> None:
+        """The sample grid of the exported model at a checkpoint (a velocity flow on images or 2D points)."""
+        from .flow import Flow
+
+        if log is None or not isinstance(self.flow, Flow):
+            return
+        try:  # a picture for the log never stops the training run
+            img = sample_grid(self._export_model(), self.x.shape[1:], self.num_classes, self.device,
+                              seed=self.cfg.seed)
+        except Exception as e:  # noqa: BLE001 - e.g. a NaN velocity at this checkpoint
+            warnings.warn(f"no sample grid logged at step {self.step}: {e}", stacklevel=2)
+            return
+        if img is not None:
+            log.image(self.step, img)
+
+    def _steps(self, stop: StopRequest, bar, log: Optional[TrainLog] = None) -> None:
+        """The steps from ``self.step + 1`` to ``steps``; on a stop request (:func:`interruptible`) the
+        step in flight finishes, a checkpoint is written and :class:`Interrupted` raised."""
         x, y, x0 = self.x, self.y, self.x0
         dev = self.device
         host = dev.type == "cpu"
@@ -814,59 +931,66 @@ class Trainer:
         log_every, ckpt_every, steps = self.cfg.log_every, self.cfg.ckpt_every, self.cfg.steps
         acc = self.loss_acc
         smooth = None
-        bar = tqdm(total=steps, initial=self.step, disable=not (self.cfg.progress and self.is_main),
-                   unit="step", dynamic_ncols=True, desc=self.desc)
         cur_lr = None
-        try:
-            for step in range(self.step + 1, steps + 1):
-                lr = self.lr_at(step)
-                if lr != cur_lr:
-                    for g in groups:
-                        g["lr"] = lr
-                    cur_lr = lr
-                idx = sampler.next()
-                xb = x.index_select(0, idx)
-                cond = None if y is None else {"y": y.index_select(0, idx)}
-                x0b = None if x0 is None else x0.index_select(0, idx)
-                if not host:
-                    xb = xb.to(dev, non_blocking=True)
-                    if cond is not None:
-                        cond["y"] = cond["y"].to(dev, non_blocking=True)
-                    if x0b is not None:
-                        x0b = x0b.to(dev, non_blocking=True)
-                loss = flow.loss(xb, cond=cond, x0=x0b, generator=self.noise_gen, model=model)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(params, clip)
-                else:
-                    gn = _total_norm(params)
-                lv, gv = self._check(loss, gn)
-                if not (math.isfinite(lv) and math.isfinite(gv)):
-                    raise self._nonfinite(step, lv, gv, lr)
-                opt.step()
-                if use_ema:
-                    with torch.no_grad():
-                        if step > self.cfg.ema_start:
-                            torch._foreach_lerp_(ema_p, raw_p, 1.0 - ema_decay_at(step))
-                        else:
-                            torch._foreach_copy_(ema_p, raw_p)
-                        if raw_b:
-                            torch._foreach_copy_(ema_b, raw_b)
-                self.step = step
-                acc[0] += lv
-                acc[1] += 1
-                smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
-                if step % log_every == 0:
-                    self.history.append((step, acc[0] / acc[1]))
-                    acc[0], acc[1] = 0.0, 0
-                    bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                if ckpt_every and step % ckpt_every == 0 and step != steps:
-                    self._checkpoint()
-            self._checkpoint()
-        finally:
-            bar.close()
+        clock, clock_step = time.perf_counter(), self.step
+        for step in range(self.step + 1, steps + 1):
+            lr = self.lr_at(step)
+            if lr != cur_lr:
+                for g in groups:
+                    g["lr"] = lr
+                cur_lr = lr
+            idx = sampler.next()
+            xb = x.index_select(0, idx)
+            cond = None if y is None else {"y": y.index_select(0, idx)}
+            x0b = None if x0 is None else x0.index_select(0, idx)
+            if not host:
+                xb = xb.to(dev, non_blocking=True)
+                if cond is not None:
+                    cond["y"] = cond["y"].to(dev, non_blocking=True)
+                if x0b is not None:
+                    x0b = x0b.to(dev, non_blocking=True)
+            loss = flow.loss(xb, cond=cond, x0=x0b, generator=self.noise_gen, model=model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip > 0:
+                gn = torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                gn = _total_norm(params)
+            lv, gv, stopping = self._check(loss, gn, stop)
+            if not (math.isfinite(lv) and math.isfinite(gv)):
+                raise self._nonfinite(step, lv, gv, lr)
+            opt.step()
+            if use_ema:
+                with torch.no_grad():
+                    if step > self.cfg.ema_start:
+                        torch._foreach_lerp_(ema_p, raw_p, 1.0 - ema_decay_at(step))
+                    else:
+                        torch._foreach_copy_(ema_p, raw_p)
+                    if raw_b:
+                        torch._foreach_copy_(ema_b, raw_b)
+            self.step = step
+            acc[0] += lv
+            acc[1] += 1
+            smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+            if step % log_every == 0:
+                self.history.append((step, acc[0] / acc[1]))
+                if log is not None:
+                    now = time.perf_counter()
+                    log.scalars(step, {"loss": acc[0] / acc[1], "lr": lr, "grad_norm": gv,
+                                       "ema_decay": ema_decay_at(step) if use_ema else 0.0,
+                                       "steps_per_s": (step - clock_step) / max(now - clock, 1e-9)})
+                    clock, clock_step = now, step
+                acc[0], acc[1] = 0.0, 0
+                bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if stopping or (self.world_size == 1 and stop):
+                self._checkpoint()
+                raise Interrupted(step, steps, self.out)
+            if ckpt_every and step % ckpt_every == 0 and step != steps:
+                self._checkpoint()
+                self._log_samples(log)
+        self._checkpoint()
+        self._log_samples(log)
 
     def _result(self) -> TrainResult:
         history = list(self.history)

@@ -26,6 +26,7 @@ LoRA, ``adapter.safetensors`` (the adapter alone, reloadable with :func:`.lora.l
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time
@@ -452,6 +453,7 @@ def align(base: Union[str, Path, nn.Module], method: str = "dpo", reward=None, o
         raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
     seed, batch_size = settings.seed, settings.batch_size
     cls = METHODS.get(method)
+    check_options(cls, opts)
     model, base_cfg, base_dir = load_base(base)
     shape = sample_shape(model, base_cfg)
     path = (base_cfg.get("flow") or {}).get("path", "linear")
@@ -493,6 +495,33 @@ def align(base: Union[str, Path, nn.Module], method: str = "dpo", reward=None, o
     cost["seconds"] = round(time.process_time() - t0, 3)
     return AlignResult(run_dir=outp, model=aligned, module=module, steps=res.steps, final_loss=res.final_loss,
                        history=res.history, cost=cost, objective=objective)
+
+
+_SET_BY_ALIGN = ("model", "reward", "reg", "path", "reference", "heads", "preferences")
+
+
+def method_options(cls) -> List[str]:
+    """The ``opts`` (``--opt KEY=VALUE``) an alignment method's class accepts: the keyword parameters of its
+    ``__init__`` and of the parents it forwards ``**kw`` to, less those :func:`align` sets itself."""
+    names: set = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return sorted(names - {"self", *_SET_BY_ALIGN})
+
+
+def check_options(cls, opts: Dict[str, Any]) -> None:
+    """``ValueError`` naming the options ``cls`` does not take and those it does (before any work)."""
+    known = method_options(cls)
+    bad = sorted(set(opts) - set(known))
+    if bad:
+        raise ValueError(f"method {cls.name!r} has no option {', '.join(map(repr, bad))}; its options: "
+                         + (", ".join(known) if known else "none"))
 
 
 def forward_equivalents(cost: Dict[str, float]) -> float:

@@ -156,9 +156,10 @@ class FlowPolicyBC:
 
 def behaviour_clone(env_id: str = "Pendulum-v1", out: Optional[Union[str, Path]] = None, steps: int = 2000,
                     episodes: int = 30, noise: float = 0.5, hidden: int = 128, depth: int = 3, batch_size: int = 256,
-                    lr: float = 1e-3, seed: int = 0, progress: bool = True, ema: float = 0.995):
-    """Collect expert data and behaviour-clone an :class:`ObsMLP` flow policy (a normal run in ``out``).
-    Returns ``(TrainResult, info)`` with the expert's return and the data size in ``info``."""
+                    lr: float = 1e-3, seed: int = 0, progress: bool = True, ema: float = 0.995, device: str = "cpu",
+                    log: str = "csv"):
+    """Collect expert data and behaviour-clone an :class:`ObsMLP` flow policy (a normal run in ``out``) on
+    ``device``. Returns ``(TrainResult, info)`` with the expert's return and the data size in ``info``."""
     from ..train import train
 
     obs, act_, ret = expert_data(env_id, episodes, noise, seed)
@@ -171,7 +172,8 @@ def behaviour_clone(env_id: str = "Pendulum-v1", out: Optional[Union[str, Path]]
                         "noise": noise}}
     res = train(FlowPolicyBC(model), data, steps=steps, out=out, batch_size=batch_size, lr=lr, seed=seed,
                 progress=progress, ema_decay=ema, warmup=min(100, steps // 10), lr_schedule="cosine",
-                extra_config=extra, log_every=min(50, steps))
+                extra_config=extra, log_every=min(50, steps), device=device, log=log)
+    res.model = res.model.cpu()  # acting steps the environment on the CPU
     res.model.run_config = {"data": {"name": f"{env_id}-actions", "shape": [int(act_.shape[1])]}, **extra}
     return res, {"expert_return": ret, "n": int(obs.shape[0])}
 
@@ -398,9 +400,10 @@ class ReinFlowPPO(AlignObjective):
 def reinflow_finetune(base: Union[str, Path, nn.Module], out: Optional[Union[str, Path]] = None, rollouts: int = 20,
                       env_id: Optional[str] = None, denoise_steps: int = 4, lr: float = 1e-4, seed: int = 0,
                       progress: bool = True, ckpt_every: int = 50, reg: float = 0.0, grad_clip: float = 10.0,
-                      **opts: Any) -> AlignResult:
+                      log: str = "csv", **opts: Any) -> AlignResult:
     """ReinFlow-PPO fine-tuning of a behaviour-cloned flow policy for ``rollouts`` rollouts (a run in ``out``;
-    resumes after a kill). ``opts``: :class:`ReinFlowPPO` settings."""
+    resumes after a kill). ``log``: the training log (:mod:`straightflow.trainlog`). ``opts``:
+    :class:`ReinFlowPPO` settings."""
     import copy
     import time
 
@@ -418,7 +421,7 @@ def reinflow_finetune(base: Union[str, Path, nn.Module], out: Optional[Union[str
     info = {"method": "reinflow_ppo", "base_run": base_dir, "denoise_steps": denoise_steps, "rollouts": rollouts}
     trainer = AlignTrainer(obj, data, None if out is None else Path(out), steps, base_config=cfg, align_info=info,
                            batch_size=obj.n_envs, lr=lr, ema_decay=0.0, grad_clip=grad_clip, ckpt_every=ckpt_every,
-                           seed=seed, progress=progress, log_every=min(50, steps))
+                           seed=seed, progress=progress, log_every=min(50, steps), log=log)
     res = trainer.fit()
     module = _unwrap(trainer.model)
     pol = export_policy(module)

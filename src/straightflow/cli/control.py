@@ -103,7 +103,7 @@ def cmd_restore(a) -> int:
     else:
         kw = {"steps": a.steps, "seed": a.seed}
         if a.method in ("flowchef", "dps"):
-            kw["step_size"] = a.step_size if a.step_size is not None else 1.0
+            kw["step_size"] = a.step_size
         elif a.method == "flair":
             kw["sigma_y"] = a.noise
         res = inverse.restore(a.method, model, op, y, memory=not a.no_memory, **kw)
@@ -219,7 +219,8 @@ def register(sub) -> None:
     r.add_argument("--noise", type=float, default=0.05, help="measurement noise sigma_y")
     r.add_argument("--n", type=int, default=16)
     r.add_argument("--steps", type=int, default=50, help="sampling steps (PMRF: flow steps)")
-    r.add_argument("--step-size", type=float, default=None, help="flowchef/dps step size (units of 1/||A||^2 for flowchef)")
+    r.add_argument("--step-size", type=float, default=1.0,
+                   help="flowchef/dps step size (units of 1/||A||^2 for flowchef)")
     r.add_argument("--pmrf-steps", type=flags.int_pair, default=(300, 600), help="PMRF training steps: predictor,flow")
     r.add_argument("--no-memory", action="store_true", help="skip the (second, profiled) peak-memory run")
     flags.add_seed(r)

@@ -18,10 +18,11 @@ from ..recipe import DataSpec, ModelSpec, Objective, Recipe
 from ..solvers import available as solver_names, choices as solver_choices
 from ..system import DEVICE_CHOICES, resolve_device
 from ..train import MAX_STEPS_ENV, TrainSettings
+from ..trainlog import LOG_KINDS
 
-__all__ = ["ints", "positive_ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device", "add_model", "add_train",
-           "add_path_recipe", "add_solver", "train_kwargs", "train_settings", "recipe", "smoke_cap", "load_run", "device",
-           "step_progress"]
+__all__ = ["ints", "positive_ints", "positive_int", "int_pair", "float_pair", "add_seed", "add_quiet", "add_device",
+           "add_model", "add_train", "add_path_recipe", "add_solver", "add_log", "train_kwargs", "train_settings", "recipe",
+           "smoke_cap", "load_run", "device", "step_progress"]
 
 
 def ints(s: str) -> List[int]:
@@ -81,8 +82,9 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, help=f"torch device: {DEVICE_CHOICES}")
+def add_device(p: argparse.ArgumentParser, default: str = "auto", help_suffix: str = "") -> None:
+    p.add_argument("--device", default=default,
+                   help=f"torch device: {DEVICE_CHOICES}" + (f" ({help_suffix})" if help_suffix else ""))
 
 
 def device(a: argparse.Namespace):
@@ -106,6 +108,14 @@ def add_path_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coupling", default="independent", help=f"one of: {', '.join(coupling.available())}")
 
 
+def add_log(p: argparse.ArgumentParser) -> None:
+    """``--log`` (the training log in RUN/logs/, :mod:`straightflow.trainlog`) and ``--log-every``."""
+    p.add_argument("--log", default="csv", choices=list(LOG_KINDS),
+                   help="training log in OUT/logs/: scalars.csv and sample-grid PNGs (csv), TensorBoard event "
+                   "files (tensorboard --logdir runs/), W&B (offline unless $WANDB_MODE says otherwise), or none")
+    p.add_argument("--log-every", type=positive_int, default=50, help="log the scalars every N steps")
+
+
 def add_train(p: argparse.ArgumentParser, steps: int = 5000, batch_size: int = 256, lr: float = 1e-3,
               warmup: int = 100, ema: float = 0.999, ckpt_every: int = 1000, schedule: bool = True) -> None:
     """Training settings (:class:`straightflow.train.TrainSettings`), seed, device and ``--quiet``."""
@@ -124,15 +134,27 @@ def add_train(p: argparse.ArgumentParser, steps: int = 5000, batch_size: int = 2
     add_seed(p)
     add_device(p)
     add_quiet(p)
+    add_log(p)
 
 
-def train_settings(a: argparse.Namespace) -> TrainSettings:
-    """The :class:`~straightflow.train.TrainSettings` of :func:`add_train`'s flags (``--ema`` is ``ema_decay``)."""
-    kw: Dict[str, Any] = {}
-    if hasattr(a, "lr_schedule"):
-        kw.update(lr_schedule=a.lr_schedule, grad_clip=a.grad_clip)
-    return TrainSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, ema_decay=a.ema,
-                         ckpt_every=a.ckpt_every, seed=a.seed, device=str(device(a)), progress=not a.quiet, **kw)
+# flag (namespace attribute) -> TrainSettings field, for train_settings
+_SETTING_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup", "ema": "ema_decay",
+                  "ckpt_every": "ckpt_every", "seed": "seed", "lr_schedule": "lr_schedule", "grad_clip": "grad_clip",
+                  "log": "log", "log_every": "log_every"}
+
+
+def train_settings(a: argparse.Namespace, **fixed: Any) -> TrainSettings:
+    """The :class:`~straightflow.train.TrainSettings` of a command's training flags (:func:`add_train`'s, or
+    the subset a command has: ``--ema`` is ``ema_decay``, ``--quiet`` turns ``progress`` off, ``--device``
+    is resolved). ``fixed``: the fields the command sets itself (``steps=a.train_steps``, a default of its
+    own); a field with neither a flag nor a fixed value keeps the TrainSettings default."""
+    kw: Dict[str, Any] = {field: getattr(a, flag) for flag, field in _SETTING_FLAGS.items() if hasattr(a, flag)}
+    if hasattr(a, "device"):
+        kw["device"] = str(device(a))
+    if hasattr(a, "quiet"):
+        kw["progress"] = not a.quiet
+    kw.update(fixed)
+    return TrainSettings(**kw)
 
 
 def recipe(a: argparse.Namespace) -> Recipe:

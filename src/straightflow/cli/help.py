@@ -7,16 +7,27 @@ import argparse
 __all__ = ["HelpFormatter", "show_defaults"]
 
 
+def _default_note(action) -> str:
+    """``(default: X)`` for ``--help``: ``none`` for an unset option, a list as it is typed (``1,2,4``)."""
+    d = action.default
+    if d is None:
+        return "(default: none)"
+    if isinstance(d, (list, tuple)):  # as typed on the command line: 1,2,4, not [1, 2, 4]
+        return "(default: " + ",".join(str(v) for v in d).replace("%", "%%") + ")"
+    return "(default: %(default)s)"
+
+
 class HelpFormatter(argparse.HelpFormatter):
-    """``--help`` with every option's default (unless its help already names it, it is None, or the
-    option is a switch); descriptions keep their own line breaks."""
+    """``--help`` with every option's default (unless its help already names it, the option is required or
+    a switch): ``none`` for an unset one, a list as it is typed (``1,2,4``); descriptions keep their own
+    line breaks."""
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if ("default" in h.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0
-                or not action.option_strings):
+        if ("default" in h.lower() or action.default is argparse.SUPPRESS or action.nargs == 0
+                or not action.option_strings or action.required):
             return h
-        return h + " (default: %(default)s)"
+        return (h + " " + _default_note(action)).strip()
 
     def _fill_text(self, text, width, indent):  # indented lines (tables) stay as written, others wrap
         return "\n".join(indent + part if part[:1].isspace() or not part.strip()
@@ -34,5 +45,5 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 show_defaults(sub)
         elif (action.option_strings and not action.help and action.nargs != 0
               and action.default not in (None, argparse.SUPPRESS)):
-            action.help = "(default: %(default)s)"
+            action.help = _default_note(action)
     return parser

@@ -14,10 +14,14 @@ from . import flags
 def cmd_publish(a) -> int:
     from ..hub import FlowModel, measure  # huggingface_hub is imported only when publishing
 
+    out, run = Path(a.out).resolve(), Path(a.run).resolve()
+    if a.overwrite and (out == run or out in run.parents):
+        raise ValueError(f"--out {a.out} holds the run {a.run} itself; --overwrite would replace it: publish into "
+                         "another folder")
     model, _ = flags.load_run(a.run, device=flags.device(a))
     figures = measure(model, a.nfe, solver=a.solver, n=a.n, seed=a.seed) if a.nfe else []
     fm = FlowModel(model, figures=figures)
-    fm.save_pretrained(a.out)
+    fm.save_pretrained(a.out, overwrite=a.overwrite)
     print(f"Hub directory written to {a.out} ({', '.join(sorted(p.name for p in Path(a.out).iterdir()))})")
     if a.repo:
         url = fm.push_to_hub(a.repo, private=a.private or None)
@@ -30,6 +34,8 @@ def register(sub) -> None:
                        "--repo pushes it")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="directory to write (weights, config.json, README.md model card)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is not empty (without it a non-empty folder is refused)")
     p.add_argument("--repo", default=None, help="also push to this Hub repo (org/name; needs a login or HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--nfe", type=flags.ints, default=[8, 100],

@@ -5,7 +5,7 @@ import json
 
 from .. import checkpoint
 from ..images.fast import available as fast_samplers, sample_to_files
-from ..images.latent import is_latent_run, load_latent, train_latent_flow
+from ..images.latent import FLOW_WARMUP, is_latent_run, load_latent, train_latent_flow
 from . import flags
 
 _DATA_HELP = "shapes32, digits, mnist, another data set name, or a path (.npz/.npy, IDX, image folder)"
@@ -14,11 +14,11 @@ _DATA_HELP = "shapes32, digits, mnist, another data set name, or a path (.npz/.n
 def cmd_latent(a) -> int:
     if a.ae_steps < 1 or a.flow_steps < 1:
         raise ValueError(f"--ae-steps and --flow-steps must be >= 1, got {a.ae_steps} and {a.flow_steps}")
+    settings = flags.train_settings(a, steps=a.flow_steps, warmup=FLOW_WARMUP)  # the latent flow stage's recipe
     res = train_latent_flow(
         a.data, a.out, a.ae_steps, a.flow_steps, model=a.model, conditional=not a.unconditional, width=a.width,
         depth=a.depth, ae_kwargs={"latent_channels": a.latent_channels, "base_channels": a.ae_channels},
-        batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, hflip=a.hflip, seed=a.seed, ckpt_every=a.ckpt_every,
-        device=str(flags.device(a)), progress=not a.quiet, n=a.n, allow_recipe_change=a.allow_recipe_change)
+        hflip=a.hflip, n=a.n, allow_recipe_change=a.allow_recipe_change, settings=settings)
     rec = res.flow.autoencoder.config
     print(f"latent flow written to {res.run_dir}: autoencoder {list(res.flow.sample_shape)} -> "
           f"{list(res.flow.latent_shape)} (recon PSNR {getattr(res.flow.autoencoder, 'recon', {}).get('psnr', float('nan')):.2f} dB, "
@@ -60,6 +60,7 @@ def register(sub) -> None:
     flags.add_seed(p)
     flags.add_device(p)
     flags.add_quiet(p)
+    flags.add_log(p)
     p.set_defaults(fn=cmd_latent)
 
     g = sub.add_parser("generate", help="sample a pixel or latent run to PNG files + samples.npz (batched, resumable)")

@@ -42,7 +42,7 @@ from ..solvers import available as solver_names, sample
 from ..straighten.distill import distill, slimflow_distill
 from ..straighten.meanflow import MeanFlow, SplitMeanFlow, init_from_velocity, sample_mean
 from ..straighten.pairs import generate_pairs, load_pairs
-from ..straighten.reflow import reflow, straightness_report
+from ..straighten.reflow import default_ema, reflow, straightness_report
 from ..system import machine_line
 from ..time import available as time_names
 from ..train import train
@@ -143,9 +143,10 @@ def cmd_reflow(a) -> int:
         anneal = None
         if a.anneal or a.anneal_steps:
             anneal = {"warmup": a.anneal_steps or max(1, a.train_steps // 2), "kind": a.anneal_kind}
-        res = reflow(teacher, ds, a.train_steps, out=out, improved=a.improved, init=a.init, path=path,
-                     time_dist=a.time_dist, loss=a.loss, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     anneal=anneal, progress=not a.quiet, device=str(flags.device(a)), desc="reflow",
+        # the recipe's training settings: --steps here are the pair solver's, --train-steps the training's
+        settings = flags.train_settings(a, steps=a.train_steps, ema_decay=default_ema(a.train_steps))
+        res = reflow(teacher, ds, out=out, improved=a.improved, init=a.init, path=path, time_dist=a.time_dist,
+                     loss=a.loss, anneal=anneal, settings=settings, desc="reflow",
                      allow_recipe_change=a.allow_recipe_change)
         if not _main_rank():
             return 0
@@ -286,7 +287,8 @@ def cmd_distill(a) -> int:
     cfg, smaller = _student_config(base_cfg, a)
     student = build_model(cfg, seed=a.seed)
     kw = dict(batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, seed=a.seed, warmup=a.warmup,
-              ckpt_every=a.ckpt_every, device=str(dev), progress=not a.quiet, desc="distill",
+              ckpt_every=a.ckpt_every, device=str(dev), progress=not a.quiet, log=a.log, log_every=a.log_every,
+              desc="distill",
               allow_recipe_change=a.allow_recipe_change)
     extra = {"data_source": data_source} if data_source else {}
     if smaller and teacher is not None and a.guide_weight > 0:
@@ -328,9 +330,8 @@ def cmd_meanflow(a) -> int:
     else:
         obj = MeanFlow(model, time_dist=a.time_dist, ratio=a.ratio, adaptive_p=a.adaptive_p)
     method = obj.name
-    res = train(obj, ds, steps=a.steps, out=a.out, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-                ema_decay=a.ema, seed=a.seed, ckpt_every=a.ckpt_every, device=str(flags.device(a)),
-                progress=not a.quiet, desc="meanflow", allow_recipe_change=a.allow_recipe_change,
+    res = train(obj, ds, out=a.out, settings=flags.train_settings(a), desc="meanflow",
+                allow_recipe_change=a.allow_recipe_change,
                 extra_config={"data_source": a.data, "data_split": "train", "straighten": {"method": method}})
     ref, ref_name = _reference(a.data, a.n_eval, None)
     rows = eval_onestep(res.model, ref, EVAL_NFES, n=a.n_eval, seed=a.seed, mean=True, extractor=a.extractor)
@@ -376,6 +377,7 @@ def register(sub) -> None:
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--allow-recipe-change", action="store_true",
                    help="resume OUT even though the recipe differs from the saved one")
+    flags.add_log(r)
     r.add_argument("--eval-n", type=int, default=1024, help="trajectories for the straightness report")
     r.add_argument("--eval-steps", type=int, default=16, help="Euler steps for the straightness report")
     r.set_defaults(fn=cmd_reflow)

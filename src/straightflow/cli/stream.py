@@ -14,7 +14,7 @@ import torch
 from ..stream import load_stream_model, run_stream
 from ..stream.clips import load_clip
 from ..stream.pipeline import RCFG_MODES
-from ..stream.server import ServerConfig, serve
+from ..stream.server import ServerConfig, check_port, serve
 from . import flags
 
 
@@ -80,11 +80,12 @@ def _say(msg: str) -> None:
 
 def cmd_serve(a) -> int:
     _check(a)
-    model = _model(a)
+    check_port(a.port)  # every setting is checked before the (possibly long) model loading or training
     cfg = ServerConfig(n_steps=a.n_steps, strength=a.strength, rcfg=a.rcfg, guidance=a.guidance, delta=a.delta,
                        label=a.label, filter_threshold=a.filter, max_skip=a.max_skip, motion=a.motion,
                        max_message_bytes=1024 * a.max_message_kb, rate=a.rate, burst=a.burst,
                        max_clients=a.max_clients, seed=a.seed, allowed_origins=a.allow_origin)
+    model = _model(a)
     print(f"straightflow serve: http://{a.host}:{a.port}/  (websocket /ws, stats /stats); torch threads "
           f"{torch.get_num_threads()}", flush=True)
     serve(model, cfg, host=a.host, port=a.port, log_level=a.log_level)

@@ -48,6 +48,9 @@ AE_DIR = "autoencoder"
 PathLike = Union[str, Path]
 
 
+FLOW_WARMUP = 100  # learning-rate warm-up steps of the latent flow stage (straightflow latent has no flag for it)
+
+
 def _as_dataset(data: Union[str, Path, Dataset, Tensor], n: Optional[int] = None, seed: int = 0) -> Dataset:
     """A Dataset as given, or a named set / file loaded on its training split (the rest is held out)."""
     if isinstance(data, Dataset):
@@ -328,7 +331,7 @@ def train_latent_flow(
     ae_kwargs: Optional[Dict[str, Any]] = None,
     batch_size: int = 128,
     lr: float = 1e-3,
-    warmup: int = 100,
+    warmup: int = FLOW_WARMUP,
     ema_decay: float = 0.999,
     time_dist: str = "uniform",
     cond_dropout: Optional[float] = None,

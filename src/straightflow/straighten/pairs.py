@@ -55,6 +55,7 @@ from ..models import sample_shape
 from ..paths import get_path
 from ..solvers import get_solver, initial_noise, sample
 from ..solvers.guidance import ClassifierFreeGuidance
+from ..train import Interrupted, interruptible
 
 __all__ = ["generate_pairs", "load_pairs", "StoredPairDataset", "shard_seed", "MANIFEST", "FORMAT"]
 
@@ -405,24 +406,32 @@ def _generate_shards(model, out: Path, mine: List[int], recipe, rsha, spec, path
         model.eval()
     bar = tqdm(total=len(mine), disable=not progress, unit="shard", desc="pairs", dynamic_ncols=True)
     try:
-        for k in mine:
-            p = out / shard_name(k)
-            if p.exists():
-                try:
-                    _, meta = _read_shard(p)
-                    if meta.get("recipe_sha256") == rsha and meta.get("index") == k:
-                        bar.update(1)
-                        continue
-                    raise ValueError(f"{p} was made with a different recipe; use a new output directory")
-                except CheckpointError as e:
-                    warnings.warn(f"regenerating unreadable shard: {e}")
-            tensors, meta = _make_shard(model, k, recipe, rsha, spec, path_obj, y_all, guidance, opts, dtype)
-            save_tensors(p, tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-            bar.update(1)
+        with interruptible() as stop:  # Ctrl-C / SIGTERM: finish the shard in flight, keep it, stop
+            _shard_loop(model, out, mine, recipe, rsha, spec, path_obj, y_all, guidance, opts, dtype, bar, stop)
     finally:
         bar.close()
         if was_training:
             model.train()
+
+
+def _shard_loop(model, out: Path, mine: List[int], recipe, rsha, spec, path_obj, y_all, guidance, opts, dtype, bar,
+                stop) -> None:
+    for done, k in enumerate(mine, start=1):
+        p = out / shard_name(k)
+        if p.exists():
+            try:
+                _, meta = _read_shard(p)
+                if meta.get("recipe_sha256") == rsha and meta.get("index") == k:
+                    bar.update(1)
+                    continue
+                raise ValueError(f"{p} was made with a different recipe; use a new output directory")
+            except CheckpointError as e:
+                warnings.warn(f"regenerating unreadable shard: {e}")
+        tensors, meta = _make_shard(model, k, recipe, rsha, spec, path_obj, y_all, guidance, opts, dtype)
+        save_tensors(p, tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        bar.update(1)
+        if stop and done < len(mine):
+            raise Interrupted(done, len(mine), out, unit="shard")
 
 
 def _write_manifest(out: Path, recipe: Dict[str, Any], rsha: str, num_shards: int, world: int) -> Dict[str, Any]:

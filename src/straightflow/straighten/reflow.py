@@ -42,7 +42,7 @@ from ..paths import get_path
 from ..solvers import SampleResult, initial_noise, sample
 from ..solvers.base import CountedVelocity
 from ..solvers.guidance import ClassifierFreeGuidance
-from ..train import STATE_FILE, TrainResult, read_train_state, train
+from ..train import STATE_FILE, TrainResult, TrainSettings, read_train_state, train
 from .pairs import load_pairs
 
 __all__ = ["reflow", "make_objective", "AnnealSchedule", "AnnealedReflow", "sample_renoise",
@@ -220,10 +220,18 @@ def _default_path(path: Any, pairs: Any, teacher: Any) -> Any:
     return run_info(rc).path if rc else "linear"
 
 
+def default_ema(steps: int) -> float:
+    """The EMA decay a k-RF of ``steps`` steps trains with unless told: ``min(0.999, 1 - 20 / steps)``, so
+    the EMA forgets the initial weights within the run."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return max(0.0, min(0.999, 1.0 - 20.0 / steps))
+
+
 def reflow(
     teacher: Any,
     pairs: Any,
-    steps: int,
+    steps: Optional[int] = None,
     *,
     out: Optional[FilePath] = None,
     improved: bool = False,
@@ -236,6 +244,7 @@ def reflow(
     seed: int = 0,
     anneal: Any = None,
     cond_dropout: float = 0.0,
+    settings: Optional[TrainSettings] = None,
     **train_kw: Any,
 ) -> TrainResult:
     """Train a k-RF on stored pairs (coupling ``"pairs"``) for ``steps`` steps.
@@ -251,8 +260,16 @@ def reflow(
     ``min(0.999, 1 - 20 / steps)`` so the EMA forgets the initial weights within the run; other
     ``train_kw`` go to :func:`straightflow.train` (``warmup``, ``grad_clip``, ``ckpt_every``,
     ``device``, ``progress``, ...). The result has ``.objective`` (the Flow) and ``.cost``
-    (teacher NFE spent on the pairs, training steps and pair-rows seen).
+    (teacher NFE spent on the pairs, training steps and pair-rows seen). ``settings``: the training
+    settings as one value (a :class:`~straightflow.train.TrainSettings`, e.g. the command line's recipe),
+    replacing ``steps``, ``batch_size``, ``lr``, ``seed`` and the EMA default.
     """
+    if settings is not None:
+        if not isinstance(settings, TrainSettings):
+            raise TypeError(f"settings must be a TrainSettings, got {type(settings).__name__}")
+        if steps is not None and steps != settings.steps:
+            raise ValueError(f"steps={steps} differs from settings.steps={settings.steps}; pass one of them")
+        steps, batch_size, lr, seed = settings.steps, settings.batch_size, settings.lr, settings.seed
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     teacher = _as_teacher(teacher)
@@ -279,8 +296,11 @@ def reflow(
     })
     if "data_source" in rc:
         extra.setdefault("data_source", rc["data_source"])
-    train_kw.setdefault("ema_decay", max(0.0, min(0.999, 1.0 - 20.0 / steps)))
-    res = train(flow, ds, steps, out=out, batch_size=batch_size, lr=lr, seed=seed, extra_config=extra, **train_kw)
+    if settings is None:
+        train_kw.setdefault("ema_decay", default_ema(steps))
+        res = train(flow, ds, steps, out=out, batch_size=batch_size, lr=lr, seed=seed, extra_config=extra, **train_kw)
+    else:
+        res = train(flow, ds, out=out, settings=settings, extra_config=extra, **train_kw)
     res.objective = flow
     res.cost = {"pair_nfe": int(info.get("total_nfe", 0)), "nfe_per_pair": info.get("nfe_per_pair"),
                 "train_steps": int(steps), "pair_rows_seen": int(steps) * int(batch_size)}

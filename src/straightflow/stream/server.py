@@ -59,7 +59,8 @@ from .filter import SimilarityFilter
 from .pipeline import MotionStrength, StreamBatchPipeline, canonical_rcfg
 from .queues import LatestQueue, percentile
 
-__all__ = ["ServerConfig", "StreamEngine", "create_app", "serve", "decode_frame", "encode_png", "FrameError"]
+__all__ = ["ServerConfig", "StreamEngine", "create_app", "serve", "decode_frame", "encode_png", "FrameError",
+           "check_port"]
 
 STATIC = Path(__file__).parent / "static"
 
@@ -563,9 +564,17 @@ def create_app(model: Any, cfg: Optional[ServerConfig] = None):
     return app
 
 
+def check_port(port: Any) -> int:
+    """``port`` as a TCP port number (1-65535), else ``ValueError`` saying so (checked before any work)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be an integer in 1-65535, got {port!r}")
+    return int(port)
+
+
 def serve(model: Any, cfg: Optional[ServerConfig] = None, host: str = "127.0.0.1", port: int = 8765,
           log_level: str = "warning") -> None:
     """Run the app with uvicorn (blocking). Binds to 127.0.0.1 unless told otherwise."""
+    port = check_port(port)
     import uvicorn
 
     cfg = cfg or ServerConfig()
