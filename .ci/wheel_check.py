@@ -8,6 +8,7 @@ benchmarks, research or tests, and it runs the README's ten-line example, extrac
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -55,10 +56,11 @@ def run_readme_example(readme: Path, steps: int) -> None:
     code = re.search(r"```python\n(.*?)```", readme.read_text(), re.S).group(1)
     if "sf.train(" not in code or "sf.sample(" not in code:
         fail("the README's first Python block is not the ten-line example (no sf.train / sf.sample)")
-    import straightflow.train
+    # the module (``straightflow.train`` as an attribute is the function ``sf.train``)
+    max_steps = importlib.import_module("straightflow.train").max_steps
 
     print(f"README ten-line example, training capped at {steps} steps:")
-    with straightflow.train.max_steps(steps):
+    with max_steps(steps):
         exec(compile(code, str(readme), "exec"), {})
     run = Path("runs/cb")
     cfg = json.loads((run / "config.json").read_text())
