@@ -14,8 +14,6 @@ import posixpath
 import re
 from pathlib import Path
 
-from mkdocs.structure.files import File, Files
-
 # repository path -> path inside the site's docs tree
 EXTRA_PAGES = {"BENCHMARKS.md": "BENCHMARKS.md", "research/RESULTS.md": "research/RESULTS.md"}
 DOCS_PREFIX = "docs/"
@@ -28,7 +26,9 @@ def _root(config) -> Path:
     return Path(config["config_file_path"]).resolve().parent
 
 
-def on_files(files: Files, config) -> Files:
+def on_files(files, config):
+    from mkdocs.structure.files import File  # imported here: the tests use map_link without mkdocs
+
     root = _root(config)
     for repo_path, site_path in EXTRA_PAGES.items():
         source = root / repo_path
