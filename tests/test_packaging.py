@@ -135,3 +135,35 @@ def test_ci_runs_the_tests_then_the_docs_then_the_wheel_check():
     check = (ROOT / ".ci" / "wheel_check.sh").read_text()
     assert "set -euo pipefail" in check and "--version" in check and "straightflow\" list" in check
     assert "install -q -e" not in check, "the wheel check must install the wheel, not an editable checkout"
+
+
+def _guide_blocks(language: str):
+    for page in sorted((ROOT / "docs" / "guides").glob("*.md")):
+        for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(), re.S):
+            yield page.name, block
+
+
+def test_guide_python_blocks_are_the_readme_examples():
+    """The guides quote the README's Python examples (which tests/test_readme.py runs), never a variant."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = list(_guide_blocks("python"))
+    assert blocks
+    for page, block in blocks:
+        assert block in readme, f"docs/guides/{page} has a Python block that is not in README.md:\n{block}"
+
+
+def test_guide_command_lines_parse():
+    """Every ``straightflow ...`` line of the guides is accepted by the command line's parser."""
+    import shlex
+
+    from straightflow.cli.main import build_parser
+
+    lines = [(page, ln.split("#")[0].strip()) for page, block in _guide_blocks("bash")
+             for ln in block.splitlines() if ln.startswith("straightflow ")]
+    assert len(lines) > 15
+    parser = build_parser()
+    for page, line in lines:
+        try:
+            parser.parse_args(shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:])
+        except SystemExit as e:
+            pytest.fail(f"docs/guides/{page}: `{line}` is refused by the parser (exit {e.code})")
