@@ -27,6 +27,7 @@ echo "wheel check: $(basename "$WHEEL") into a fresh venv in $WORK"
 VBIN="$WORK/venv/bin"
 "$VBIN/pip" install -q "$TORCH" || "$VBIN/pip" install -q "torch>=2.3"
 "$VBIN/pip" install -q "$WHEEL"
+echo "wheel check: installed in ${SECONDS}s"
 
 # Outside the checkout, with nothing of it on the path: only the installed wheel can be imported.
 cd "$WORK"
@@ -47,4 +48,4 @@ echo "straightflow list: $(wc -l < list.txt) lines"
 
 "$VBIN/python" "$ROOT/.ci/wheel_check.py" --wheel "$WHEEL" --readme "$ROOT/README.md" --checkout "$ROOT" \
   --steps "${WHEEL_CHECK_STEPS:-20}"
-echo "wheel check: passed"
+echo "wheel check: passed (${SECONDS}s)"
