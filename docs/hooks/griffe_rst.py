@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const|ref|term):`([^`]+)`")
-LITERAL_INTRO = re.compile(r"(\S)\s*::[ \t]*$", re.M)  # "text::" at the end of a line
-BARE_LITERAL = re.compile(r"^([ \t]*)::[ \t]*$", re.M)  # "::" alone on its line
+LITERAL_INTRO = re.compile(r"(\S)\s*::[ \t]*$", re.MULTILINE)  # "text::" at the end of a line
+BARE_LITERAL = re.compile(r"^([ \t]*)::[ \t]*$", re.MULTILINE)  # "::" alone on its line
 
 
 def _role(match: re.Match) -> str:
