@@ -1,5 +1,7 @@
 # make demo  - create .venv, install, run the demo (2D + digits flows, report in ./out)
 # make test  - create .venv, install, run the whole test suite
+# make docs  - the documentation site (mkdocs.yml), built --strict into ./site
+# make dist  - the sdist and the wheel, in ./dist (.ci/wheel_check.sh installs and tests the wheel)
 # On these CPU-only machines the pinned CPU build of torch is installed first; elsewhere
 # `make TORCH="torch>=2.3"` (or any spec) picks another build.
 PYTHON ?= python3
@@ -9,9 +11,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PEERS  := $(VENV)/.peers
 BROWSER := $(VENV)/.browser
+DOCS    := $(VENV)/.docs
 PYTEST_ARGS ?=
 
-.PHONY: demo test install peers browser bench clean
+.PHONY: demo test install peers browser bench docs dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +39,20 @@ $(BROWSER): $(STAMP)
 
 browser: $(BROWSER)
 
+# The documentation site's tools (the `docs` extra): mkdocs-material, mkdocstrings (python handler).
+$(DOCS): $(STAMP)
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $(DOCS)
+
+# Strict: a broken link, a missing page or a docstring griffe rejects fails the build.
+docs: $(DOCS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# sdist and wheel, built from the sdist (as pip would) in an isolated environment.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
+
 demo: $(STAMP)
 	$(BIN)/straightflow demo --out out
 
@@ -49,4 +66,4 @@ bench: $(STAMP) $(PEERS)
 	$(BIN)/straightflow bench solvers --out bench_out
 
 clean:
-	rm -rf $(VENV) out bench_out .pytest_cache
+	rm -rf $(VENV) out bench_out .pytest_cache site dist build
