@@ -191,10 +191,10 @@ def test_command_line_calibrate_then_sample_calibrated(tmp_path, capsys):
     assert "other weights" in capsys.readouterr().err
 
 
-def test_nfe_records_the_evaluations_made_and_budget_the_request(oracle, tmp_path):
+def test_nfe_records_the_evaluations_made_and_budget_the_request(oracle_problem, tmp_path):
     """A BOSS grid for midpoint (2 evaluations a step) at budget 5 has 2 steps: it makes 4
     evaluations. ``nfe`` says 4 (what sampling costs), ``budget`` 5 (what was asked, the file name)."""
-    o, xh, _ = oracle
+    o, xh, _ = oracle_problem
     cal = calibrate(o, "boss", "midpoint", 5, (64, 2), run_dir=tmp_path, save=True, fine_steps=64)
     assert cal.nfe == 4 and cal.budget == 5 and cal.budget_nfe == 5
     assert sf.sample(o, xh[:8], solver=cal).nfe == 4

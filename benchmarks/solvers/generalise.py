@@ -164,3 +164,61 @@ def render(cells: List[Cell], spread_dim: int = 2) -> List[str]:
             lines.append(f"| {d} | {n} | {s['median']:.3f} | {s['worst']:.3f} | {sp} | {s['n']} | "
                          f"{s['cpu_median']:.1f} / {s['cpu_max']:.1f} | {s['batch']:.0f} |")
     return lines
+
+
+def plot(path, cells: List[Cell]) -> Optional[str]:
+    """Median and worst ratio per NFE, one line per dimension; the 1/3 and 1/2 targets dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for d in sorted({c.dim for c in cells}):
+        nfes = sorted({c.nfe for c in cells if c.dim == d})
+        med = [statistics.median(c.ratio for c in cells if c.dim == d and c.nfe == n and c.seed == 0) for n in nfes]
+        worst = [max(c.ratio for c in cells if c.dim == d and c.nfe == n and c.seed == 0) for n in nfes]
+        line, = ax.plot(nfes, med, marker="o", label=f"{d}D median")
+        ax.plot(nfes, worst, marker="v", ls=":", color=line.get_color(), label=f"{d}D worst")
+    ax.axhline(1 / 3, ls="--", color="gray", lw=0.8)
+    ax.axhline(1 / 2, ls="--", color="gray", lw=0.8)
+    ax.axhline(1.0, ls="-", color="k", lw=0.5)
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("calibrated RMSE / best peer RMSE")
+    ax.set_yscale("log")
+    ax.set_title("Fields nobody tuned to: random sharp mixtures")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def bench_generalise(out_dir, peers, peer_info, command: str, threads: int = 1, dims=(2, 16, 64), draws: int = 5,
+                     nfes=tuple(range(4, 11)), seeds: int = 5, quick: bool = False, log=print) -> str:
+    """The generalisation section of ``bench solvers`` (``--generalise``): writes ``generalise.md/.json/.png``."""
+    from pathlib import Path
+
+    from ..harness import Report, Timing
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = {"budget_s": 5.0} if quick else {}
+    t0 = time.perf_counter()
+    cells = run_generalisation(peers, dims, draws, nfes, seeds, spread_dim=dims[0],
+                               progress=lambda c: log(f"{c.dim}D draw {c.draw} NFE {c.nfe} seed {c.seed}: ratio "
+                                                      f"{c.ratio:.3f} ({c.cpu_s:.1f} CPU s, batch {c.batch})"), **kw)
+    rep = Report("Calibrated solvers on fields nobody tuned to", command,
+                 Timing(threads, repeats=0, note="Calibration cost: CPU seconds (time.process_time) per calibrate call."),
+                 quick=quick)
+    rep.add(__doc__.split("\n\n", 1)[1].strip(), "",
+            "Peers: " + ", ".join(f"{k} {v.get('version', '?')}" for k, v in sorted(peer_info.items())) + ".", "")
+    rep.add(*render(cells, spread_dim=dims[0]), "")
+    png = plot(out / "generalise.png", cells)
+    if png:
+        rep.add("![ratio per NFE](generalise.png)", "")
+    rep.add(f"Whole section: {time.perf_counter() - t0:.0f} s wall.")
+    rep.write(out, "generalise", {"cells": [vars(c) | {"ratio": c.ratio} for c in cells]})
+    return rep.render()

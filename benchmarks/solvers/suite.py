@@ -50,8 +50,6 @@ Run ``straightflow bench solvers --out DIR`` (``--quick``: a pipeline check, abo
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
 import argparse
 import datetime as _dt
 import json
@@ -556,6 +554,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse-fields", action="store_true",
                    help="read back fields already measured with the same settings (OUT/fields/<field>.json)")
     p.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead section")
+    p.add_argument("--generalise", action="store_true",
+                   help="only the generalisation section: random sharp mixtures in --dims, --draws fields each, "
+                        "calibrated with the library defaults, vs the best peer (OUT/generalise.md)")
+    p.add_argument("--dims", default="2,16,64", help="--generalise: dimensions")
+    p.add_argument("--draws", type=int, default=5, help="--generalise: random fields per dimension")
+    p.add_argument("--cal-seeds", type=int, default=5, help="--generalise: calibration seeds on one field (the spread)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -563,6 +567,21 @@ def run(a: argparse.Namespace) -> int:
                               ("mnist", a.run_mnist)) if v}
     kinds = tuple(k for k in a.cal_kinds.split(",") if k and k != "none")
     nfes = [int(v) for v in a.nfes.split(",")] if a.nfes else None
+    if a.generalise:
+        from .generalise import bench_generalise
+
+        torch.set_num_threads(a.threads)
+        peers, peer_info, _ = make_peers()
+        cmd = a.command or command_line("solvers", ["--generalise", "--out", str(a.out), "--dims", a.dims,
+                                                    "--draws", str(a.draws), "--cal-seeds", str(a.cal_seeds),
+                                                    "--threads", str(a.threads),
+                                                    *(["--nfes", a.nfes] if a.nfes else []),
+                                                    *(["--quick"] if a.quick else [])])
+        print(bench_generalise(a.out, peers, peer_info, cmd, threads=a.threads,
+                               dims=tuple(int(v) for v in a.dims.split(",")), draws=a.draws,
+                               nfes=tuple(nfes or range(4, 11)), seeds=a.cal_seeds, quick=a.quick,
+                               log=lambda m: _log(m, True)))
+        return 0
     md = bench_solvers(a.out, fields=[f for f in a.fields.split(",") if f], nfes=nfes, n=a.n, seed=a.seed,
                        threads=a.threads, runs=runs or None, quick=a.quick, overhead=not a.no_overhead,
                        command=a.command, cal_kinds=kinds, cal_rtol=a.cal_rtol, reuse_fields=a.reuse_fields)

@@ -16,6 +16,7 @@ registered by :mod:`.compute`, which the package always imports.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -148,7 +149,10 @@ class Calibration:
         return self.sample(model, x, cond=cond, **kw)
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The record as JSON data, with ``checksum`` over what sampling uses (see :meth:`from_dict`)."""
+        d = asdict(self)
+        d["checksum"] = _checksum(d)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Calibration":
@@ -158,9 +162,16 @@ class Calibration:
         missing = {"kind", "solver", "nfe", "times", "solvers"} - set(d)
         if missing:
             raise ValueError(f"calibration lacks {sorted(missing)}")
+        if "checksum" in d and d["checksum"] != _checksum(d):
+            raise ValueError("its checksum does not match its contents: it was edited after it was computed "
+                             "(calibrate again, or delete the file)")
         cal = cls(**{k: v for k, v in d.items() if k in names})
         if cal.table is not None:
             ls = cal.learned_solver  # validates the table
+            big = max(abs(v) for v in ls.a + [c for r in ls.b for c in r])
+            if big > MAX_COEFFICIENT:
+                raise ValueError(f"a coefficient of its table is {big:.3g}, outside the sane range "
+                                 f"(|c| <= {MAX_COEFFICIENT:g}): a corrupted or hand-edited file")
             if ls.nfe != int(cal.nfe):
                 raise ValueError(f"calibration table has {ls.nfe} evaluations, its record says NFE {cal.nfe}")
             return cal
@@ -168,6 +179,16 @@ class Calibration:
             raise ValueError(f"calibration has {len(cal.times)} times for {len(cal.solvers)} steps")
         cal.grid_tensor  # validates
         return cal
+
+
+MAX_COEFFICIENT = 1e3
+"""Largest coefficient magnitude a stored table may have (classical and fitted tables stay below ~10)."""
+
+
+def _checksum(d: Mapping[str, Any]) -> str:
+    """SHA-256 of what sampling reads (kind, NFE, times, solvers, table, guidance, path), in canonical JSON."""
+    keep = {k: d.get(k) for k in ("kind", "nfe", "times", "solvers", "table", "guidance", "path")}
+    return "sha256:" + hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ====================================================================== kinds
