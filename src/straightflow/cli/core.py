@@ -15,11 +15,13 @@ from ..runs import train_recipe
 from ..solvers import available as solver_names, get_solver, initial_noise, sample
 from ..straighten.meanflow import sample_mean
 from ..system import machine_line
-from . import flags
+from . import flags, nf as nf_cli
 from .listing import families
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if nf_cli.is_nf_model(a.model):  # normalizing flows: exact-likelihood trainer (cli/nf.py)
+        return nf_cli.cmd_train(a)
     res = train_recipe(flags.recipe(a), a.out, allow_recipe_change=a.allow_recipe_change)
     print(train_summary(res))
     return 0
@@ -50,6 +52,8 @@ def _labels(model, n: int, label) -> dict:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
+    if nf_cli.is_nf_run(a.run):  # --solver sequential|gs-jacobi (cli/nf.py)
+        return nf_cli.cmd_sample(a)
     dev = flags.device(a)
     model, info = flags.load_run(a.run, device=dev)
     spec = get_solver(a.solver)
@@ -119,6 +123,8 @@ def cmd_invert(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    if nf_cli.is_nf_run(a.run):  # bits/dim and FD with floor (cli/nf.py)
+        return nf_cli.cmd_eval(a)
     dev = flags.device(a)
     model, info = flags.load_run(a.run, device=dev)
     latent = {}
@@ -162,6 +168,7 @@ def register(sub) -> None:
     flags.add_model(t)
     flags.add_path_recipe(t)
     t.add_argument("--cond-dropout", type=float, default=None, help="label drop rate for CFG (default 0.1 if labelled)")
+    nf_cli.add_train_flags(t)
     flags.add_train(t)
     t.set_defaults(fn=cmd_train)
 
@@ -181,6 +188,7 @@ def register(sub) -> None:
     flags.add_device(s)
     flags.add_quiet(s)
     s.add_argument("--out", default="samples.png")
+    nf_cli.add_sample_flags(s)
     s.set_defaults(fn=cmd_sample)
 
     iv = sub.add_parser("invert", help="inversion reconstruction-error report for every deterministic solver")

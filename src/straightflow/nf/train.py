@@ -69,11 +69,12 @@ def default_nf_config(shape, num_classes: Optional[int], name: str = "tarflow", 
 def train_nf(data: Union[str, Dataset], out: Optional[Union[str, Path]], model_config: Optional[Mapping[str, Any]] = None,
              settings: Optional[TrainSettings] = None, steps: Optional[int] = None, cond_dropout: Optional[float] = None,
              conditional: bool = True, n: Optional[int] = None, desc: str = "train nf", allow_recipe_change: bool = False,
-             **options: Any) -> TrainResult:
+             model_overrides: Optional[Mapping[str, Any]] = None, **options: Any) -> TrainResult:
     """Train a normalizing flow on ``data`` (a data set name, trained on its ``"train"`` split, or a
     :class:`Dataset`) into ``out``; resumes ``out`` when it holds a training state.
 
-    ``model_config``: ``{"name": "tarflow", ...}`` (default :func:`default_nf_config`); ``cond_dropout``
+    ``model_config``: ``{"name": "tarflow", ...}`` (default :func:`default_nf_config` for the data, with
+    ``model_overrides`` applied: ``blocks``, ``width``, ...; None values are ignored); ``cond_dropout``
     defaults to 0.1 for labelled data; ``settings``/``steps``/``options``: the trainer's settings.
     """
     extra: Dict[str, Any] = {}
@@ -86,7 +87,7 @@ def train_nf(data: Union[str, Dataset], out: Optional[Union[str, Path]], model_c
     else:
         raise TypeError(f"data must be a data set name or a straightflow Dataset, got {type(data).__name__}")
     num_classes = ds.num_classes if (conditional and ds.y is not None) else None
-    cfg = dict(model_config) if model_config else default_nf_config(ds.shape, num_classes)
+    cfg = dict(model_config) if model_config else default_nf_config(ds.shape, num_classes, **(model_overrides or {}))
     if "sample_shape" not in cfg:
         cfg["sample_shape"] = list(ds.shape)
     cfg.setdefault("num_classes", num_classes)
