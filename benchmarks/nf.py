@@ -15,6 +15,7 @@ classifier, with the training-vs-held-out floor) of both at one setting.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -46,6 +47,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip the zuko peers")
 
 
+@functools.lru_cache(maxsize=1)
 def _digits():
     return sf.load_dataset("digits", split="train"), sf.load_dataset("digits", split="test")
 
@@ -128,7 +130,7 @@ def _likelihood(a, model, cpu: float, quick: bool, log) -> Dict[str, Any]:
         else:
             flat = train.x.reshape(len(train), -1)
             for kind in ("MAF", "NSF"):
-                flow, n, h, steps, used = _train_peer(kind, flat, 2.0 if quick else cpu, a, n_tf)
+                flow, n, h, steps, used = _train_peer(kind, flat, 0.5 if quick else cpu, a, n_tf)
                 bpd = _bpd(lambda v: flow().log_prob(v.reshape(len(v), -1)), test.x)
                 rows.append({"model": f"zuko {kind} (4 transforms, hidden [{h}, {h}])", "params": n, "cpu_s": used,
                              "bpd": bpd, "note": f"{steps} steps"})

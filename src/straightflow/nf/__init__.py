@@ -18,6 +18,7 @@ from ..models import MODELS
 from .guidance import GUIDANCE_KINDS, guide
 from .jacobi import BlockPlan, JacobiStats, block_metrics, gs_jacobi, jacobi_block, plan_from_metrics
 from .sampling import NF_SOLVERS, NFSample, nf_solvers, sample_nf
+from .starflow import StarFlow, train_starflow
 from .tarflow import ARBlock, TarFlow, bits_per_dim_offset
 from .tokens import from_tokens, to_tokens, token_shape
 from .train import NFObjective, default_nf_config, is_nf_config, train_nf
@@ -29,5 +30,5 @@ __all__ = [
     "TarFlow", "ARBlock", "bits_per_dim_offset", "guide", "GUIDANCE_KINDS", "BlockPlan", "JacobiStats",
     "gs_jacobi", "jacobi_block", "block_metrics", "plan_from_metrics", "sample_nf", "NFSample", "NF_SOLVERS",
     "nf_solvers", "NFObjective", "train_nf", "default_nf_config", "is_nf_config", "to_tokens", "from_tokens",
-    "token_shape",
+    "token_shape", "StarFlow", "train_starflow",
 ]

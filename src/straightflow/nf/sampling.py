@@ -51,19 +51,25 @@ def _invert(model: TarFlow, z: Tensor, y: Optional[Tensor], solver: str, guidanc
 def sample_nf(model: TarFlow, noise: Union[int, Tensor], y: Optional[Tensor] = None, solver: str = "sequential",
               guidance: Optional[float] = None, kind: str = "tarflow", denoise: bool = True, tol: float = 1e-4,
               segments: int = 1, plan: Optional[Sequence[BlockPlan]] = None, seed: int = 0) -> NFSample:
-    """Sample ``model`` from ``noise`` (a prior draw in the data's shape, or a count drawn with ``seed``).
+    """Sample ``model`` (a TarFlow, or a STARFlow: its latent flow, then its denoising decoder) from ``noise``
+    (a prior draw in the flow's shape, or a count drawn with ``seed``).
 
     ``guidance``: a CFG scale (1: unguided; None: off) of ``kind`` ``"tarflow"`` or ``"starflow"``;
     ``tol``/``segments``/``plan``: the GS-Jacobi settings; ``denoise``: the score step
     ``x + sigma^2 grad log p(x)`` (TarFlow) afterwards.
     """
     name = NF_SOLVERS.canonical(solver)
+    flow = getattr(model, "latent_flow", model)  # STARFlow: the flow lives in the autoencoder's latent space
     if isinstance(noise, int):
         g = torch.Generator().manual_seed(int(seed))
         p = next(model.parameters())
-        noise = torch.randn((noise, *model.sample_shape), generator=g).to(device=p.device, dtype=p.dtype)
-    c0 = model.calls()
-    raw, stats = _invert(model, noise, y, name, guidance, kind, tol, segments, plan)
-    calls = model.calls() - c0
-    x = model.denoise(raw, y) if denoise else raw
+        noise = torch.randn((noise, *flow.sample_shape), generator=g).to(device=p.device, dtype=p.dtype)
+    c0 = flow.calls()
+    raw, stats = _invert(flow, noise, y, name, guidance, kind, tol, segments, plan)
+    calls = flow.calls() - c0
+    if flow is not model:  # STARFlow's learned denoiser (the fine-tuned decoder) replaces the score step
+        with torch.no_grad():
+            x = model.decode_latents(raw)
+    else:
+        x = model.denoise(raw, y) if denoise else raw
     return NFSample(x=x.detach(), raw=raw, calls=calls, solver=name, stats=stats)
