@@ -53,13 +53,13 @@ def test_logdet_matches_jacrev(shape, patch):
     assert torch.allclose(m.log_prob(x)[0], lp, atol=1e-10)
 
 
-@pytest.mark.parametrize("segments", [1, 2, 3, 7])
-def test_gs_jacobi_at_tolerance_zero_equals_sequential(segments):
+@pytest.mark.parametrize("segments,front", [(1, False), (2, False), (3, False), (7, False), (1, True), (3, True)])
+def test_gs_jacobi_at_tolerance_zero_equals_sequential(segments, front):
     m = _model()
     z = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1])
     ref = m.decode(z, y)
-    x, stats = nf.gs_jacobi(m, z, y, tol=0.0, segments=segments)
+    x, stats = nf.gs_jacobi(m, z, y, tol=0.0, segments=segments, front=front)
     assert (x - ref).abs().max() < 1e-12
     assert len(stats.calls) == len(m.blocks) and stats.total_calls == sum(map(sum, stats.iterations))
     # the iteration count never exceeds the tokens (exactness cap): at most T - 1 calls per block
@@ -78,9 +78,10 @@ def test_gs_jacobi_plan_from_metrics_and_guided_match_sequential():
         ref = m.decode(z, y, guidance=2.0, kind=kind)
         x, _ = nf.gs_jacobi(m, z, y, plan=plan, tol=0.0, guidance=2.0, kind=kind)
         assert (x - ref).abs().max() < 1e-12
-    # a loose tolerance stops early and stays close
-    out = nf.sample_nf(m, z, y, solver="gs-jacobi", tol=1e-3, denoise=False)
-    assert (out.x - m.decode(z, y)).abs().max() < 1e-1
+    # a loose tolerance stops early and stays close; the moving front too
+    for front in (False, True):
+        out = nf.sample_nf(m, z, y, solver="gs-jacobi", tol=1e-3, denoise=False, front=front)
+        assert (out.x - m.decode(z, y)).abs().max() < 1e-1
 
 
 @pytest.mark.parametrize("kind", ["tarflow", "starflow"])

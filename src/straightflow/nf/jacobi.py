@@ -50,11 +50,14 @@ INITS = ("latent", "zero")
 @dataclass(frozen=True)
 class BlockPlan:
     """How one block is solved: ``segments`` Jacobi segments, the initial guess (``"latent"`` or
-    ``"zero"``) and ``max_iters`` per segment (None: the segment length, which is exact)."""
+    ``"zero"``) and ``max_iters`` per segment (None: the segment length, which is exact). ``front``:
+    an addition to the paper — each iteration recomputes only the tokens after the converged front and
+    commits the converged ones to the cache (fewer tokens per call; still exact at ``tol = 0``)."""
 
     segments: int = 1
     init: str = "latent"
     max_iters: Optional[int] = None
+    front: bool = False
 
 
 @dataclass
@@ -89,6 +92,10 @@ def jacobi_block(block: ARBlock, z: Tensor, y: Optional[Tensor] = None, plan: Bl
     iters: List[int] = []
     for a, b in _segments(zp.shape[1] - 1, plan.segments):
         cap = b - a if plan.max_iters is None else max(1, min(int(plan.max_iters), b - a))
+        if plan.front:
+            it, prefix = _front_segment(block, x, zp, y, prefix, a, b, cap, tol, guidance, kind)
+            iters.append(it)
+            continue
         for it in range(cap):
             alpha, mu, kv = block.step(x[:, a - 1:b - 1], y, prefix, a - 1, guidance, kind)
             new = mu + torch.exp(alpha) * zp[:, a:b]
@@ -101,15 +108,37 @@ def jacobi_block(block: ARBlock, z: Tensor, y: Optional[Tensor] = None, plan: Bl
     return block.order(x), iters
 
 
+def _front_segment(block: ARBlock, x: Tensor, zp: Tensor, y: Optional[Tensor], prefix: Optional[KV], a: int, b: int,
+                   cap: int, tol: float, guidance: Optional[float], kind: str) -> Tuple[int, Optional[KV]]:
+    """One segment with a moving front: each iteration recomputes only positions ``lo .. b-1``, then commits
+    (to the key/value cache) the leading positions whose change is ``<= tol`` — at least one, position
+    ``lo``, which is exact because all its inputs are committed. Updates ``x`` in place."""
+    lo, it = a, 0
+    while lo < b:
+        alpha, mu, kv = block.step(x[:, lo - 1:b - 1], y, prefix, lo - 1, guidance, kind)
+        new = mu + torch.exp(alpha) * zp[:, lo:b]
+        d = (new - x[:, lo:b]).abs().amax(dim=(0, 2))
+        x[:, lo:b] = new
+        it += 1
+        bad = torch.nonzero(d > tol)
+        k = int(bad[0, 0]) if len(bad) else b - lo
+        if it >= cap:
+            k = b - lo
+        k = max(k, 1)
+        prefix = extend(prefix, [(kk[:, :, :k], vv[:, :, :k]) for kk, vv in kv])
+        lo += k
+    return it, prefix
+
+
 @torch.no_grad()
 def gs_jacobi(model: TarFlow, z: Tensor, y: Optional[Tensor] = None, plan: Optional[Sequence[BlockPlan]] = None,
               tol: float = 1e-4, guidance: Optional[float] = None, kind: str = "tarflow",
-              segments: int = 1) -> Tuple[Tensor, JacobiStats]:
+              segments: int = 1, front: bool = False) -> Tuple[Tensor, JacobiStats]:
     """GS-Jacobi inversion of every block, prior to data; ``plan[k]`` is block ``k``'s plan (block index
     as in ``model.blocks``; default ``BlockPlan(segments)`` for all). Returns ``(x, JacobiStats)``."""
     check_batch(z, model.sample_shape)
     K = len(model.blocks)
-    plan = list(plan) if plan is not None else [BlockPlan(segments)] * K
+    plan = list(plan) if plan is not None else [BlockPlan(segments, front=front)] * K
     if len(plan) != K:
         raise ValueError(f"the plan has {len(plan)} entries; the model has {K} blocks")
     h = to_tokens(z, model.patch_size)
@@ -150,12 +179,14 @@ def block_metrics(model: TarFlow, x: Tensor, y: Optional[Tensor] = None) -> List
 
 
 def plan_from_metrics(metrics: Sequence[Dict[str, float]], segments: int = 1, tough_segments: int = 4,
-                      tough_share: Optional[float] = None, max_iters: Optional[int] = None) -> List[BlockPlan]:
+                      tough_share: Optional[float] = None, max_iters: Optional[int] = None,
+                      front: bool = False) -> List[BlockPlan]:
     """A :class:`BlockPlan` per block from :func:`block_metrics`: a block whose CRM share is at least
     ``tough_share`` (default ``1.5 / K``) gets ``tough_segments`` segments, the others ``segments``; each
     starts from the initial guess with the smaller IGM."""
     K = len(metrics)
     thr = 1.5 / K if tough_share is None else float(tough_share)
     return [BlockPlan(segments=tough_segments if m["crm_share"] >= thr else segments,
-                      init="latent" if m["igm_latent"] <= m["igm_zero"] else "zero", max_iters=max_iters)
+                      init="latent" if m["igm_latent"] <= m["igm_zero"] else "zero", max_iters=max_iters,
+                      front=front)
             for m in metrics]

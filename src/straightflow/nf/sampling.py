@@ -42,20 +42,21 @@ class NFSample:
 
 @torch.no_grad()
 def _invert(model: TarFlow, z: Tensor, y: Optional[Tensor], solver: str, guidance: Optional[float], kind: str,
-            tol: float, segments: int, plan: Optional[Sequence[BlockPlan]]):
+            tol: float, segments: int, plan: Optional[Sequence[BlockPlan]], front: bool):
     if solver == "sequential":
         return model.decode(z, y, guidance, kind), None
-    return gs_jacobi(model, z, y, plan=plan, tol=tol, guidance=guidance, kind=kind, segments=segments)
+    return gs_jacobi(model, z, y, plan=plan, tol=tol, guidance=guidance, kind=kind, segments=segments, front=front)
 
 
 def sample_nf(model: TarFlow, noise: Union[int, Tensor], y: Optional[Tensor] = None, solver: str = "sequential",
               guidance: Optional[float] = None, kind: str = "tarflow", denoise: bool = True, tol: float = 1e-4,
-              segments: int = 1, plan: Optional[Sequence[BlockPlan]] = None, seed: int = 0) -> NFSample:
+              segments: int = 1, plan: Optional[Sequence[BlockPlan]] = None, seed: int = 0,
+              front: bool = False) -> NFSample:
     """Sample ``model`` (a TarFlow, or a STARFlow: its latent flow, then its denoising decoder) from ``noise``
     (a prior draw in the flow's shape, or a count drawn with ``seed``).
 
     ``guidance``: a CFG scale (1: unguided; None: off) of ``kind`` ``"tarflow"`` or ``"starflow"``;
-    ``tol``/``segments``/``plan``: the GS-Jacobi settings; ``denoise``: the score step
+    ``tol``/``segments``/``plan``/``front``: the GS-Jacobi settings (:mod:`.jacobi`); ``denoise``: the score step
     ``x + sigma^2 grad log p(x)`` (TarFlow) afterwards.
     """
     name = NF_SOLVERS.canonical(solver)
@@ -65,7 +66,7 @@ def sample_nf(model: TarFlow, noise: Union[int, Tensor], y: Optional[Tensor] = N
         p = next(model.parameters())
         noise = torch.randn((noise, *flow.sample_shape), generator=g).to(device=p.device, dtype=p.dtype)
     c0 = flow.calls()
-    raw, stats = _invert(flow, noise, y, name, guidance, kind, tol, segments, plan)
+    raw, stats = _invert(flow, noise, y, name, guidance, kind, tol, segments, plan, front)
     calls = flow.calls() - c0
     if flow is not model:  # STARFlow's learned denoiser (the fine-tuned decoder) replaces the score step
         with torch.no_grad():
