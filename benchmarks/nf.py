@@ -149,6 +149,7 @@ def _sampling(a, model, quick: bool, log) -> Dict[str, Any]:
     train, test = _digits()
     metrics = nf.block_metrics(model, train.x[:256])
     plan = nf.plan_from_metrics(metrics)
+    plan_front = nf.plan_from_metrics(metrics, front=True)
     tols = [float(t) for t in (a.tols or ("1e-2,0" if quick else "1e-2,1e-3,1e-4,0")).split(",")]
     segs = [int(s) for s in (a.segments or ("1" if quick else "1,4")).split(",")]
     batches = [int(v) for v in (a.batches or ("1" if quick else "1,16")).split(",")]
@@ -163,6 +164,7 @@ def _sampling(a, model, quick: bool, log) -> Dict[str, Any]:
         ref = go(solver="sequential")
         settings = [(f"tol {t:g}, {s} segment(s)", {"tol": t, "segments": s}) for t in tols for s in segs]
         settings += [(f"tol {t:g}, CRM/IGM plan", {"tol": t, "plan": plan}) for t in tols]
+        settings += [(f"tol {t:g}, CRM/IGM plan + moving front", {"tol": t, "plan": plan_front}) for t in tols]
         seq_times: List[float] = []
         for label, kw in settings:
             # interleaved: sequential and this setting alternate, the speed-up is the median of the paired ratios
