@@ -7,7 +7,7 @@ every suite in :data:`SUITES`, in the fixed order of the table below.
 """
 from __future__ import annotations
 
-from . import align, control, images, solvers, straighten, stream, train  # noqa: F401  (each registers its suite)
+from . import align, control, images, nf, solvers, straighten, stream, train  # noqa: F401  (each registers its suite)
 from .harness import SUITES, Suite, run_suite
 
 __all__ = ["SUITES", "Suite", "run_suite", "available"]

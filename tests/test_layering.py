@@ -3,7 +3,7 @@
 Layers, each importing only from itself and those below it (``docs/architecture.md``):
 
     5  cli                                    the ``straightflow`` command
-    3  straighten control align images stream interop    features (library code)
+    3  straighten control align images stream interop nf    features (library code)
     2  train trainlog recipe runs optimize report hub  training and its logs, the recipe value, cached runs,
                                               calibration, evaluation, Hub directories
     1  models data metrics solvers flow oracle checkpoint    building blocks
@@ -31,7 +31,7 @@ LAYERS: Dict[str, int] = {
     **{m: 0 for m in ("registry", "io", "paths", "time", "grids", "losses", "coupling", "plotting", "system")},
     **{m: 1 for m in ("models", "data", "metrics", "solvers", "flow", "oracle", "checkpoint")},
     **{m: 2 for m in ("train", "trainlog", "recipe", "runs", "optimize", "report", "hub")},
-    **{m: 3 for m in ("straighten", "control", "align", "images", "stream", "interop")},
+    **{m: 3 for m in ("straighten", "control", "align", "images", "stream", "interop", "nf")},
     "cli": 5,
     "__main__": 6,  # `python -m straightflow`: the entry point, calls cli.main
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import coupling, data, grids, interop, io, losses, metrics, models, optimize, oracle, paths, registry, solvers  # noqa: F401
+from . import coupling, data, grids, interop, io, losses, metrics, models, nf, optimize, oracle, paths, registry, solvers  # noqa: F401  (nf registers the tarflow/starflow models)
 from . import time as time_dists  # noqa: F401  (``sf.time`` would shadow the stdlib name in user code)
 from .checkpoint import load, load_config, save_model  # noqa: F401
 from .coupling import PairDataset  # noqa: F401

@@ -19,7 +19,7 @@ from ..solvers import AUTO, available as solver_names, get_solver, initial_noise
 from ..straighten.meanflow import sample_mean
 from ..system import machine_line
 from ..train import max_steps_cap
-from . import flags
+from . import flags, nf as nf_cli
 from .listing import families
 
 
@@ -29,6 +29,8 @@ MIN_CALIBRATE_S = 2.0  # CPU s per NFE below which a calibration cannot fit anyt
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if nf_cli.is_nf_model(a.model):  # normalizing flows: exact-likelihood trainer (cli/nf.py)
+        return nf_cli.cmd_train(a)
     t0 = time.perf_counter()
     res = train_recipe(flags.recipe(a), a.out, allow_recipe_change=a.allow_recipe_change)
     wall = time.perf_counter() - t0
@@ -197,6 +199,8 @@ def _cal_summary(cal) -> str:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
+    if nf_cli.is_nf_run(a.run):  # --solver sequential|gs-jacobi (cli/nf.py)
+        return nf_cli.cmd_sample(a)
     dev = flags.device(a)
     model, info = flags.load_run(a.run, device=dev)
     cal, solver, steps, grid, notes = sampling_plan(a, info)
@@ -264,6 +268,8 @@ def cmd_invert(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    if nf_cli.is_nf_run(a.run):  # bits/dim and FD with floor (cli/nf.py)
+        return nf_cli.cmd_eval(a)
     dev = flags.device(a)
     model, info = flags.load_run(a.run, device=dev)
     latent = {}
@@ -307,6 +313,7 @@ def register(sub) -> None:
     flags.add_model(t)
     flags.add_path_recipe(t)
     t.add_argument("--cond-dropout", type=float, default=None, help="label drop rate for CFG (default 0.1 if labelled)")
+    nf_cli.add_train_flags(t)
     flags.add_train(t)
     t.add_argument("--no-calibrate", action="store_true",
                    help="do not end by calibrating the run for fast sampling (see --calibrate-nfe)")
@@ -330,6 +337,7 @@ def register(sub) -> None:
     flags.add_device(s)
     flags.add_quiet(s)
     s.add_argument("--out", default="samples.png")
+    nf_cli.add_sample_flags(s)
     s.set_defaults(fn=cmd_sample)
 
     iv = sub.add_parser("invert", help="inversion reconstruction-error report for every deterministic solver")
