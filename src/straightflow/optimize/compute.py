@@ -89,7 +89,7 @@ def _calibrate_search(req: CalibrationRequest) -> Calibration:
 
 
 # ====================================================================== calibrate
-DEFAULT_BUDGET_S = 150.0
+DEFAULT_BUDGET_S = 60.0
 """CPU seconds a self-sized calibration (``learned``, ``dc``) may take by default."""
 
 
