@@ -697,15 +697,40 @@ def _draw(n: int, shape: Tuple[int, ...], seed: int) -> Tensor:
     return torch.cat(chunks)[:n]
 
 
+@torch.no_grad()
+def _call_cost_scale(model: Callable, shape: Tuple[int, ...], cond_for: Callable) -> Callable[[int], float]:
+    """``scale(n)``: the CPU cost of one model call on ``n`` rows relative to one on :data:`PILOT_BATCH`
+    rows, from timing calls at 32 and 1024 rows (best of 3): ``a + b n`` fitted through both. A small
+    model costs about the same per call whatever the batch (Python and kernel-launch overhead), a
+    UNet about ``n / 32`` times more; a fit's cost is its calls times this."""
+    def timed(n: int) -> float:
+        x = torch.randn(n, *shape)
+        c = cond_for(n) or {}
+        f = CountedVelocity(model, c, check_finite=False)
+        best = math.inf
+        for _ in range(3):
+            t = time.process_time()
+            f(x, 0.5)
+            best = min(best, time.process_time() - t)
+        return max(best, 1e-6)
+
+    t_small, t_big = timed(PILOT_BATCH), timed(1024)
+    b = max(0.0, (t_big - t_small) / (1024 - PILOT_BATCH))
+    a = max(1e-6, t_small - PILOT_BATCH * b)
+    return lambda n: (a + b * n) / (a + b * PILOT_BATCH)
+
+
 def _self_sized(req: CalibrationRequest, mode: str, rtol: float, names, opts) -> Calibration:
     """Grow the calibration and held-out batches (same size ``n``, disjoint seeds) until the held-out
     RMSE is stable or the CPU budget ``req.budget_s`` is spent.
 
-    A pilot fit on :data:`PILOT_BATCH` samples is timed; when it predicts that ``auto`` (which
-    back-propagates through the model) cannot reach 256 samples within half the budget, the mode
-    falls back to ``ls`` (no back-propagation) for the larger batches, or, when not even 4x the
-    pilot fits in what is left, the pilot's own result is the calibration. The first real fit takes the largest ``n`` (the
-    pilot times a power of 4) predicted to cost at most a quarter of the budget; then ``n`` grows
+    Pilot fits on :data:`PILOT_BATCH` samples are timed: ``ls`` (no back-propagation) first, then,
+    when that took at most 15 % of the budget, ``auto``; its extra cost is the gradient fits', which
+    run on at most ``grad_rows`` rows (the largest 32 * 4^k whose predicted cost is <= 40 % of the
+    budget); ``auto`` is used only if its gradient part fits in 40 % of the budget. A model so
+    expensive that even the ls pilot takes most of the budget keeps the pilot's result. The first
+    real fit takes the largest ``n`` (the pilot times a power of 4) predicted to cost at most 60 %
+    of what is left; then ``n`` grows
     (x4, or x2 when only that fits) while the held-out prediction interval is wider than
     +-:data:`STABLE_REL_HALFWIDTH` (or ``n < MIN_STABLE_BATCH``) and the next fit (predicted from
     the last one, times 2.2 per doubling) fits in what is left. The last fit is the calibration; the history is recorded in ``info["sizing"]``.
@@ -727,22 +752,31 @@ def _self_sized(req: CalibrationRequest, mode: str, rtol: float, names, opts) ->
                         "interval": [st["lo"], st["hi"]], "fallback": res.fallback})
         return res
 
-    md = mode
-    res = fit(PILOT_BATCH, md)
-    per_sample = history[-1]["cpu_s"] / PILOT_BATCH
-    if md == "auto" and per_sample * 256 > 0.5 * budget:
-        # back-propagating through this model does not fit the budget at a useful batch: grow in ls mode
-        # (no back-propagation; at most ~LS_SHARE of auto's cost) if that can reach 4x the pilot, else
-        # keep the pilot's own result
-        md, per_sample = "ls", per_sample * LS_SHARE
-        if time.process_time() - cpu0 + per_sample * 4 * PILOT_BATCH > budget:
-            md = mode
+    # pilots: ls (no back-propagation) first; then, if the budget leaves room, auto, whose gradient fits
+    # cost mostly per L-BFGS iteration (they run on at most grad_rows rows)
+    res = fit(PILOT_BATCH, "ls" if mode == "auto" else mode)
+    c_fit = history[-1]["cpu_s"]
+    c_grad, md, grad_rows = 0.0, ("ls" if mode == "auto" else mode), PILOT_BATCH
+    scale = _call_cost_scale(_velocity(req.model, req.guidance), shape, req.cond_for)
+    if mode == "auto" and c_fit <= 0.15 * budget:
+        res_auto = fit(PILOT_BATCH, "auto")
+        c_grad = max(0.0, history[-1]["cpu_s"] - c_fit)
+        if c_grad <= 0.4 * budget:
+            md, res = "auto", res_auto
+            while 4 * grad_rows <= 2048 and c_grad * scale(4 * grad_rows) <= 0.4 * budget:
+                grad_rows *= 4
+
+    def cost(n: int) -> float:  # the pilot's cost, scaled by what one model call costs at n rows vs 32
+        return c_fit * scale(n) + (c_grad * scale(min(n, grad_rows)) if md == "auto" else 0.0)
+
+    left = budget - (time.process_time() - cpu0)
     n = PILOT_BATCH
-    while 4 * n <= MAX_BATCH and per_sample * 4 * n <= budget / 4:
+    while 4 * n <= MAX_BATCH and cost(4 * n) <= 0.6 * left:
         n *= 4
+    opts = {**opts, "grad_rows": grad_rows}
     if n > PILOT_BATCH:
         res = fit(n, md)
-    while md == mode or n > PILOT_BATCH:
+    while n > PILOT_BATCH:
         stats = res.meta["heldout_stats"]
         rel = (stats["hi"] - stats["lo"]) / (2 * stats["rmse"]) if stats["rmse"] > 0 else 0.0
         if (rel <= STABLE_REL_HALFWIDTH and n >= MIN_STABLE_BATCH) or n >= MAX_BATCH:
