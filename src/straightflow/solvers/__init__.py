@@ -177,12 +177,8 @@ def sample(
     if not isinstance(solver, str):
         return _sample_calibrated(solver, model, noise, steps, grid, guidance, cond, seed, generator,
                                   return_trajectory, check_finite, solver_options)
-    budget = None
-    if _is_auto(solver):
-        if steps is None:
-            raise ValueError('solver="auto" needs steps = the NFE budget (an integer >= 2)')
-        budget = steps
-        solver, steps, solver_options = resolve_auto(steps, grid, solver_options)
+    budget = steps if _is_auto(solver) else None
+    solver, steps, solver_options = _resolve(solver, steps, grid, solver_options)
     _canonical(solver)  # fail on a bad name before any work
     if steps is None and not _is_explicit(grid):
         steps = 8
@@ -192,14 +188,22 @@ def sample(
     g = make_grid(grid, None if _is_explicit(grid) else steps, t0=t0, t1=t1, **(grid_options or {}))
     if float(g[0]) > float(g[-1]):
         raise ValueError("sample() integrates towards the data (increasing t); use invert() for data -> noise")
-    velocity = model
-    if guidance is not None:
-        velocity = guidance if isinstance(guidance, ClassifierFreeGuidance) else ClassifierFreeGuidance(model, float(guidance))
+    velocity = model if guidance is None else (
+        guidance if isinstance(guidance, ClassifierFreeGuidance) else ClassifierFreeGuidance(model, float(guidance)))
     res = solve(velocity, x, g, solver, cond=cond, return_trajectory=return_trajectory,
                 check_finite=check_finite, generator=generator, path=path, **solver_options)
     if budget is not None:
         res.info["auto"] = {"budget": int(budget), "solver": res.info["solver"], "steps": res.info["steps"]}
     return res
+
+
+def _resolve(solver: str, steps, grid, solver_options):
+    """``solver="auto"`` -> the measured solver for the NFE budget ``steps`` (:mod:`.auto`); others unchanged."""
+    if not _is_auto(solver):
+        return solver, steps, solver_options
+    if steps is None:
+        raise ValueError('solver="auto" needs steps = the NFE budget (an integer >= 2)')
+    return resolve_auto(steps, grid, solver_options)
 
 
 def _sample_calibrated(cal, model, noise, steps, grid, guidance, cond, seed, generator, return_trajectory,

@@ -29,7 +29,7 @@ from straightflow.models import MLP
 from straightflow.registry import UnknownNameError
 from straightflow.train import STATE_FILE, read_train_state
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 

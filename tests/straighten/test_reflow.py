@@ -23,7 +23,7 @@ from straightflow.straighten import pairs as P
 from straightflow.straighten import reflow as R
 from straightflow.time import UShaped
 
-SRC = str(Path(__file__).resolve().parent.parent / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _mlp(seed=0, num_classes=None, hidden=32, depth=2):
