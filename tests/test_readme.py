@@ -84,6 +84,8 @@ def test_readme_calibration_snippet_runs():
     exec(compile(code, "README.md", "exec"), scope)
     cal, out = scope["cal"], scope["out"]
     assert out.nfe == 4 and cal.holdout_rmse <= cal.info["holdout_rmse"]["init"]
+    st = cal.info["holdout_stats"]
+    assert cal.info["sizing"]["self_sized"] and st["lo"] <= st["rmse"] <= st["hi"]
 
 
 def test_readme_command_lines_parse():

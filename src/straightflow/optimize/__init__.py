@@ -56,7 +56,7 @@ from .record import (  # noqa: F401
     stored_calibrations,
 )
 from .learned import DCCompensation, FitResult, LearnedSolver, fit_dc, fit_learned, fit_ls, fit_grad  # noqa: F401
-from .errors import ErrorStats, error_stats, per_sample_sq_error, prob_better  # noqa: F401
+from .errors import ErrorStats, error_stats, per_sample_sq_error, prob_better
 from .reference import ReferenceTrajectory, reference_trajectory
 from .search import Schedule, run_schedule, search_schedule
 
@@ -66,5 +66,6 @@ __all__ = [
     "calibration_path", "save_calibration", "load_calibration", "calibrate", "calibrated_grid",
     "calibrated_schedule", "CALIBRATION_DIR",
     "CALIBRATION_KINDS", "CalibrationKind", "CalibrationRequest", "calibration_kinds", "register_calibration_kind",
-    "CalibrationMismatch", "stored_calibrations", "fit_learned", "LearnedSolver",
+    "CalibrationMismatch", "stored_calibrations", "fit_learned", "LearnedSolver", "DEFAULT_BUDGET_S",
+    "ErrorStats", "error_stats", "per_sample_sq_error", "prob_better",
 ]

@@ -18,7 +18,6 @@ from torch import Tensor
 from ..paths import PathLike as PathSpec
 from ..paths import get_path
 from ..solvers import get_solver
-from ..solvers.base import NonFiniteError
 
 NoiseLike = Union[Tensor, Sequence[int]]
 
