@@ -33,9 +33,32 @@ def _env():
     return env
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _interruptible_signals():
+    """In-process tests see SIGINT as an interactive session does (Python's KeyboardInterrupt handler),
+    whatever the test runner inherited; restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
 def _run_until(cmd, at_step: int, sig=signal.SIGINT, timeout: float = 240.0):
     """Run ``cmd``, send ``sig`` once its progress bar passes ``at_step``; -> (rc, stdout, stderr)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a user's terminal: SIGINT/SIGTERM at their defaults (a test run launched as a background job of a
+    # non-interactive shell inherits SIGINT ignored, which the library keeps on purpose, as nohup users expect)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=_default_signals)
     err: list = []
     seen = threading.Event()
 
@@ -58,7 +81,12 @@ def _run_until(cmd, at_step: int, sig=signal.SIGINT, timeout: float = 240.0):
         time.sleep(0.05)
     if p.poll() is None:
         p.send_signal(sig)
-    p.wait(timeout=timeout)  # stderr belongs to the reader thread; stdout is short
+    try:
+        p.wait(timeout=timeout)  # stderr belongs to the reader thread; stdout is short
+    finally:
+        if p.poll() is None:  # never leave a 100000-step run behind
+            p.kill()
+            p.wait()
     t.join(timeout=10)
     out = p.stdout.read()
     return p.returncode, out.decode(), b"".join(err).decode(errors="replace")

@@ -150,6 +150,7 @@ def _serve(argv, log):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # every README command in a row: 5-10 minutes on 2 idle cores, more under load
 def test_readme_command_lines_run_as_written(tmp_path, monkeypatch, capsys):
     """Every command line of the README, in order, in an empty directory: each exits with status 0.
     The lines that build on earlier ones find what those made (runs/moons for pairs, pairs/moons
