@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..registry import Registry, UnknownNameError
-from .dataset import Dataset, DataError, FilePath, _check_n
+from ..io import FilePath
+from .dataset import Dataset, DataError, _check_n
 from .files import IMAGE_EXTENSIONS, load_array, load_idx, load_image_folder
 from .images import (  # noqa: F401
     FLIP_SAFE,

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import FilePath  # re-exported for data/*
 
 
 class DataError(ValueError):

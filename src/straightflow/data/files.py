@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .dataset import Dataset, DataError, FilePath
+from ..io import FilePath
+from .dataset import Dataset, DataError
 
 
 # ----------------------------------------------------------------------------- array conversion

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .dataset import Dataset, DataError, FilePath, _check_n, _np_rng
+from ..io import FilePath
+from .dataset import Dataset, DataError, _check_n, _np_rng
 from .files import load_array
 
 

@@ -6,8 +6,8 @@ runs the conditional and null-class rows as one doubled batch and counts once).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor

@@ -686,7 +686,6 @@ PILOT_BATCH = 32           # the first, timed fit
 MIN_STABLE_BATCH = 1024    # a cheap model keeps growing to at least this many samples
 MAX_BATCH = 8192
 STABLE_REL_HALFWIDTH = 0.10  # held-out RMSE known to +-10 % (prediction interval, errors.ErrorStats)
-LS_SHARE = 0.75            # ls's cost relative to auto's (measured: 84 / 115 CPU s on the digits UNet, NFE 4)
 
 
 def _draw(n: int, shape: Tuple[int, ...], seed: int) -> Tensor:
